@@ -1,0 +1,123 @@
+-- Rules: what booking_guard checks, how loudly, and what it does about it.
+--
+-- mode: off (not checked), observe (alert only), correct (alert and repair),
+-- enforce (reject the offending transaction). rollout_percent applies `mode` to a stable
+-- share of companies (a hash of company_id), the others get `fallback_mode`: the seed's
+-- canary rollout is enforce at 10 %, then 50 %, then 100 %.
+
+create table booking_guard.rules (
+    name             text primary key,
+    severity         text not null check (severity in ('critical', 'warning', 'info')),
+    mode             text not null check (mode in ('off', 'observe', 'correct', 'enforce')),
+    rollout_percent  integer not null default 100 check (rollout_percent between 0 and 100),
+    fallback_mode    text not null default 'observe' check (fallback_mode in ('off', 'observe', 'correct', 'enforce')),
+    description      text not null,
+    updated_at       timestamptz not null default now(),
+    updated_by       name
+);
+
+comment on table booking_guard.rules is
+    'One row per consistency rule: severity, mode (off/observe/correct/enforce) and the share of companies the mode applies to.';
+
+create trigger rules_replace_seeded_row
+    before insert on booking_guard.rules
+    for each row execute function booking_guard.replace_seeded_row('name');
+
+insert into booking_guard.rules (name, severity, mode, description) values
+    ('phantom_booking', 'critical', 'correct',
+     'session_outcome = ''appointment_booked'' but appointment_made = false (seed rule 1, trigger 3)'),
+    ('missing_appointment', 'critical', 'correct',
+     'the call claims a booking but no appointment is linked to it once the verification grace has passed (seed rule 2); correct rolls the call back to creation_failed and queues it for review'),
+    ('missing_direction', 'warning', 'correct',
+     'direction is null (seed rule 3, trigger 1); correct sets the default_direction setting'),
+    ('orphaned_appointment', 'warning', 'correct',
+     'an appointment from retell_webhook whose call_id is null or points at no call (seed rule 4); correct links it by calls.booking_id when exactly one call matches'),
+    ('outcome_flag_mismatch', 'critical', 'correct',
+     'appointment_made = true but session_outcome is another non-null outcome (seed trigger 3, second half)'),
+    ('unlinked_appointment', 'critical', 'correct',
+     'an appointment is linked to the call but the call says appointment_made = false'),
+    ('booking_id_mismatch', 'warning', 'observe',
+     'the call''s booking_id differs from its appointment''s calcom_v2_booking_id (validation check 3)'),
+    ('duplicate_booking', 'critical', 'observe',
+     'two appointments share one calcom_v2_booking_id (a retry that booked twice)'),
+    ('customer_link', 'info', 'correct',
+     'customer_id is set but customer_link_status is not linked (seed trigger 2)');
+
+select pg_catalog.pg_extension_config_dump('booking_guard.rules', '');
+
+create function booking_guard.rollout_bucket(company_id text)
+returns integer
+language sql
+immutable
+parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    -- md5, not hashtext(): its output is fixed forever, so a company stays in the same
+    -- bucket across PostgreSQL upgrades and on every server.
+    select (('x' || substr(md5(coalesce(company_id, '')), 1, 8))::bit(32)::bigint % 100)::integer
+$$;
+
+comment on function booking_guard.rollout_bucket(text) is
+    'The stable bucket 0..99 of a company for rule rollouts: a rule at N percent applies its mode to buckets below N.';
+
+create function booking_guard.rule_mode(rule_name text, company_id text default null)
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select case
+               when r.rollout_percent >= 100 then r.mode
+               when booking_guard.rollout_bucket(company_id) < r.rollout_percent then r.mode
+               else r.fallback_mode
+           end
+      from booking_guard.rules r
+     where r.name = rule_name
+$$;
+
+comment on function booking_guard.rule_mode(text, text) is
+    'The mode a rule applies to one company: its mode inside the rollout percentage, its fallback_mode outside; null for an unknown rule.';
+
+create function booking_guard.set_rule(rule_name text, new_mode text, new_rollout_percent integer default null,
+                                       new_fallback_mode text default null)
+returns booking_guard.rules
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    modes constant text[] := array['off', 'observe', 'correct', 'enforce'];
+    r     booking_guard.rules;
+begin
+    if not exists (select from booking_guard.rules where name = rule_name) then
+        raise exception 'unknown rule "%"', rule_name
+            using errcode = 'BG004',
+                  detail = format('Known rules: %s.', (select string_agg(name, ', ' order by name) from booking_guard.rules)),
+                  hint = 'select name, mode, description from booking_guard.rules;';
+    end if;
+    if new_mode is null or not new_mode = any (modes)
+       or (new_fallback_mode is not null and not new_fallback_mode = any (modes)) then
+        raise exception 'invalid mode for rule "%": "%"', rule_name, coalesce(new_mode, 'null')
+            using errcode = 'BG005',
+                  detail = format('mode %s, fallback_mode %s', coalesce(new_mode, 'null'), coalesce(new_fallback_mode, 'unchanged')),
+                  hint = 'Modes are off, observe, correct and enforce.';
+    end if;
+    if new_rollout_percent is not null and new_rollout_percent not between 0 and 100 then
+        raise exception 'invalid rollout percentage for rule "%": %', rule_name, new_rollout_percent
+            using errcode = 'BG005',
+                  detail = 'rollout_percent is the share of companies the mode applies to.',
+                  hint = 'Give a percentage between 0 and 100.';
+    end if;
+    update booking_guard.rules
+       set mode = new_mode,
+           rollout_percent = coalesce(new_rollout_percent, rollout_percent),
+           fallback_mode = coalesce(new_fallback_mode, fallback_mode),
+           updated_at = now(),
+           updated_by = current_user
+     where name = rule_name
+    returning * into r;
+    return r;
+end
+$$;
+
+comment on function booking_guard.set_rule(text, text, integer, text) is
+    'Sets a rule''s mode, and optionally its rollout percentage and fallback mode; unknown rule (BG004) or bad value (BG005) writes nothing.';

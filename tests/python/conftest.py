@@ -1,0 +1,78 @@
+"""pytest fixtures: one fresh database per test, cloned from a template that has the
+reference application schema and the extension (pytest-postgresql against the server in
+DATABASE_URL, which `make test` points at its throwaway cluster)."""
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from pytest_postgresql import factories
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_SCHEMA = ROOT / "examples" / "app_schema.sql"
+
+if "DATABASE_URL" not in os.environ:
+    raise pytest.UsageError("DATABASE_URL is not set: run the tests with `make test` (or scripts/with-database)")
+SERVER = conninfo_to_dict(os.environ["DATABASE_URL"])
+
+
+def load_template(host: str, port: int, user: str, dbname: str, password: str | None) -> None:
+    with psycopg.connect(host=host, port=port, user=user, dbname=dbname, password=password, autocommit=True) as conn:
+        conn.execute("set client_min_messages = warning")
+        conn.execute(APP_SCHEMA.read_text())
+        conn.execute("create extension booking_guard cascade")
+
+
+postgresql_noproc = factories.postgresql_noproc(
+    host=SERVER.get("host"),
+    port=SERVER.get("port", 5432),
+    user=SERVER.get("user"),
+    password=SERVER.get("password"),
+    dbname="bg_pytest",
+    load=[load_template],
+)
+postgresql = factories.postgresql("postgresql_noproc")
+
+empty_noproc = factories.postgresql_noproc(
+    host=SERVER.get("host"),
+    port=SERVER.get("port", 5432),
+    user=SERVER.get("user"),
+    password=SERVER.get("password"),
+    dbname="bg_pytest_empty",
+)
+empty_db = factories.postgresql("empty_noproc")
+
+
+@pytest.fixture
+def db(postgresql: psycopg.Connection) -> psycopg.Connection:
+    """The per-test database (schema + extension, not attached), in autocommit."""
+    postgresql.autocommit = True
+    return postgresql
+
+
+@pytest.fixture
+def connect(postgresql: psycopg.Connection) -> Iterator[Callable[..., psycopg.Connection]]:
+    """Open more connections to the per-test database (for concurrency tests); closed after the test."""
+    opened: list[psycopg.Connection] = []
+    info = postgresql.info
+
+    def _connect(**kwargs) -> psycopg.Connection:
+        kwargs.setdefault("autocommit", True)
+        conn = psycopg.connect(host=info.host, port=info.port, user=info.user, dbname=info.dbname,
+                               password=info.password or None, **kwargs)
+        opened.append(conn)
+        return conn
+
+    yield _connect
+    for conn in opened:
+        conn.close()
+
+
+@pytest.fixture
+def attached(db: psycopg.Connection) -> psycopg.Connection:
+    """The per-test database with booking_guard attached to the reference tables."""
+    db.execute("select booking_guard.attach('public.calls', 'public.appointments')")
+    return db
