@@ -21,7 +21,7 @@ PG_CONFIG ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin/pg_config) $(shel
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 VENV := .venv/bin
 
-all:
+all: $(BUILT)
 
 ifneq ($(PG_CONFIG),)
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -47,6 +47,5 @@ test: install-ext
 demo: install-ext
 	scripts/with-database $(VENV)/booking-guard demo
 
-lint: install-ext
-	$(VENV)/ruff check exporter tests extension/plpython scripts/build-extension
-	$(VENV)/pgspot --ignore PS017 $(BUILT)
+lint: setup all
+	scripts/lint

@@ -21,13 +21,14 @@ def render(names: list[str], rows: Iterable[list[str]], wrap: dict[str, int]) ->
     # Each row becomes one or more physical lines when a wrapped cell is long.
     physical: list[list[str]] = []
     for row in rows:
-        cells = [textwrap.wrap(cell, wrap[name]) or [""] if name in wrap else [cell] for name, cell in zip(names, row)]
+        cells = [(textwrap.wrap(cell, wrap[name]) or [""]) if name in wrap else [cell]
+                 for name, cell in zip(names, row, strict=True)]
         for line in range(max(len(c) for c in cells)):
             physical.append([c[line] if line < len(c) else "" for c in cells])
     widths = [max([len(name)] + [len(line[i]) for line in physical]) for i, name in enumerate(names)]
-    out = ["  ".join(name.ljust(w) for name, w in zip(names, widths)).rstrip(),
+    out = ["  ".join(name.ljust(w) for name, w in zip(names, widths, strict=True)).rstrip(),
            "  ".join("-" * w for w in widths)]
-    out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in physical]
+    out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in physical]
     if not physical:
         out.append("(none)")
     return "\n".join(out) + "\n"

@@ -14,9 +14,10 @@ def environment(plpy):
         " current_setting('shared_preload_libraries') as preload"
         " from pg_catalog.pg_extension e where e.extname = 'booking_guard'"
     )[0]
+    pg_cron = versions["pg_cron"] or ("preloaded, not created" if "pg_cron" in versions["preload"] else "absent")
     return [
         ("booking_guard", versions["extversion"]),
         ("postgresql", versions["server_version"]),
         ("plpython", platform.python_version()),
-        ("pg_cron", versions["pg_cron"] or ("preloaded, not created" if "pg_cron" in versions["preload"] else "absent")),
+        ("pg_cron", pg_cron),
     ]

@@ -19,7 +19,7 @@ if "DATABASE_URL" not in os.environ:
 SERVER = conninfo_to_dict(os.environ["DATABASE_URL"])
 
 
-def load_template(host: str, port: int, user: str, dbname: str, password: str | None) -> None:
+def load_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: object) -> None:
     with psycopg.connect(host=host, port=port, user=user, dbname=dbname, password=password, autocommit=True) as conn:
         conn.execute("set client_min_messages = warning")
         conn.execute(APP_SCHEMA.read_text())

@@ -1,0 +1,50 @@
+"""pg_dump keeps the user's settings, rules and attachment; a restore does not fail on the seeds."""
+
+import shutil
+import subprocess
+
+import psycopg
+import pytest
+from conftest import SERVER
+
+
+def pg_tool(name: str) -> str:
+    path = shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found")
+    return path
+
+
+def tool_args(dbname: str) -> list[str]:
+    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432)), "-d", dbname]
+    if SERVER.get("user"):
+        args += ["-U", SERVER["user"]]
+    return args
+
+
+def test_dump_and_restore_keeps_configuration(db, connect):
+    db.execute("select booking_guard.set_setting('verification_grace', '0')")
+    db.execute("select booking_guard.set_rule('missing_direction', 'observe')")
+    db.execute("select booking_guard.attach('calls', 'appointments')")
+    source = db.info.dbname
+    target = f"{source}_restored"
+    admin = psycopg.connect(
+        host=db.info.host, port=db.info.port, user=db.info.user, dbname="postgres", autocommit=True)
+    try:
+        admin.execute(f'drop database if exists "{target}"')
+        admin.execute(f'create database "{target}"')
+        dump = subprocess.run([pg_tool("pg_dump"), *tool_args(source)], check=True, capture_output=True, text=True)
+        restore = subprocess.run([pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *tool_args(target)],
+                                 input=dump.stdout, capture_output=True, text=True)
+        assert restore.returncode == 0, restore.stderr
+        with psycopg.connect(host=db.info.host, port=db.info.port, user=db.info.user, dbname=target) as restored:
+            assert restored.execute("select booking_guard.setting('verification_grace')").fetchone()[0] == "00:00:00"
+            assert restored.execute(
+                "select mode from booking_guard.rules where name = 'missing_direction'").fetchone()[0] == "observe"
+            assert restored.execute("select count(*) from booking_guard.rules").fetchone()[0] == 9
+            assert restored.execute(
+                "select calls_table::text, appointments_table::text from booking_guard.attachment").fetchone() == (
+                "calls", "appointments")
+    finally:
+        admin.execute(f'drop database if exists "{target}" with (force)')
+        admin.close()
