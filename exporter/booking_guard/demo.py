@@ -44,7 +44,8 @@ def run(dsn: str) -> int:
         print(heading("The rules (booking_guard.rules)"))
         print(table(conn.execute(
             "select name, severity, mode, rollout_percent as rollout, description"
-            " from booking_guard.rules order by array_position(array['critical', 'warning', 'info'], severity), name"), wrap={"description": 60}))
+            " from booking_guard.rules"
+            " order by array_position(array['critical', 'warning', 'info'], severity), name"), wrap={"description": 60}))
 
         print(heading("Settings (booking_guard.settings)"))
         print(table(conn.execute(
