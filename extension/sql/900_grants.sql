@@ -1,8 +1,9 @@
--- Privileges. Nothing is granted to PUBLIC; each role gets what its job needs:
+-- Privileges of the foundation objects. Nothing is granted to PUBLIC; each role gets what its job needs:
 -- booking_guard_app      the booking path and the circuit breaker
 -- booking_guard_monitor  read-only: views, metrics, reports (the exporter's role)
 -- booking_guard_admin    settings, rules, review queue, attachment; also a monitor
--- Later files add the grants of their own objects here, so that all privileges are in one place.
+-- This file runs last: it takes from PUBLIC what PostgreSQL grants it by default on every
+-- function (EXECUTE). Each concern's file grants its own objects to the roles above.
 
 revoke all on all functions in schema booking_guard from public;
 revoke all on all tables in schema booking_guard from public;
