@@ -194,6 +194,8 @@ begin
 
     insert into booking_guard.attached_tables (calls_table, appointments_table, created_indexes)
     values (calls, appointments, created);
+    perform booking_guard.create_guarded_views(calls, appointments);
+    perform booking_guard.install_triggers(calls, appointments);
     return query select * from booking_guard.attachment;
 end
 $$;
@@ -223,12 +225,41 @@ begin
     loop
         execute format('drop trigger %I on %s', trg.tgname, trg.tbl);
     end loop;
+    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
     delete from booking_guard.attached_tables;
 end
 $$;
 
 comment on function booking_guard.detach() is
-    'Removes booking_guard''s triggers from the attached tables and forgets the attachment; data and indexes stay.';
+    'Removes booking_guard''s triggers and views of the attached tables and forgets the attachment; data and indexes stay.';
+
+-- booking_guard reads and writes the application's tables through two views with fixed
+-- names, so that its functions use static SQL (planned once per session and cached)
+-- instead of EXECUTE with a table name (parsed and planned on every row of every booking).
+-- They are simple, hence auto-updatable, views over the required columns only; while they
+-- exist PostgreSQL refuses to drop or retype a column booking_guard relies on.
+create function booking_guard.create_guarded_views(calls regclass, appointments regclass)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    execute format('create view booking_guard.guarded_calls as select %s from %s',
+                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
+                      from booking_guard.required_columns where table_role = 'calls'), calls);
+    execute format('create view booking_guard.guarded_appointments as select %s from %s',
+                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
+                      from booking_guard.required_columns where table_role = 'appointments'), appointments);
+    comment on view booking_guard.guarded_calls is
+        'The attached calls table, as booking_guard reads and writes it (created by attach()).';
+    comment on view booking_guard.guarded_appointments is
+        'The attached appointments table, as booking_guard reads and writes it (created by attach()).';
+end
+$$;
+
+comment on function booking_guard.create_guarded_views(regclass, regclass) is
+    'Creates the views guarded_calls and guarded_appointments over the attached tables (used by attach()).';
 
 -- The attached pair, or BG003: every function that reads the application tables starts here.
 create function booking_guard.attached()

@@ -55,9 +55,11 @@ select results_eq($$select booking_guard.setting('verification_grace'), booking_
                   $$values ('00:00:05', 'inbound')$$, 'seed settings: 5 s grace, inbound');
 
 -- config tables are kept by pg_dump
-select set_eq($$select unnest(extconfig)::regclass::text from pg_extension where extname = 'booking_guard'$$,
-              array['booking_guard.settings', 'booking_guard.rules', 'booking_guard.attached_tables'],
-              'settings, rules and the attachment are pg_dump config tables');
+select is_empty($$select unnest(array['booking_guard.settings', 'booking_guard.rules', 'booking_guard.attached_tables',
+                                       'booking_guard.review_priorities'])
+                  except
+                  select unnest(extconfig)::regclass::text from pg_extension where extname = 'booking_guard'$$,
+                'settings, rules, the attachment and review priorities are pg_dump config tables');
 
 -- roles
 select has_role(r) from unnest(array['booking_guard_app', 'booking_guard_monitor', 'booking_guard_admin']) r;

@@ -82,6 +82,10 @@ def test_create_drop_and_recreate_extension(empty_db):
     conn.execute("insert into companies (name) values ('Acme')")
     conn.execute("insert into calls (retell_call_id, company_id) values ('r1', 1)")
 
+    # while attached, the triggers depend on the extension: DROP EXTENSION needs detach() first
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+        conn.execute("drop extension booking_guard")
+    conn.execute("select booking_guard.detach()")
     conn.execute("drop extension booking_guard")
     # PostgreSQL creates the control file's schema without making it a member of the extension: it
     # stays behind, empty, and CREATE EXTENSION reuses it.
