@@ -60,19 +60,27 @@ $$;
 comment on function booking_guard.rollout_bucket(text) is
     'The stable bucket 0..99 of a company for rule rollouts: a rule at N percent applies its mode to buckets below N.';
 
+-- PL/pgSQL rather than SQL: triggers call this on the booking path, and a PL/pgSQL body keeps
+-- its plan for the session where a non-inlinable SQL function is planned again in every
+-- transaction.
 create function booking_guard.rule_mode(rule_name text, company_id text default null)
 returns text
-language sql
+language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case
-               when r.rollout_percent >= 100 then r.mode
-               when booking_guard.rollout_bucket(company_id) < r.rollout_percent then r.mode
-               else r.fallback_mode
-           end
-      from booking_guard.rules r
-     where r.name = rule_name
+declare
+    r  record;
+begin
+    select rr.mode, rr.rollout_percent, rr.fallback_mode into r from booking_guard.rules rr where rr.name = rule_name;
+    if not found then
+        return null;
+    end if;
+    if r.rollout_percent >= 100 or booking_guard.rollout_bucket(company_id) < r.rollout_percent then
+        return r.mode;
+    end if;
+    return r.fallback_mode;
+end
 $$;
 
 comment on function booking_guard.rule_mode(text, text) is

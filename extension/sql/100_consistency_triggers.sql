@@ -4,9 +4,14 @@
 --     1. direction          rule missing_direction
 --     2. customer link      rule customer_link
 --     3. outcome vs flag    rules phantom_booking and outcome_flag_mismatch
---   appointments, AFTER INSERT OR DELETE OR UPDATE OF call_id:
+--   appointments, AFTER DELETE OR UPDATE OF call_id, and at COMMIT after INSERT:
 --     4. link sync          rule unlinked_appointment: the call's flags are recomputed from
 --                           the appointments that remain linked (DESIGN.md, contradictions 2, 3)
+--
+-- Trigger 4 runs at once when an appointment is deleted or moved (the seed's case), but for
+-- a new appointment the flags are derived at COMMIT by the truth check (110_truth_check.sql):
+-- the application's own next statement usually sets them anyway (the seed's trackBooking),
+-- and deriving them once at COMMIT saves every booking a second UPDATE of its call.
 --
 -- Modes: observe alerts, correct repairs and alerts (auto_corrected, before/after in details),
 -- enforce rejects the statement with BG002. Deriving a flag from the truth is not a
@@ -202,19 +207,16 @@ language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    touched  bigint;
 begin
-    foreach touched in array array_remove(array[
-                case when tg_op <> 'DELETE' then new.call_id end,
-                case when tg_op <> 'INSERT' and (tg_op = 'DELETE' or old.call_id is distinct from new.call_id)
-                     then old.call_id end], null)
-    loop
-        perform booking_guard.sync_call_flags(touched, 'unlinked_appointment');
-    end loop;
+    if old.call_id is not null then
+        perform booking_guard.sync_call_flags(old.call_id, 'unlinked_appointment');
+    end if;
+    if tg_op = 'UPDATE' and new.call_id is not null then
+        perform booking_guard.sync_call_flags(new.call_id, 'unlinked_appointment');
+    end if;
     return null;
 end
 $$;
 
 comment on function booking_guard.appointments_sync() is
-    'Trigger on the attached appointments table (seed trigger 4): recomputes the flags of each call whose appointments changed.';
+    'Trigger on the attached appointments table (seed trigger 4), on DELETE and UPDATE OF call_id: recomputes the flags of the calls that lost or gained an appointment.';

@@ -83,7 +83,13 @@ comment on function booking_guard.rollback_on_failure(bigint, text, text) is
     'The seed''s rollbackOnFailure: sets the call to creation_failed (appointment_made false), logs the rollback and raises a critical alert; returns before/after.';
 
 -- The verdict on one call. from_due: called by verify_due(), so the grace is over.
-create function booking_guard.judge_call(call_id bigint, from_due boolean default false)
+-- appointments_changed: the call gained or lost an appointment in the committing transaction.
+-- Then the flags are derived from the appointments (seed trigger 4) rather than judged as the
+-- application's claim, and the call row is locked before the appointments are counted: a
+-- concurrent transaction changing this call's appointments holds that lock until it commits,
+-- so whichever of the two judges last sees both changes.
+create function booking_guard.judge_call(call_id bigint, from_due boolean default false,
+                                         appointments_changed boolean default false)
 returns text
 language plpgsql
 security definer
@@ -95,7 +101,7 @@ declare
     has_one  boolean;
     mode     text;
     grace    interval;
-    locked   boolean := false;
+    locked   boolean := appointments_changed;
 begin
     -- Read optimistically; lock and read again only when something has to be done, so that a
     -- consistent booking costs two index lookups at COMMIT and writes nothing.
@@ -161,7 +167,11 @@ begin
 
     -- An appointment is linked, but the flags deny it (rule unlinked_appointment).
     mode := booking_guard.rule_mode('unlinked_appointment', c.company);
-    if mode = 'enforce' then
+    if appointments_changed and mode in ('correct', 'enforce') then
+        -- the flags lag behind an appointment of this transaction: derive them, silently
+        perform booking_guard.sync_call_flags(judge_call.call_id);
+        return 'derived';
+    elsif mode = 'enforce' then
         perform booking_guard.reject('unlinked_appointment', judge_call.call_id::text,
             format('Call %s (%s) has a linked appointment but appointment_made is %s.', judge_call.call_id,
                    c.retell_call_id, coalesce(c.appointment_made::text, 'null')));
@@ -186,7 +196,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.judge_call(bigint, boolean) is
+comment on function booking_guard.judge_call(bigint, boolean, boolean) is
     'The truth check of one call: its flags against its linked appointments, applied by the rules missing_appointment and unlinked_appointment.';
 
 create function booking_guard.calls_truth_check()
@@ -212,11 +222,11 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
     if tg_op <> 'DELETE' and new.call_id is not null then
-        perform booking_guard.judge_call(new.call_id);
+        perform booking_guard.judge_call(new.call_id, appointments_changed => true);
     end if;
     if tg_op <> 'INSERT' and old.call_id is not null
        and (tg_op = 'DELETE' or old.call_id is distinct from new.call_id) then
-        perform booking_guard.judge_call(old.call_id);
+        perform booking_guard.judge_call(old.call_id, appointments_changed => true);
     end if;
     return null;
 end
@@ -271,9 +281,9 @@ begin
                           or new.session_outcome is distinct from old.session_outcome
                           or new.appointment_link_status is distinct from old.appointment_link_status)
                     execute function booking_guard.calls_truth_check()', calls);
-    execute format('create trigger booking_guard_appointments_sync after insert or delete or update of call_id on %s
+    execute format('create trigger booking_guard_appointments_sync after delete or update of call_id on %s
                     for each row execute function booking_guard.appointments_sync()', appointments);
-    execute format('create constraint trigger booking_guard_appointments_truth after insert or delete or update on %s
+    execute format('create constraint trigger booking_guard_appointments_truth after insert or delete or update of call_id on %s
                     deferrable initially deferred for each row
                     execute function booking_guard.appointments_truth_check()', appointments);
 end

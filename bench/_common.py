@@ -1,0 +1,64 @@
+"""Shared plumbing of the benchmarks: a scratch database on the server in DATABASE_URL."""
+
+import contextlib
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_SCHEMA = ROOT / "examples" / "app_schema.sql"
+
+
+def server() -> dict:
+    if "DATABASE_URL" not in os.environ:
+        raise SystemExit("DATABASE_URL is not set: run benchmarks with `make bench` (or scripts/with-database)")
+    return conninfo_to_dict(os.environ["DATABASE_URL"])
+
+
+def conninfo(dbname: str) -> str:
+    return make_conninfo(**{**server(), "dbname": dbname})
+
+
+@contextlib.contextmanager
+def scratch_database(name: str) -> Iterator[str]:
+    """A fresh database with the reference schema and the extension (not attached); dropped afterwards."""
+    with psycopg.connect(conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+        admin.execute(f'create database "{name}"')
+    try:
+        with psycopg.connect(conninfo(name), autocommit=True) as conn:
+            conn.execute("set client_min_messages = warning")
+            conn.execute(APP_SCHEMA.read_text())
+            conn.execute("create extension booking_guard cascade")
+        yield conninfo(name)
+    finally:
+        with psycopg.connect(conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+def pg_env(dbname: str) -> dict[str, str]:
+    """Environment for libpq command-line tools (pgbench, psql) pointing at `dbname`."""
+    info = server()
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    for key, var in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("password", "PGPASSWORD")):
+        if info.get(key):
+            env[var] = str(info[key])
+    env["PGDATABASE"] = dbname
+    return env
+
+
+def machine() -> dict[str, str]:
+    with psycopg.connect(conninfo("postgres")) as conn:
+        version = conn.execute("select current_setting('server_version')").fetchone()[0]
+    return {
+        "cpu": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() + " cores",
+        "python": platform.python_version(),
+        "postgresql": version,
+        "kernel": platform.release(),
+    }

@@ -1,0 +1,108 @@
+"""Trigger overhead on the booking path, measured with pgbench.
+
+The same tables, with the same indexes, are driven attached and not attached, alternating
+in one run: the booking transaction of the seed's application (insert call, insert
+appointment, update the call's flags) and a read-mostly mix (9 reads of a call and its
+appointments for 1 booking). Prints TPS for both and the ratio at 1 and 8 clients.
+Target (issue 3): attached >= 0.85 x unattached.
+
+usage: bench/booking_tps.py [--seconds 8] [--rounds 2] [--clients 1,8]
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+from _common import machine, pg_env, scratch_database
+
+DB = "bg_bench_booking"
+
+BOOKING = """\
+\\set company random(1, 100)
+begin;
+insert into calls (retell_call_id, company_id, direction, customer_id)
+     values (gen_random_uuid()::text, :company, 'inbound', :company) returning id as call_id \\gset
+insert into appointments (call_id, calcom_v2_booking_id, company_id, customer_id, source)
+     values (:call_id, 'cal-' || :call_id, :company, :company, 'retell_webhook');
+update calls
+   set appointment_made = true, session_outcome = 'appointment_booked', booking_id = 'cal-' || :call_id,
+       booking_confirmed = true, call_successful = true, updated_at = now()
+ where id = :call_id;
+end;
+"""
+
+READ = """\
+\\set id random(1, 20000)
+select id, session_outcome, appointment_made from calls where id = :id;
+select id, calcom_v2_booking_id from appointments where call_id = :id;
+"""
+
+
+def populate(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into companies (name) select 'company ' || i from generate_series(1, 100) i")
+        conn.execute("insert into customers (company_id, name) select i, 'customer ' || i from generate_series(1, 100) i")
+        # attach once for its indexes, detach: both sides then run on identical tables
+        conn.execute("select booking_guard.attach('calls', 'appointments')")
+        conn.execute("select booking_guard.detach()")
+        conn.execute("""
+            insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made,
+                               appointment_link_status, booking_id)
+            select 'seed-' || i, 1 + i % 100, 'inbound', 'appointment_booked', true, 'linked', 'seed-' || i
+              from generate_series(1, 20000) i""")
+        conn.execute("""
+            insert into appointments (call_id, calcom_v2_booking_id, company_id, source)
+            select id, booking_id, company_id, 'retell_webhook' from calls""")
+        conn.execute("vacuum analyze")
+
+
+def pgbench(scripts: list[str], clients: int, seconds: int, workdir: Path) -> float:
+    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds)]
+    for i, (body, weight) in enumerate(scripts):
+        path = workdir / f"script{i}.sql"
+        path.write_text(body)
+        args += ["-f", f"{path}@{weight}"]
+    out = subprocess.run(args, env=pg_env(DB), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbench failed:\n{out.stderr}")
+    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", default="1,8")
+    args = parser.parse_args()
+    workloads = {"booking": [(BOOKING, 1)], "read-mostly": [(READ, 9), (BOOKING, 1)]}
+    results = []
+    with scratch_database(DB) as dsn, tempfile.TemporaryDirectory() as tmp:
+        populate(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("select booking_guard.set_setting('verification_grace', '0')")
+            for workload, scripts in workloads.items():
+                for clients in (int(c) for c in args.clients.split(",")):
+                    tps: dict[str, list[float]] = {"unattached": [], "attached": []}
+                    for _ in range(args.rounds):
+                        for side in ("unattached", "attached"):
+                            if side == "attached":
+                                conn.execute("select booking_guard.attach('calls', 'appointments')")
+                            tps[side].append(pgbench(scripts, clients, args.seconds, Path(tmp)))
+                            if side == "attached":
+                                conn.execute("select booking_guard.detach()")
+                    un, at = statistics.median(tps["unattached"]), statistics.median(tps["attached"])
+                    results.append((workload, clients, un, at, at / un))
+            alerts = conn.execute("select count(*) from booking_guard.alerts").fetchone()[0]
+    print(f"machine: {machine()}")
+    print(f"{'workload':<12} {'clients':>7} {'unattached tps':>15} {'attached tps':>13} {'ratio':>6}")
+    for workload, clients, un, at, ratio in results:
+        print(f"{workload:<12} {clients:>7} {un:>15.0f} {at:>13.0f} {ratio:>6.2f}")
+    print(f"alerts raised by the attached runs (consistent bookings should raise none): {alerts}")
+
+
+if __name__ == "__main__":
+    main()
