@@ -8,10 +8,15 @@ create table booking_guard.events (
     rule         text,
     entity_type  text,
     entity_id    text,
-    details      jsonb not null default '{}'
+    details      jsonb not null default '{}',
+    -- The writing transaction: every event of a transaction older than the oldest one still
+    -- running is final, which lets metrics fold events into counters exactly once without
+    -- a lock on the booking path.
+    xid          xid8 not null default pg_current_xact_id()
 );
 
 create index events_at_idx on booking_guard.events (at);
+create index events_xid_idx on booking_guard.events (xid);
 create index events_kind_at_idx on booking_guard.events (kind, at);
 
 comment on table booking_guard.events is
