@@ -6,6 +6,7 @@
 #   make test       setup, build, install, then lint + pgTAP + pytest on a throwaway cluster
 #   make demo       setup, build, install, then the demo on a throwaway cluster
 #   make lint       ruff, pgspot on the built script
+#   make bench      every benchmark under bench/ on a throwaway cluster (bench/results/latest.txt)
 #
 # With DATABASE_URL set, test and demo use that server instead of the throwaway cluster.
 
@@ -31,7 +32,7 @@ endif
 $(BUILT): scripts/build-extension $(sort $(wildcard extension/sql/*.sql extension/plpython/*.py))
 	scripts/build-extension $@
 
-.PHONY: setup test demo lint pgtap pytest install-ext
+.PHONY: setup test demo lint bench install-ext
 
 setup:
 	@scripts/bootstrap
@@ -46,6 +47,9 @@ test: install-ext
 
 demo: install-ext
 	scripts/with-database $(VENV)/booking-guard demo
+
+bench: install-ext
+	scripts/with-database scripts/run-bench
 
 lint: setup all
 	scripts/lint
