@@ -123,6 +123,14 @@ begin
                   or c.appointment_link_status = 'linked';
         has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = judge_call.call_id);
         if claims = has_one and (not has_one or c.appointment_made is true) then
+            -- The application set the booking flags itself (the seed's trackBooking sets
+            -- appointment_made and session_outcome, never the link): trigger 4 would have set
+            -- appointment_link_status when the appointment arrived, so derive it now.
+            if has_one and appointments_changed and c.appointment_link_status is distinct from 'linked'
+               and booking_guard.rule_mode('unlinked_appointment', c.company) in ('correct', 'enforce') then
+                perform booking_guard.sync_call_flags(judge_call.call_id);
+                return 'derived';
+            end if;
             if from_due then
                 delete from booking_guard.due_verifications d where d.call_id = judge_call.call_id;
             end if;
