@@ -1,0 +1,674 @@
+-- Detection: what is wrong right now, rule by rule (the seed's DataConsistencyMonitor).
+--
+-- detect(since) returns one finding per (rule, entity) whose condition holds now, for every
+-- rule that is not off. It reads the application only through the indexes attach() creates:
+-- the candidates are the calls and appointments created within the window (calls(created_at),
+-- appointments(created_at)), the calls those appointments point at, and the calls whose due
+-- verification has passed; each candidate is then checked by primary key and
+-- appointments(call_id) / appointments(calcom_v2_booking_id). Its cost grows with the number
+-- of rows in the window, never with the size of the tables.
+--
+-- run_monitor() turns findings into alerts (one open alert per rule and entity, repeats bump
+-- occurrences), repairs what a rule in `correct` mode can repair (auto_corrected), and
+-- resolves the open alerts of detection rules whose condition no longer holds.
+
+insert into booking_guard.rules (name, severity, mode, description) values
+    ('recent_failures', 'warning', 'observe',
+     'validation failures in the window: calls whose validate_appointment_creation() failed (events of kind validation with success false)');
+
+create type booking_guard.finding as (
+    rule         text,
+    severity     text,
+    entity_type  text,
+    entity_id    text,
+    details      jsonb
+);
+
+comment on type booking_guard.finding is
+    'One inconsistency: the rule it breaks, its severity, the entity (call, appointment, booking) and the facts (details.since: since when).';
+
+-- The rules detection knows, with the entity each one is about and the label of the daily report.
+create table booking_guard.detection_rules (
+    rule         text primary key,
+    entity_type  text not null check (entity_type in ('call', 'appointment', 'booking')),
+    view_name    name not null unique,
+    label        text not null,
+    repair       text not null
+);
+
+comment on table booking_guard.detection_rules is
+    'The rules detect() checks: the entity each finding is about, its view, its report label and what correct mode repairs.';
+
+insert into booking_guard.detection_rules (rule, entity_type, view_name, label, repair) values
+    ('phantom_booking', 'call', 'phantom_booking_findings',
+     'Phantom Bookings (session_outcome mismatch)',
+     'flags set from the appointment rows; with no appointment past the grace, rolled back to creation_failed and queued for review'),
+    ('missing_appointment', 'call', 'missing_appointment_findings',
+     'Missing Appointments (appointment_made=1 but no appt)',
+     'rolled back to creation_failed and queued for review'),
+    ('missing_direction', 'call', 'missing_direction_findings',
+     'Missing Direction',
+     'direction set to the default_direction setting'),
+    ('orphaned_appointment', 'appointment', 'orphaned_appointment_findings',
+     'Orphaned Appointments',
+     'linked to the call whose booking_id matches, when exactly one does; several: queued for review'),
+    ('outcome_flag_mismatch', 'call', 'outcome_flag_mismatch_findings',
+     'Outcome/Flag Mismatches (appointment_made=1, other outcome)',
+     'flags set from the appointment rows; with none, rolled back to creation_failed'),
+    ('unlinked_appointment', 'call', 'unlinked_appointment_findings',
+     'Unlinked Appointments (appointment exists, appointment_made=0)',
+     'flags set from the appointment rows'),
+    ('booking_id_mismatch', 'call', 'booking_id_mismatch_findings',
+     'Booking ID Mismatches',
+     'none (alert only)'),
+    ('duplicate_booking', 'booking', 'duplicate_booking_findings',
+     'Duplicate Bookings (one booking id, several appointments)',
+     'none (alert only)'),
+    ('customer_link', 'call', 'customer_link_findings',
+     'Customer Link Status',
+     'customer_link_status set to linked'),
+    ('recent_failures', 'call', 'recent_failures_findings',
+     'Validation Failures',
+     'none (alert only)');
+
+-- A call may claim a booking without its appointment while its verification grace runs.
+create function booking_guard.within_grace(call_id bigint, since timestamptz)
+returns boolean
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return since > now() - (select s.interval_value from booking_guard.settings s where s.name = 'verification_grace')
+        or exists (select from booking_guard.due_verifications d
+                    where d.call_id = within_grace.call_id and d.due_at > clock_timestamp());
+end
+$$;
+
+comment on function booking_guard.within_grace(bigint, timestamptz) is
+    'True while a call (last changed at since) is still within its verification grace, or waits on the due list.';
+
+-- The call rules, checked for the given calls (by primary key).
+create function booking_guard.call_findings(call_ids bigint[], only_rule text default null)
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query
+    with c as materialized (
+        select g.id, g.retell_call_id, g.company_id::text as company_id, g.direction, g.session_outcome,
+               g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
+               g.created_at::timestamptz as created_at,
+               greatest(g.created_at, g.updated_at)::timestamptz as since,
+               ap.n as appointments, ap.booking_ids
+          from booking_guard.guarded_calls g
+         cross join lateral (
+               select count(*) as n,
+                      coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
+                                   filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
+                 from booking_guard.guarded_appointments a
+                where a.call_id = g.id) ap
+         where g.id = any (call_ids)
+    )
+    select r.name, r.severity, 'call'::text, c.id::text,
+           jsonb_strip_nulls(jsonb_build_object(
+               'retell_call_id', c.retell_call_id, 'company_id', c.company_id,
+               'created_at', c.created_at, 'since', c.since,
+               'session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
+               'appointment_link_status', c.appointment_link_status, 'appointments', c.appointments,
+               'booking_id', case when k.rule = 'booking_id_mismatch' then c.booking_id end,
+               'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(c.booking_ids) end,
+               'customer_id', case when k.rule = 'customer_link' then c.customer_id end,
+               'customer_link_status', case when k.rule = 'customer_link'
+                                            then coalesce(c.customer_link_status, 'null') end))
+      from c
+     cross join lateral (values
+         ('phantom_booking',
+          c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
+         ('missing_appointment',
+          (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
+          and not booking_guard.within_grace(c.id, c.since)),
+         ('missing_direction',
+          c.direction is null),
+         ('outcome_flag_mismatch',
+          c.appointment_made is true and c.session_outcome is not null and c.session_outcome <> 'appointment_booked'),
+         ('unlinked_appointment',
+          c.appointments > 0 and c.appointment_made is not true),
+         ('booking_id_mismatch',
+          c.booking_id is not null and cardinality(c.booking_ids) > 0 and not c.booking_id = any (c.booking_ids)),
+         ('customer_link',
+          c.customer_id is not null and c.customer_link_status is distinct from 'linked')
+     ) as k (rule, holds)
+      join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
+     where k.holds
+       and (only_rule is null or k.rule = only_rule);
+end
+$$;
+
+comment on function booking_guard.call_findings(bigint[], text) is
+    'The call rules (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) for the given calls; rules that are off are skipped.';
+
+-- orphaned_appointment for the given appointments.
+create function booking_guard.appointment_findings(appointment_ids bigint[])
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query
+    select r.name, r.severity, 'appointment'::text, a.id::text,
+           jsonb_strip_nulls(jsonb_build_object(
+               'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
+               'source', a.source, 'created_at', a.created_at::timestamptz,
+               'since', greatest(a.created_at, a.updated_at)::timestamptz,
+               'matching_calls', (select count(*) from booking_guard.guarded_calls m
+                                   where m.booking_id = a.calcom_v2_booking_id)))
+      from booking_guard.guarded_appointments a
+      join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
+     where a.id = any (appointment_ids)
+       and a.source = 'retell_webhook'
+       and (a.call_id is null
+            or not exists (select from booking_guard.guarded_calls c where c.id = a.call_id));
+end
+$$;
+
+comment on function booking_guard.appointment_findings(bigint[]) is
+    'The rule orphaned_appointment (source retell_webhook, call_id null or pointing at no call) for the given appointments.';
+
+-- duplicate_booking for the given calendar booking ids.
+create function booking_guard.booking_findings(booking_ids text[])
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query
+    select r.name, r.severity, 'booking'::text, d.booking_id,
+           jsonb_build_object('appointment_ids', d.appointment_ids, 'call_ids', d.call_ids,
+                              'appointments', cardinality(d.appointment_ids),
+                              'created_at', d.first_at, 'since', d.last_at)
+      from (select a.calcom_v2_booking_id::text as booking_id,
+                   array_agg(a.id order by a.id) as appointment_ids,
+                   array_agg(distinct a.call_id) filter (where a.call_id is not null) as call_ids,
+                   min(a.created_at)::timestamptz as first_at, max(a.created_at)::timestamptz as last_at
+              from booking_guard.guarded_appointments a
+             where a.calcom_v2_booking_id = any (booking_ids)
+             group by a.calcom_v2_booking_id
+            having count(*) > 1) d
+      join booking_guard.rules r on r.name = 'duplicate_booking' and r.mode <> 'off';
+end
+$$;
+
+comment on function booking_guard.booking_findings(text[]) is
+    'The rule duplicate_booking (several appointments share one calcom_v2_booking_id) for the given booking ids.';
+
+-- recent_failures: validation failures logged since the cutoff, one finding per call.
+create function booking_guard.failure_findings(cutoff timestamptz, call_ids text[] default null)
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query
+    select r.name, r.severity, 'call'::text, f.entity_id,
+           jsonb_build_object('failures', f.n, 'reasons', f.reasons, 'created_at', f.first_at, 'since', f.first_at,
+                              'last_failure_at', f.last_at)
+      from (select e.entity_id, count(*) as n,
+                   jsonb_agg(distinct e.details ->> 'reason') as reasons,
+                   min(e.at) as first_at, max(e.at) as last_at
+              from booking_guard.events e
+             where e.kind = 'validation'
+               and e.at >= cutoff
+               and e.details ->> 'success' = 'false'
+               and (call_ids is null or e.entity_id = any (call_ids))
+             group by e.entity_id) f
+      join booking_guard.rules r on r.name = 'recent_failures' and r.mode <> 'off';
+end
+$$;
+
+comment on function booking_guard.failure_findings(timestamptz, text[]) is
+    'The rule recent_failures: validation events with success false since the cutoff, one finding per call.';
+
+-- The window check shared by detect() and detect_rule().
+create function booking_guard.check_window(since interval)
+returns timestamptz
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if since is null or since < interval '0' then
+        raise exception 'invalid detection window: %', coalesce(since::text, 'null')
+            using errcode = 'BG005',
+                  detail = 'The window is how far back detection looks: a positive interval.',
+                  hint = 'select * from booking_guard.detect(''1 hour'');';
+    end if;
+    return now() - since;
+end
+$$;
+
+comment on function booking_guard.check_window(interval) is
+    'The cutoff now() - since of a detection window; BG005 for a null or negative window.';
+
+create function booking_guard.findings(since interval, only_rule text)
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    cutoff  timestamptz;
+    kind    text;
+begin
+    perform booking_guard.attached();
+    cutoff := booking_guard.check_window(since);
+    kind := (select d.entity_type from booking_guard.detection_rules d where d.rule = only_rule);
+
+    if only_rule is null or (kind = 'call' and only_rule <> 'recent_failures') then
+        return query
+        select * from booking_guard.call_findings(array(
+                   select g.id from booking_guard.guarded_calls g where g.created_at >= cutoff
+                   union
+                   select a.call_id from booking_guard.guarded_appointments a
+                    where a.created_at >= cutoff and a.call_id is not null
+                   union
+                   select d.call_id from booking_guard.due_verifications d where d.due_at <= clock_timestamp()),
+               only_rule);
+    end if;
+    if only_rule is null or only_rule = 'orphaned_appointment' then
+        return query
+        select * from booking_guard.appointment_findings(array(
+                   select a.id from booking_guard.guarded_appointments a where a.created_at >= cutoff));
+    end if;
+    if only_rule is null or only_rule = 'duplicate_booking' then
+        return query
+        select * from booking_guard.booking_findings(array(
+                   select distinct a.calcom_v2_booking_id::text from booking_guard.guarded_appointments a
+                    where a.created_at >= cutoff and a.calcom_v2_booking_id is not null));
+    end if;
+    if only_rule is null or only_rule = 'recent_failures' then
+        return query select * from booking_guard.failure_findings(cutoff);
+    end if;
+end
+$$;
+
+comment on function booking_guard.findings(interval, text) is
+    'The findings of one rule (or all, only_rule null) over the rows created in the window; used by detect() and detect_rule().';
+
+create function booking_guard.detect(since interval default '1 hour')
+returns setof booking_guard.finding
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select f.*
+      from booking_guard.findings(since, null) f
+     order by case f.severity when 'critical' then 1 when 'warning' then 2 else 3 end, f.rule,
+              f.entity_type, length(f.entity_id), f.entity_id
+$$;
+
+comment on function booking_guard.detect(interval) is
+    'Every inconsistency of every rule that is not off, among the calls and appointments created in the window (and the calls whose due verification has passed); critical first.';
+
+create function booking_guard.detect_rule(rule_name text, since interval default '1 hour')
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if not exists (select from booking_guard.detection_rules d where d.rule = rule_name) then
+        raise exception 'unknown detection rule "%"', coalesce(rule_name, 'null')
+            using errcode = 'BG004',
+                  detail = format('Detection rules: %s.',
+                                  (select string_agg(d.rule, ', ' order by d.rule) from booking_guard.detection_rules d)),
+                  hint = 'select rule, view_name from booking_guard.detection_rules;';
+    end if;
+    return query
+    select f.* from booking_guard.findings(since, rule_name) f
+     order by f.entity_type, length(f.entity_id), f.entity_id;
+end
+$$;
+
+comment on function booking_guard.detect_rule(text, interval) is
+    'The findings of one rule over the window (what its view shows for the last hour); BG004 for an unknown rule.';
+
+-- One view per rule, and all of them: the last hour.
+do $views$
+declare
+    d  record;
+begin
+    for d in select * from booking_guard.detection_rules order by rule loop
+        execute format('create view booking_guard.%I as
+                        select f.entity_type, f.entity_id, f.severity, (f.details ->> ''since'')::timestamptz as since,
+                               f.details
+                          from booking_guard.detect_rule(%L, ''1 hour'') f', d.view_name, d.rule);
+        execute format('comment on view booking_guard.%I is %L', d.view_name,
+                       format('Rule %s, last hour: %s', d.rule,
+                              (select r.description from booking_guard.rules r where r.name = d.rule)));
+    end loop;
+end
+$views$;
+
+create view booking_guard.inconsistencies as
+select f.rule, f.severity, f.entity_type, f.entity_id, (f.details ->> 'since')::timestamptz as since, f.details
+  from booking_guard.detect('1 hour') f;
+
+comment on view booking_guard.inconsistencies is
+    'Every finding of every rule that is not off, among the rows created in the last hour (booking_guard.detect(''1 hour'')).';
+
+create function booking_guard.check_call(call_id bigint)
+returns setof booking_guard.finding
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+begin
+    perform booking_guard.attached();
+    if check_call.call_id is null then
+        raise exception 'check_call() needs a call id'
+            using errcode = 'BG005',
+                  detail = 'call_id is null.',
+                  hint = 'select * from booking_guard.check_call(42);';
+    end if;
+    if not exists (select from booking_guard.guarded_calls g where g.id = check_call.call_id) then
+        raise exception 'unknown call %', check_call.call_id
+            using errcode = 'BG004',
+                  detail = format('The attached calls table has no row with id %s.', check_call.call_id),
+                  hint = 'Pass the id of an existing call.';
+    end if;
+    return query select * from booking_guard.call_findings(array[check_call.call_id]);
+    return query
+    select * from booking_guard.booking_findings(array(
+               select a.calcom_v2_booking_id::text from booking_guard.guarded_appointments a
+                where a.call_id = check_call.call_id and a.calcom_v2_booking_id is not null));
+    return query select * from booking_guard.failure_findings(now() - interval '1 hour', array[check_call.call_id::text]);
+end
+$$;
+
+comment on function booking_guard.check_call(bigint) is
+    'Every rule for one call, whatever its age (the seed''s checkCall): its flags, its appointments'' booking ids and its validation failures of the last hour. BG004 for an unknown call.';
+
+-- Does the condition of an alert still hold? (run_monitor resolves the alerts for which it does not.)
+create function booking_guard.finding_holds(rule text, entity_type text, entity_id text, since interval)
+returns boolean
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    id  bigint;
+begin
+    if finding_holds.entity_type in ('call', 'appointment') then
+        begin
+            id := finding_holds.entity_id::bigint;
+        exception when data_exception then
+            return false;
+        end;
+    end if;
+    if finding_holds.rule = 'recent_failures' then
+        return exists (select from booking_guard.failure_findings(now() - since, array[finding_holds.entity_id]));
+    elsif finding_holds.entity_type = 'call' then
+        return exists (select from booking_guard.call_findings(array[id], finding_holds.rule));
+    elsif finding_holds.entity_type = 'appointment' then
+        return exists (select from booking_guard.appointment_findings(array[id]));
+    elsif finding_holds.entity_type = 'booking' then
+        return exists (select from booking_guard.booking_findings(array[finding_holds.entity_id]));
+    end if;
+    return false;
+end
+$$;
+
+comment on function booking_guard.finding_holds(text, text, text, interval) is
+    'Whether one rule still finds its inconsistency on one entity (by key, whatever its age); false for a rule that is off.';
+
+-- What a rule in correct mode repairs, for one finding. Returns the repair done, or null.
+create function booking_guard.repair_finding(f booking_guard.finding)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_id     bigint;
+    company  text := f.details ->> 'company_id';
+    matches  bigint[];
+    verdict  text;
+begin
+    if f.entity_type in ('call', 'appointment') then
+        v_id := f.entity_id::bigint;
+    end if;
+    case f.rule
+        when 'missing_direction' then
+            if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+                return null;
+            end if;
+            update booking_guard.guarded_calls g
+               set direction = (select s.text_value from booking_guard.settings s where s.name = 'default_direction'),
+                   updated_at = now()
+             where g.id = v_id and g.direction is null;
+            return case when found then 'direction set' end;
+        when 'customer_link' then
+            if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+                return null;
+            end if;
+            update booking_guard.guarded_calls g
+               set customer_link_status = 'linked', customer_linked_at = coalesce(g.customer_linked_at, now()),
+                   customer_link_method = coalesce(g.customer_link_method, 'reconcile'), updated_at = now()
+             where g.id = v_id and g.customer_id is not null
+               and g.customer_link_status is distinct from 'linked';
+            return case when found then 'customer linked' end;
+        when 'phantom_booking', 'outcome_flag_mismatch', 'unlinked_appointment', 'missing_appointment' then
+            if (f.details ->> 'appointments')::bigint > 0 then
+                if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+                    return null;
+                end if;
+                return case when booking_guard.sync_call_flags(v_id) then 'flags set from the appointments' end;
+            end if;
+            -- no appointment behind the claim: the missing_appointment verdict (rollback and review)
+            if booking_guard.rule_mode(f.rule, company) <> 'correct'
+               or booking_guard.rule_mode('missing_appointment', company) <> 'correct'
+               or booking_guard.within_grace(v_id, (f.details ->> 'since')::timestamptz) then
+                return null;
+            end if;
+            verdict := booking_guard.judge_call(v_id, true);
+            return case when verdict = 'rolled_back' then 'rolled back to creation_failed and queued for review' end;
+        when 'orphaned_appointment' then
+            select array_agg(c.id order by c.id) into matches
+              from booking_guard.guarded_calls c
+             where c.booking_id = f.details ->> 'calcom_v2_booking_id';
+            if cardinality(matches) = 1 then
+                if booking_guard.rule_mode(f.rule,
+                       (select c.company_id::text from booking_guard.guarded_calls c where c.id = matches[1])) <> 'correct' then
+                    return null;
+                end if;
+                update booking_guard.guarded_appointments a
+                   set call_id = matches[1], updated_at = now()
+                 where a.id = v_id;
+                return format('linked to call %s', matches[1]);
+            elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) = 'correct' then
+                perform booking_guard.queue_ambiguous_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
+            end if;
+            return null;
+        else
+            return null;
+    end case;
+end
+$$;
+
+comment on function booking_guard.repair_finding(booking_guard.finding) is
+    'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct; returns what was done, or null.';
+
+-- An orphan whose booking id matches several calls is never guessed: a person decides. The
+-- review queue is keyed by call, and an orphan has none: the items of ambiguous orphans share
+-- the reason ambiguous_orphan with no call, one key per appointment in the context.
+create function booking_guard.queue_ambiguous_orphan(appointment_id bigint, booking_id text, candidate_calls bigint[])
+returns boolean
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key  text := 'appointment_' || appointment_id;
+begin
+    if exists (select from booking_guard.review_queue q
+                where q.call_id is null and q.reason = 'ambiguous_orphan' and q.status <> 'resolved'
+                  and q.context ? key) then
+        return false;
+    end if;
+    perform booking_guard.queue_for_review(null, 'ambiguous_orphan',
+        jsonb_build_object(key, jsonb_build_object('appointment_id', appointment_id, 'calcom_v2_booking_id', booking_id,
+                                                   'candidate_call_ids', to_jsonb(candidate_calls))));
+    perform booking_guard.log_event('review', 'orphaned_appointment', 'appointment', appointment_id::text,
+        jsonb_build_object('reason', 'ambiguous_orphan', 'candidate_call_ids', to_jsonb(candidate_calls)));
+    return true;
+end
+$$;
+
+comment on function booking_guard.queue_ambiguous_orphan(bigint, text, bigint[]) is
+    'Queues an orphaned appointment whose booking id matches several calls for review (reason ambiguous_orphan, the appointment in the context); false if it is queued already.';
+
+create function booking_guard.finding_description(f booking_guard.finding)
+returns text
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('%s: %s %s%s', f.rule, f.entity_type, f.entity_id,
+                  case when f.details ? 'retell_call_id' then format(' (%s)', f.details ->> 'retell_call_id') else '' end)
+           || case f.rule
+                  when 'phantom_booking' then ' says appointment_booked but appointment_made is false'
+                  when 'missing_appointment' then ' claims a booking but no appointment is linked'
+                  when 'missing_direction' then ' has no direction'
+                  when 'orphaned_appointment' then ' is linked to no call'
+                  when 'outcome_flag_mismatch' then format(' has appointment_made true but outcome %s', f.details ->> 'session_outcome')
+                  when 'unlinked_appointment' then ' has a linked appointment but appointment_made is false'
+                  when 'booking_id_mismatch' then format(' has booking_id %s, its appointments %s', f.details ->> 'booking_id',
+                                                         f.details ->> 'appointment_booking_ids')
+                  when 'duplicate_booking' then format(' is held by %s appointments', f.details ->> 'appointments')
+                  when 'customer_link' then format(' has a customer but link status %s', f.details ->> 'customer_link_status')
+                  when 'recent_failures' then format(' failed validation %s time(s)', f.details ->> 'failures')
+                  else ''
+              end
+$$;
+
+comment on function booking_guard.finding_description(booking_guard.finding) is
+    'A one-line description of a finding, for its alert.';
+
+create function booking_guard.run_monitor(since interval default '1 hour')
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    f           booking_guard.finding;
+    a           record;
+    seen        text[] := '{}';
+    v_fingerprint text;
+    fresh       boolean;
+    repaired    text;
+    alert_id    bigint;
+    n_findings  integer := 0;
+    n_new       integer := 0;
+    n_repaired  integer := 0;
+    n_resolved  integer := 0;
+    by_rule     jsonb := '{}';
+    started     timestamptz := clock_timestamp();
+begin
+    perform booking_guard.attached();
+    perform booking_guard.check_window(since);
+    -- one monitor at a time: a second concurrent run would only repeat the first
+    if not pg_try_advisory_xact_lock(hashtext('booking_guard.run_monitor')) then
+        return jsonb_build_object('skipped', 'another run_monitor() is running');
+    end if;
+
+    for f in select * from booking_guard.detect(since) loop
+        n_findings := n_findings + 1;
+        by_rule := jsonb_set(by_rule, array[f.rule], to_jsonb(coalesce((by_rule ->> f.rule)::integer, 0) + 1));
+        v_fingerprint := concat_ws(':', f.rule, f.entity_type, f.entity_id);
+        seen := seen || v_fingerprint;
+        fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint
+                                                                 and x.resolved_at is null);
+        repaired := booking_guard.repair_finding(f);
+        if repaired is not null then
+            n_repaired := n_repaired + 1;
+        end if;
+        if repaired like 'rolled back%' then
+            -- rollback_on_failure() has raised the missing_appointment alert of this call
+            seen := seen || concat_ws(':', 'missing_appointment', 'call', f.entity_id);
+            alert_id := (select x.id from booking_guard.alerts x
+                          where x.fingerprint = concat_ws(':', 'missing_appointment', 'call', f.entity_id)
+                            and x.resolved_at is null);
+        else
+            alert_id := booking_guard.raise_alert(f.rule, f.severity, f.entity_type, f.entity_id,
+                booking_guard.finding_description(f) || coalesce(': ' || repaired, ''),
+                f.details || jsonb_strip_nulls(jsonb_build_object('repair', repaired)),
+                repaired is not null);
+        end if;
+        if fresh then
+            n_new := n_new + 1;
+            perform booking_guard.log_event('detection', f.rule, f.entity_type, f.entity_id,
+                f.details || jsonb_strip_nulls(jsonb_build_object(
+                    'alert_id', alert_id, 'repair', repaired,
+                    'latency_seconds', round(extract(epoch from now() - (f.details ->> 'since')::timestamptz)::numeric, 3))));
+        end if;
+    end loop;
+
+    -- resolve the open alerts of detection rules whose condition no longer holds
+    for a in
+        select x.id, x.alert_type, x.entity_type, x.entity_id
+          from booking_guard.alerts x
+         where x.resolved_at is null
+           and x.alert_type in (select d.rule from booking_guard.detection_rules d)
+           and not x.fingerprint = any (seen)
+         order by x.id
+    loop
+        if not booking_guard.finding_holds(a.alert_type, a.entity_type, a.entity_id, since) then
+            perform booking_guard.resolve_alert(a.id);
+            perform booking_guard.log_event('detection', a.alert_type, a.entity_type, a.entity_id,
+                                            jsonb_build_object('resolved_alert_id', a.id));
+            n_resolved := n_resolved + 1;
+        end if;
+    end loop;
+
+    return jsonb_build_object('findings', n_findings, 'new', n_new, 'repaired', n_repaired, 'resolved', n_resolved,
+                              'by_rule', by_rule,
+                              'duration_ms', round(extract(epoch from clock_timestamp() - started)::numeric * 1000, 1));
+end
+$$;
+
+comment on function booking_guard.run_monitor(interval) is
+    'Detects over the window, raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule is in correct mode), resolves open alerts of detection rules whose condition no longer holds; returns counts.';
+
+grant select on booking_guard.detection_rules, booking_guard.inconsistencies to booking_guard_monitor;
+do $grants$
+declare
+    d  record;
+begin
+    for d in select view_name from booking_guard.detection_rules loop
+        execute format('grant select on booking_guard.%I to booking_guard_monitor', d.view_name);
+    end loop;
+end
+$grants$;
+grant execute on function booking_guard.detect(interval), booking_guard.detect_rule(text, interval),
+                          booking_guard.check_call(bigint)
+   to booking_guard_monitor;
+grant execute on function booking_guard.run_monitor(interval) to booking_guard_admin;
