@@ -1,0 +1,410 @@
+-- Metrics: every exported series in one call, booking_guard.metrics().
+--
+-- Counters are folded from booking_guard.events, never counted on the booking path: a
+-- booking transaction only appends its events (as it does anyway). fold_metrics() adds the
+-- events of finished transactions to metric_counters: those whose xid lies in
+-- [last horizon, xmin of the current snapshot). Every transaction below a snapshot's xmin
+-- has finished, and the xid ranges of successive folds are adjacent, so each event is
+-- counted exactly once, whenever its transaction commits, and no booking transaction ever
+-- waits for a shared row. Fold runs are serialised by a transaction-level advisory lock
+-- (try-lock: a concurrent scrape just reads what is folded). metrics() folds first, then
+-- reads only small tables: the counters, the label definitions, open alerts and review
+-- items (partial indexes), the due list, the circuit breakers and the scheduled jobs.
+
+create table booking_guard.metric_definitions (
+    name     text primary key check (name ~ '^[a-z_][a-z0-9_]*$'),
+    type     text not null check (type in ('counter', 'gauge', 'histogram')),
+    help     text not null,
+    buckets  double precision[] check ((type = 'histogram') = (buckets is not null))
+);
+
+comment on table booking_guard.metric_definitions is
+    'The metric families metrics() exports: name (a counter''s with _total), type, help and, for histograms, the upper bounds of the buckets.';
+
+insert into booking_guard.metric_definitions (name, type, help, buckets) values
+    ('appointment_creation_success_total', 'counter',
+     'Bookings recorded by booking_guard.record_booking() that passed validation.', null),
+    ('appointment_creation_failure_total', 'counter',
+     'Bookings that booking_guard.record_booking() could not record, by reason.', null),
+    ('appointment_creation_duration_seconds', 'histogram',
+     'Duration of booking_guard.record_booking() calls, successful or not.',
+     '{0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10}'),
+    ('appointment_validation_total', 'counter',
+     'Post-booking validations run (booking_guard.validate_appointment_creation()).', null),
+    ('appointment_validation_failure_total', 'counter',
+     'Post-booking validations that failed, by type (the validation reason).', null),
+    ('appointment_validation_duration_seconds', 'histogram',
+     'Duration of post-booking validations.',
+     '{0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1}'),
+    ('appointment_validation_success_rate', 'gauge',
+     'Share of post-booking validations that passed over the last 24 hours (0 to 1; absent when none ran).', null),
+    ('data_inconsistency_detected_total', 'counter',
+     'Inconsistencies detected (new alerts), by type (the rule).', null),
+    ('data_inconsistency_auto_corrected_total', 'counter',
+     'Inconsistencies detected and corrected by booking_guard (new alerts marked auto_corrected).', null),
+    ('data_inconsistency_manual_review_total', 'counter',
+     'Items put on the manual review queue.', null),
+    ('booking_guard_open_alerts', 'gauge',
+     'Open (unresolved) alerts, by rule and severity.', null),
+    ('booking_guard_review_queue_items', 'gauge',
+     'Open items of the manual review queue, by status.', null),
+    ('booking_guard_due_verifications', 'gauge',
+     'Calls waiting for their verification grace to pass (booking_guard.due_verifications).', null),
+    ('booking_guard_due_verifications_overdue', 'gauge',
+     'Calls on the due list whose grace passed more than 10 seconds ago: nothing is running verify_due().', null),
+    ('booking_guard_metrics_events_folded_total', 'counter',
+     'Events folded into the metric counters.', null),
+    ('booking_guard_metrics_last_fold_timestamp_seconds', 'gauge',
+     'When events were last folded into the metric counters (Unix time).', null);
+
+create table booking_guard.metric_counters (
+    name        text not null,
+    labels      jsonb not null default '{}',
+    value       double precision not null default 0,
+    updated_at  timestamptz not null default now(),
+    primary key (name, labels)
+);
+
+comment on table booking_guard.metric_counters is
+    'Counter totals folded from booking_guard.events by fold_metrics(): one row per series (a histogram''s buckets are stored per bucket, not cumulated).';
+
+-- 5-minute totals of the last two days, for rates over a window (validation success rate, the
+-- status page's last 24 hours) that do not scan the events.
+create table booking_guard.metric_windows (
+    name    text not null,
+    bucket  timestamptz not null,
+    value   double precision not null default 0,
+    primary key (name, bucket)
+);
+
+comment on table booking_guard.metric_windows is
+    'Per-5-minute totals of the last two days folded from booking_guard.events: rates over a window without scanning the events.';
+
+create table booking_guard.metric_fold_state (
+    singleton      boolean primary key default true check (singleton),
+    horizon        xid8 not null,
+    folded_at      timestamptz,
+    events_folded  bigint not null default 0,
+    runs           bigint not null default 0
+);
+
+comment on table booking_guard.metric_fold_state is
+    'Where fold_metrics() stopped: the events of every transaction with an xid below horizon are in metric_counters.';
+
+-- No event is older than this transaction, which creates the events table.
+insert into booking_guard.metric_fold_state (horizon) values (pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()));
+
+create function booking_guard.metric_label(value text)
+returns text
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    -- reasons and rule names are identifiers; anything else (an id, free text) would make the
+    -- label set unbounded, so it becomes 'other'
+    select case when value is null then 'unknown'
+                when value ~ '^[a-z][a-z0-9_]{0,62}$' then value
+                else 'other' end
+$$;
+
+comment on function booking_guard.metric_label(text) is
+    'A bounded label value: an identifier-like reason or rule name as it is, null as unknown, anything else as other.';
+
+create function booking_guard.histogram_le(value double precision, buckets double precision[])
+returns text
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce((select min(b) from unnest(buckets) b where b >= value), 'Infinity'::double precision)::text
+$$;
+
+comment on function booking_guard.histogram_le(double precision, double precision[]) is
+    'The upper bound (as text, Infinity for the last) of the histogram bucket a value falls in.';
+
+create function booking_guard.metric_number(value jsonb)
+returns double precision
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    -- a malformed detail must not stop the fold forever: anything but a finite number is null
+    select case when jsonb_typeof(value) = 'number' and (value #>> '{}')::double precision between -1e300 and 1e300
+                then (value #>> '{}')::double precision end
+$$;
+
+comment on function booking_guard.metric_number(jsonb) is
+    'A jsonb number as double precision; null for anything else (so a malformed event detail cannot stop the fold).';
+
+create function booking_guard.metric_flag(value jsonb)
+returns boolean
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select case when jsonb_typeof(value) = 'boolean' then (value #>> '{}')::boolean end
+$$;
+
+comment on function booking_guard.metric_flag(jsonb) is
+    'A jsonb boolean as boolean; null for anything else.';
+
+create function booking_guard.fold_metrics(max_events integer default 100000)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_from        xid8;
+    v_to          xid8;
+    v_cut         xid8;
+    v_creation    double precision[];
+    v_validation  double precision[];
+    n             bigint;
+begin
+    if max_events is null or max_events < 1 then
+        raise exception 'invalid max_events %', coalesce(max_events::text, 'null')
+            using errcode = 'BG005',
+                  detail = 'fold_metrics() folds at most max_events events per run; it must be a positive number.',
+                  hint = 'select booking_guard.fold_metrics(100000);';
+    end if;
+    -- A standby or a read-only transaction cannot write the counters, and a snapshot older than
+    -- the statement (repeatable read) could miss a concurrent fold: then just read.
+    if pg_is_in_recovery() or current_setting('transaction_read_only')::boolean
+       or current_setting('transaction_isolation') <> 'read committed' then
+        return 0;
+    end if;
+    if not pg_try_advisory_xact_lock('booking_guard.metric_fold_state'::regclass::oid::bigint) then
+        return 0;   -- another session is folding
+    end if;
+    select s.horizon into strict v_from from booking_guard.metric_fold_state s for update;
+    v_to := pg_snapshot_xmin(pg_current_snapshot());
+    -- At most max_events events per run, and only whole transactions: stop before the xid of
+    -- the first event past the limit (or just after one transaction bigger than the limit).
+    v_cut := (select e.xid from booking_guard.events e
+               where e.xid >= v_from and e.xid < v_to
+               order by e.xid offset max_events limit 1);
+    if v_cut is not null then
+        if v_cut = v_from then
+            v_cut := coalesce((select min(e.xid) from booking_guard.events e where e.xid > v_from and e.xid < v_to), v_to);
+        end if;
+        v_to := v_cut;
+    end if;
+    if v_to <= v_from then
+        return 0;
+    end if;
+
+    v_creation := (select d.buckets from booking_guard.metric_definitions d
+                    where d.name = 'appointment_creation_duration_seconds');
+    v_validation := (select d.buckets from booking_guard.metric_definitions d
+                      where d.name = 'appointment_validation_duration_seconds');
+
+    with ev as materialized (
+        select e.kind, e.rule, e.at,
+               booking_guard.metric_flag(e.details -> 'success') as ok,
+               booking_guard.metric_label(e.details ->> 'reason') as reason,
+               booking_guard.metric_number(e.details -> 'duration_ms') / 1000.0 as seconds,
+               booking_guard.metric_flag(e.details -> 'auto_corrected') as corrected
+          from booking_guard.events e
+         where e.xid >= v_from and e.xid < v_to
+           and e.kind in ('record_booking', 'validation', 'alert', 'review')
+    ),
+    -- (counter series or null, labels, amount, 5-minute window name or null)
+    contrib as (
+        select c.counter, c.labels, c.amount, c.win, ev.at
+          from ev
+         cross join lateral (values
+            (case when ev.kind = 'record_booking' and ev.ok then 'appointment_creation_success_total' end,
+             '{}'::jsonb, 1::double precision, case when ev.kind = 'record_booking' and ev.ok then 'creation_success' end),
+            (case when ev.kind = 'record_booking' and ev.ok is false then 'appointment_creation_failure_total' end,
+             jsonb_build_object('reason', ev.reason), 1, null),
+            (null, null, 1, case when ev.kind = 'record_booking' and ev.ok is not null then 'creation_total' end),
+            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_bucket' end,
+             jsonb_build_object('le', booking_guard.histogram_le(ev.seconds, v_creation)), 1, null),
+            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_sum' end,
+             '{}', coalesce(ev.seconds, 0), case when ev.kind = 'record_booking' and ev.seconds is not null then 'creation_seconds' end),
+            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_count' end,
+             '{}', 1, case when ev.kind = 'record_booking' and ev.seconds is not null then 'creation_timed' end),
+            (case when ev.kind = 'validation' and ev.ok is not null then 'appointment_validation_total' end,
+             '{}', 1, case when ev.kind = 'validation' and ev.ok is not null then 'validation_total' end),
+            (null, null, 1, case when ev.kind = 'validation' and ev.ok then 'validation_success' end),
+            (case when ev.kind = 'validation' and ev.ok is false then 'appointment_validation_failure_total' end,
+             jsonb_build_object('type', ev.reason), 1, null),
+            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_bucket' end,
+             jsonb_build_object('le', booking_guard.histogram_le(ev.seconds, v_validation)), 1, null),
+            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_sum' end,
+             '{}', coalesce(ev.seconds, 0), null),
+            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_count' end,
+             '{}', 1, null),
+            (case when ev.kind = 'alert' then 'data_inconsistency_detected_total' end,
+             jsonb_build_object('type', booking_guard.metric_label(ev.rule)), 1, case when ev.kind = 'alert' then 'inconsistencies' end),
+            (case when ev.kind = 'alert' and ev.corrected then 'data_inconsistency_auto_corrected_total' end,
+             '{}', 1, case when ev.kind = 'alert' and ev.corrected then 'auto_corrected' end),
+            (case when ev.kind = 'review' then 'data_inconsistency_manual_review_total' end, '{}', 1, null)
+         ) as c(counter, labels, amount, win)
+         where c.counter is not null or c.win is not null
+    ),
+    counted as (
+        insert into booking_guard.metric_counters as m (name, labels, value)
+        select c.counter, c.labels, sum(c.amount) from contrib c where c.counter is not null group by c.counter, c.labels
+        on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now()
+        returning 1
+    ),
+    windowed as (
+        insert into booking_guard.metric_windows as w (name, bucket, value)
+        select c.win, date_bin('5 minutes', c.at, timestamptz '2000-01-01 00:00+00'), sum(c.amount)
+          from contrib c where c.win is not null group by 1, 2
+        on conflict (name, bucket) do update set value = w.value + excluded.value
+        returning 1
+    )
+    select (select count(*) from booking_guard.events e where e.xid >= v_from and e.xid < v_to)
+      into n
+      from (select count(*) from counted) a, (select count(*) from windowed) b;
+
+    insert into booking_guard.metric_counters as m (name, labels, value)
+    values ('booking_guard_metrics_events_folded_total', '{}', n)
+    on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now();
+    update booking_guard.metric_fold_state s
+       set horizon = v_to, folded_at = now(), events_folded = s.events_folded + n, runs = s.runs + 1;
+    delete from booking_guard.metric_windows w where w.bucket < now() - interval '2 days';
+    return n;
+end
+$$;
+
+comment on function booking_guard.fold_metrics(integer) is
+    'Adds the events of finished transactions not folded yet (xid in [horizon, snapshot xmin)) to the metric counters, at most max_events per run, each exactly once; returns how many were folded. A concurrent run returns 0 at once. metrics() runs it; cron may too.';
+
+-- The label sets every scrape shows, at 0 until something happens: a counter series that first
+-- appears at 1 has no earlier sample, and Prometheus' rate() would miss that first increase.
+create function booking_guard.metric_label_seeds()
+returns table (name text, labels jsonb)
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select 'appointment_creation_success_total', '{}'::jsonb
+    union all select 'appointment_creation_failure_total', jsonb_build_object('reason', r)
+      from unnest(array['call_not_found', 'appointment_not_found', 'appointment_not_linked', 'booking_id_mismatch',
+                        'appointment_stale']) r
+    union all select 'appointment_validation_total', '{}'
+    union all select 'appointment_validation_failure_total', jsonb_build_object('type', r)
+      from unnest(array['call_not_found', 'appointment_not_found', 'appointment_not_linked', 'booking_id_mismatch',
+                        'appointment_stale']) r
+    union all select 'data_inconsistency_detected_total', jsonb_build_object('type', r.name) from booking_guard.rules r
+    union all select 'data_inconsistency_detected_total', jsonb_build_object('type', 'appointment_validation_failed')
+    union all select 'data_inconsistency_auto_corrected_total', '{}'
+    union all select 'data_inconsistency_manual_review_total', '{}'
+    union all select 'booking_guard_metrics_events_folded_total', '{}'
+$$;
+
+comment on function booking_guard.metric_label_seeds() is
+    'Counter series exported at 0 before their first event (every rule, every validation reason), so that rate() sees their first increase.';
+
+create function booking_guard.metrics()
+returns table (name text, type text, help text, labels jsonb, value double precision)
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform booking_guard.fold_metrics(50000);
+
+    return query
+    with defs as (
+        select d.name, d.type, d.help, d.buckets from booking_guard.metric_definitions d
+    ),
+    series as (   -- folded counters, with their zero-initialised label sets
+        select s.name, s.labels from booking_guard.metric_label_seeds() s
+        union
+        select c.name, c.labels from booking_guard.metric_counters c
+    ),
+    win as (
+        select w.name, sum(w.value) as value
+          from booking_guard.metric_windows w
+         where w.bucket >= now() - interval '24 hours'
+         group by w.name
+    ),
+    open_alerts as (
+        select a.alert_type, a.severity, count(*)::double precision as n
+          from booking_guard.alerts a
+         where a.resolved_at is null
+         group by a.alert_type, a.severity
+    ),
+    fold as (
+        select f.folded_at from booking_guard.metric_fold_state f
+    )
+    select m.* from (
+    -- counters
+    select d.name, d.type, d.help, s.labels, coalesce(c.value, 0)
+      from defs d
+      join series s on s.name = d.name
+      left join booking_guard.metric_counters c on c.name = s.name and c.labels = s.labels
+     where d.type = 'counter'
+    -- histograms: cumulative buckets, sum and count
+    union all
+    select d.name || '_bucket', d.type, d.help,
+           jsonb_build_object('le', case when b.le = 'Infinity' then '+Inf' else b.le::text end),
+           coalesce((select sum(c.value) from booking_guard.metric_counters c
+                      where c.name = d.name || '_bucket' and (c.labels ->> 'le')::double precision <= b.le), 0)
+      from defs d
+     cross join lateral unnest(d.buckets || 'Infinity'::double precision) as b(le)
+     where d.type = 'histogram'
+    union all
+    select d.name || x.suffix, d.type, d.help, '{}'::jsonb,
+           coalesce((select c.value from booking_guard.metric_counters c
+                      where c.name = d.name || x.suffix and c.labels = '{}'), 0)
+      from defs d
+     cross join (values ('_sum'), ('_count')) as x(suffix)
+     where d.type = 'histogram'
+    -- gauges
+    union all
+    select d.name, d.type, d.help, '{}'::jsonb,
+           (select v.value from win v where v.name = 'validation_success')
+           / (select v.value from win v where v.name = 'validation_total')
+      from defs d
+     where d.name = 'appointment_validation_success_rate'
+       and (select v.value from win v where v.name = 'validation_total') > 0
+    union all
+    select d.name, d.type, d.help, jsonb_build_object('rule', k.rule, 'severity', k.severity), coalesce(o.n, 0)
+      from defs d
+     cross join (select r.name as rule, r.severity from booking_guard.rules r
+                 union
+                 select o.alert_type, o.severity from open_alerts o) k
+      left join open_alerts o on o.alert_type = k.rule and o.severity = k.severity
+     where d.name = 'booking_guard_open_alerts'
+    union all
+    select d.name, d.type, d.help, jsonb_build_object('status', st.status),
+           (select count(*) from booking_guard.review_queue q
+             where q.status <> 'resolved' and q.status = st.status)::double precision
+      from defs d
+     cross join (values ('pending'), ('in_review')) as st(status)
+     where d.name = 'booking_guard_review_queue_items'
+    union all
+    select d.name, d.type, d.help, '{}'::jsonb, (select count(*) from booking_guard.due_verifications)::double precision
+      from defs d
+     where d.name = 'booking_guard_due_verifications'
+    union all
+    select d.name, d.type, d.help, '{}'::jsonb,
+           (select count(*) from booking_guard.due_verifications v where v.due_at < now() - interval '10 seconds')::double precision
+      from defs d
+     where d.name = 'booking_guard_due_verifications_overdue'
+    union all
+    select d.name, d.type, d.help, '{}'::jsonb, extract(epoch from f.folded_at)::double precision
+      from defs d, fold f
+     where d.name = 'booking_guard_metrics_last_fold_timestamp_seconds' and f.folded_at is not null
+    ) as m(name, type, help, labels, value)
+    order by m.name, m.labels::text;
+end
+$$;
+
+comment on function booking_guard.metrics() is
+    'Every exported series, one row each: name (the sample name: _total for counters, _bucket/_sum/_count for histograms), type, help, labels, value. Folds new events first; reads only counters and small state tables, never the application tables.';
+
+grant select on booking_guard.metric_definitions, booking_guard.metric_counters, booking_guard.metric_windows,
+                booking_guard.metric_fold_state
+   to booking_guard_monitor;
+grant execute on function booking_guard.metrics(), booking_guard.fold_metrics(integer) to booking_guard_monitor;
+grant execute on function booking_guard.metric_label(text), booking_guard.histogram_le(double precision, double precision[]),
+                          booking_guard.metric_number(jsonb), booking_guard.metric_flag(jsonb),
+                          booking_guard.metric_label_seeds()
+   to booking_guard_monitor;
