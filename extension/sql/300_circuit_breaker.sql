@@ -1,0 +1,754 @@
+-- Circuit breaker: the seed's AppointmentBookingCircuitBreaker, with its state in PostgreSQL so
+-- that every application process shares one breaker per key, exactly.
+--
+-- Breaker calls are meant to run in their own short transactions (autocommit):
+--     permit := circuit_acquire(key)            -- commits: nothing is held while the call runs
+--     ... the protected call (Cal.com) ...
+--     circuit_record_success(key, permit)        -- or circuit_record_failure(key, error, permit)
+-- A function that changes a breaker locks its row for the rest of the caller's transaction (PostgreSQL
+-- cannot release a row lock earlier): in autocommit that is the function call itself.
+--
+-- The hot path writes nothing. In the closed state circuit_acquire only reads the breaker row and draws
+-- a permit number from a sequence, and circuit_record_success only reads it (unless there is a failure
+-- streak to reset): no transaction id, no WAL, no row lock, so a hot key does not serialise its callers.
+-- Only what changes the breaker (failures, half-open trials, transitions) locks the row.
+--
+-- Permits. Every permit and every transition id is drawn from the one sequence circuit_seq, so permit
+-- numbers are ordered against transitions: a closed-state permit counts only if it is newer than the
+-- key's last transition. Half-open permits (the trial calls) are rows in circuit_permits with a lease
+-- (call_timeout): a lease that runs out counts as a failure, so a client that dies mid-trial cannot
+-- wedge the breaker half-open. Closed-state permits are not stored (that is what keeps the hot path
+-- free of writes); an unreported closed-state call wedges nothing and is simply not counted.
+--
+-- Time-driven transitions (cooldown elapsed, trial lease expired) happen lazily: circuit_state() and
+-- the circuit_status view compute them without writing, and the next call that changes the breaker
+-- writes them with the time at which they happened (not the time they were noticed).
+
+create sequence booking_guard.circuit_seq;
+
+comment on sequence booking_guard.circuit_seq is
+    'Permits and circuit_transitions ids, from one sequence so that a permit can be ordered against the transitions of its key.';
+
+-- Fast fails are counted in a sequence because a rejected circuit_acquire raises BG001, which rolls
+-- back every row its transaction wrote; nextval() is not transactional and survives the error.
+create sequence booking_guard.circuit_fast_fails;
+
+comment on sequence booking_guard.circuit_fast_fails is
+    'Calls rejected by circuit_acquire (BG001), all keys: nextval() survives the rollback of the rejected call. Read it with circuit_fast_fail_total().';
+
+create table booking_guard.circuit_policies (
+    key_pattern          text primary key check (key_pattern <> ''),
+    failure_threshold    integer not null default 3 check (failure_threshold between 1 and 1000),
+    cooldown             interval not null default '30 seconds'
+                         check (cooldown > interval '0' and cooldown <= interval '1 day'),
+    success_threshold    integer not null default 2 check (success_threshold between 1 and 1000),
+    half_open_max_calls  integer not null default 1 check (half_open_max_calls between 1 and 1000),
+    call_timeout         interval not null default '10 seconds'
+                         check (call_timeout > interval '0' and call_timeout <= interval '1 hour')
+);
+
+comment on table booking_guard.circuit_policies is
+    'Circuit breaker policy per key pattern (LIKE syntax, e.g. appointment_booking:service:%); the longest matching pattern wins, the row % is the default (the seed''s values).';
+
+create trigger circuit_policies_replace_seeded_row
+    before insert on booking_guard.circuit_policies
+    for each row execute function booking_guard.replace_seeded_row('key_pattern');
+
+insert into booking_guard.circuit_policies
+       (key_pattern, failure_threshold, cooldown, success_threshold, half_open_max_calls, call_timeout)
+values ('%', 3, '30 seconds', 2, 1, '10 seconds');
+
+create table booking_guard.circuit_breakers (
+    key              text primary key,
+    state            text not null default 'closed' check (state in ('closed', 'open', 'half_open')),
+    failure_count    integer not null default 0 check (failure_count >= 0),
+    success_count    integer not null default 0 check (success_count >= 0),
+    last_failure_at  timestamptz,
+    opened_at        timestamptz,
+    closed_at        timestamptz,
+    forced_until     timestamptz,
+    updated_at       timestamptz not null default now(),
+    check (state = 'closed' or opened_at is not null),
+    check (forced_until is null or state = 'open')
+);
+
+comment on table booking_guard.circuit_breakers is
+    'Stored state of each circuit breaker key. Time-driven transitions are written lazily: read the effective state with circuit_state(key) or the circuit_status view.';
+
+create table booking_guard.circuit_transitions (
+    id          bigint primary key default nextval('booking_guard.circuit_seq'),
+    key         text not null,
+    from_state  text not null check (from_state in ('closed', 'open', 'half_open')),
+    to_state    text not null check (to_state in ('closed', 'open', 'half_open')),
+    at          timestamptz not null,
+    reason      text not null,
+    check (from_state <> to_state)
+);
+
+create index circuit_transitions_key_id_idx on booking_guard.circuit_transitions (key, id);
+create index circuit_transitions_at_idx on booking_guard.circuit_transitions (at);
+
+comment on table booking_guard.circuit_transitions is
+    'Every state change of every breaker (never a same-state row), for open counts, recovery times and the dashboard; reason starts with a code (failure_threshold, half_open_failure, call_timeout, cooldown_elapsed, forced_until_passed, success_threshold, reset, forced_open).';
+
+-- Only half-open (trial) permits are stored: they are few, and their lease must be able to expire.
+create table booking_guard.circuit_permits (
+    permit      bigint primary key,
+    key         text not null,
+    granted_at  timestamptz not null,
+    expires_at  timestamptz not null
+);
+
+create index circuit_permits_key_expires_idx on booking_guard.circuit_permits (key, expires_at);
+
+comment on table booking_guard.circuit_permits is
+    'Outstanding half-open trial permits and their leases; every transition of a key deletes its permits, so a result of an older permit is late and ignored.';
+
+-- Policies are configuration; breaker state and the transition history are kept by pg_dump too, and so
+-- is circuit_seq: after a restore new permits must still be newer than the restored transitions.
+select pg_catalog.pg_extension_config_dump('booking_guard.circuit_policies', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.circuit_breakers', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.circuit_transitions', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.circuit_seq', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.circuit_fast_fails', '');
+
+-- The breaker's clock. clock_timestamp(), not now(): now() is the start of the caller's transaction,
+-- and a call that waited for the breaker row (or runs late in a longer transaction) would then judge
+-- cooldowns and leases by a time older than the state it has just read, and could even store an
+-- opened_at earlier than one already committed. Read after the row lock, clock_timestamp() orders
+-- every change of a key the way it really happened.
+-- booking_guard.clock_offset shifts this clock for tests (no test sleeps through a 30 s cooldown).
+-- It is honoured for superusers only: a skewed session could otherwise store an opened_at in the
+-- future and keep a breaker open for every other session.
+create function booking_guard.circuit_now()
+returns timestamptz
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_offset  text := nullif(current_setting('booking_guard.clock_offset', true), '');
+begin
+    if v_offset is null then
+        return clock_timestamp();
+    end if;
+    if not coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = session_user), false) then
+        raise exception 'booking_guard.clock_offset is reserved for superusers'
+            using errcode = 'BG005',
+                  detail = format('Session user %s set booking_guard.clock_offset = %s.', session_user, v_offset),
+                  hint = 'RESET booking_guard.clock_offset; it exists to test the circuit breaker without waiting.';
+    end if;
+    begin
+        return clock_timestamp() + v_offset::interval;
+    exception when data_exception then
+        raise exception 'invalid booking_guard.clock_offset: "%"', v_offset
+            using errcode = 'BG005',
+                  detail = format('The server said: %s', sqlerrm),
+                  hint = 'Write an interval, e.g. SET booking_guard.clock_offset = ''31 seconds''.';
+    end;
+end
+$$;
+
+comment on function booking_guard.circuit_now() is
+    'The circuit breaker''s clock: clock_timestamp(), shifted by booking_guard.clock_offset for superusers (tests).';
+
+create function booking_guard.circuit_check_key(key text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if key is null or key !~ '\S' or length(key) > 255 or key ~ '[[:cntrl:]]' then
+        raise exception 'invalid circuit breaker key'
+            using errcode = 'BG005',
+                  detail = format('key: %s', coalesce(quote_literal(left(key, 300)), 'null')),
+                  hint = 'A key is 1 to 255 printable characters, e.g. appointment_booking:service:42.';
+    end if;
+end
+$$;
+
+comment on function booking_guard.circuit_check_key(text) is
+    'Raises BG005 unless the key is 1 to 255 printable characters (the key ends the BG001 DETAIL line, so no control characters).';
+
+create function booking_guard.circuit_policy(key text)
+returns booking_guard.circuit_policies
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select c.key_pattern, c.failure_threshold, c.cooldown, c.success_threshold, c.half_open_max_calls, c.call_timeout
+      from (select p.*, false as builtin
+              from booking_guard.circuit_policies p
+             where circuit_policy.key like p.key_pattern
+            union all
+            -- the seed's values when the % row has been deleted: a breaker never runs without a policy
+            select '%', 3, interval '30 seconds', 2, 1, interval '10 seconds', true) c
+     -- longest by its literal characters, so that appointment_booking:staff:7 beats appointment_booking:staff:%
+     order by length(translate(c.key_pattern, '%_', '')) desc, length(c.key_pattern) desc, c.builtin, c.key_pattern
+     limit 1
+$$;
+
+comment on function booking_guard.circuit_policy(text) is
+    'The policy of a key: the matching key_pattern of circuit_policies with the most literal (non-wildcard) characters (the seed''s values if none matches).';
+
+-- Appends a transition: the row, the end of the key's permits (they belong to the previous state),
+-- and NOTIFY booking_guard_circuit (delivered at COMMIT).
+create function booking_guard.circuit_transition(key text, from_state text, to_state text,
+                                                 happened_at timestamptz, reason text)
+returns bigint
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_id  bigint;
+begin
+    insert into booking_guard.circuit_transitions as t (key, from_state, to_state, at, reason)
+    values (circuit_transition.key, circuit_transition.from_state, circuit_transition.to_state,
+            circuit_transition.happened_at, circuit_transition.reason)
+    returning t.id into v_id;
+    delete from booking_guard.circuit_permits p where p.key = circuit_transition.key;
+    perform pg_notify('booking_guard_circuit',
+                      json_build_object('id', v_id, 'key', circuit_transition.key,
+                                        'from', circuit_transition.from_state, 'to', circuit_transition.to_state,
+                                        'at', circuit_transition.happened_at, 'reason', left(circuit_transition.reason, 1000))::text);
+    return v_id;
+end
+$$;
+
+comment on function booking_guard.circuit_transition(text, text, text, timestamptz, text) is
+    'Records one state change of a breaker (row, end of its permits, NOTIFY booking_guard_circuit); callers hold the breaker row lock.';
+
+-- The time-driven part of the state machine, replayed up to `clock`: open -> half_open when the cooldown
+-- (and any forced_until) has passed, half_open -> open when a trial lease ran out (at its expiry, as a
+-- failure). With apply the transitions are written (the caller holds the row lock and stores b); without
+-- it nothing is written and the outcome is only computed (circuit_state, circuit_status).
+create function booking_guard.circuit_advance(inout b booking_guard.circuit_breakers,
+                                              policy booking_guard.circuit_policies,
+                                              clock timestamptz, apply boolean,
+                                              out steps integer, out opens integer,
+                                              out last_from text, out last_to text,
+                                              out last_at timestamptz, out last_reason text)
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_reopen      timestamptz;
+    v_permit      bigint;
+    v_expired     timestamptz;
+    v_fresh       boolean := false;   -- a transition happened here: the key has no permits any more
+begin
+    steps := 0;
+    opens := 0;
+    -- at most open -> half_open -> open -> half_open: a bound, not a wait
+    for i in 1 .. 4 loop
+        if b.state = 'open' then
+            v_reopen := greatest(b.opened_at + policy.cooldown, b.forced_until);
+            exit when clock < v_reopen;
+            last_reason := case when b.forced_until is not null and b.forced_until >= b.opened_at + policy.cooldown
+                                then 'forced_until_passed' else 'cooldown_elapsed' end;
+            last_from := 'open';
+            last_to := 'half_open';
+            last_at := v_reopen;
+            b.state := 'half_open';
+            b.success_count := 0;
+            b.forced_until := null;
+        elsif b.state = 'half_open' and not v_fresh then
+            select p.permit, p.expires_at into v_permit, v_expired
+              from booking_guard.circuit_permits p
+             where p.key = b.key and p.expires_at < clock
+             order by p.expires_at, p.permit
+             limit 1;
+            exit when not found;
+            last_reason := format('call_timeout: trial permit %s not reported within %s', v_permit, policy.call_timeout);
+            last_from := 'half_open';
+            last_to := 'open';
+            last_at := v_expired;
+            b.state := 'open';
+            b.opened_at := v_expired;
+            b.success_count := 0;
+            b.failure_count := b.failure_count + 1;
+            b.last_failure_at := v_expired;
+            opens := opens + 1;
+        else
+            exit;
+        end if;
+        steps := steps + 1;
+        v_fresh := true;
+        if apply then
+            perform booking_guard.circuit_transition(b.key, last_from, last_to, last_at, last_reason);
+        end if;
+    end loop;
+end
+$$;
+
+comment on function booking_guard.circuit_advance(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean) is
+    'Replays the time-driven transitions of a breaker up to a time (cooldown elapsed, trial lease expired); writes them only with apply.';
+
+-- Raises BG001 for a rejected call and counts it as a fast fail (never as a failure).
+create function booking_guard.circuit_reject(key text, state text, retry_after interval, facts text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retry  text := case when retry_after is null or not isfinite(retry_after) then 'unknown'
+                          else greatest(1, ceil(extract(epoch from retry_after)))::bigint || ' s' end;
+begin
+    perform nextval('booking_guard.circuit_fast_fails');
+    raise exception 'circuit breaker "%" is %: call rejected', key, state
+        using errcode = 'BG001',
+              detail = format('state: %s, retry after: %s, %s, key: %s', state, v_retry, facts, key),
+              hint = 'Do not call the service now: hand the call to the review queue '
+                     '(booking_guard.queue_for_review(call_id, ''calcom_booking_failed'', context)) or retry after the time in DETAIL.';
+end
+$$;
+
+comment on function booking_guard.circuit_reject(text, text, interval, text) is
+    'Counts a fast fail (sequence circuit_fast_fails, which survives the rollback) and raises BG001 with state and retry-after in DETAIL.';
+
+create function booking_guard.circuit_acquire(key text)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    k          text := circuit_acquire.key;
+    b          booking_guard.circuit_breakers;
+    stored     booking_guard.circuit_breakers;
+    p          booking_guard.circuit_policies;
+    adv        record;
+    v_now      timestamptz;
+    v_permit   bigint;
+    v_taken    integer;
+    v_free_at  timestamptz;
+    v_reopen   timestamptz;
+begin
+    if k is null or k !~ '\S' or length(k) > 255 or k ~ '[[:cntrl:]]' then
+        perform booking_guard.circuit_check_key(k);   -- raises BG005
+    end if;
+    select * into b from booking_guard.circuit_breakers c where c.key = k;
+    if not found then
+        insert into booking_guard.circuit_breakers as c (key) values (k) on conflict on constraint circuit_breakers_pkey do nothing;
+        return nextval('booking_guard.circuit_seq');
+    end if;
+    if b.state = 'closed' then
+        return nextval('booking_guard.circuit_seq');
+    end if;
+    p := booking_guard.circuit_policy(k);
+    if b.state = 'open' then
+        -- still cooling down: reject without taking the row lock
+        v_now := booking_guard.circuit_now();
+        v_reopen := greatest(b.opened_at + p.cooldown, b.forced_until);
+        if v_now < v_reopen then
+            perform booking_guard.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
+                                                 format('opened at: %s, failures: %s', b.opened_at, b.failure_count)
+                                                 || case when b.forced_until is not null then format(', forced open until: %s', b.forced_until) else '' end);
+        end if;
+    end if;
+
+    -- Half-open (or due to become so): permits are counted under the row lock, across all sessions.
+    select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
+    v_now := booking_guard.circuit_now();
+    select * into adv from booking_guard.circuit_advance(stored, p, v_now, true);
+    b := adv.b;
+    if b.state = 'closed' then
+        v_permit := nextval('booking_guard.circuit_seq');
+    elsif b.state = 'open' then
+        -- (the rollback of this rejection also undoes any transition written above; the next call that
+        -- succeeds writes it again, with the same time)
+        v_reopen := greatest(b.opened_at + p.cooldown, b.forced_until);
+        perform booking_guard.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
+                                             format('opened at: %s, failures: %s', b.opened_at, b.failure_count)
+                                             || case when b.forced_until is not null then format(', forced open until: %s', b.forced_until) else '' end);
+    else
+        select count(*), min(c.expires_at) into v_taken, v_free_at
+          from booking_guard.circuit_permits c where c.key = k;
+        if v_taken >= p.half_open_max_calls then
+            perform booking_guard.circuit_reject(k, 'half_open', v_free_at - v_now,
+                                                 format('trial calls in progress: %s of %s', v_taken, p.half_open_max_calls));
+        end if;
+        v_permit := nextval('booking_guard.circuit_seq');
+        insert into booking_guard.circuit_permits (permit, key, granted_at, expires_at)
+        values (v_permit, k, v_now, v_now + p.call_timeout);
+    end if;
+    if b is distinct from stored then
+        update booking_guard.circuit_breakers c
+           set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
+               last_failure_at = b.last_failure_at, opened_at = b.opened_at, forced_until = b.forced_until,
+               updated_at = v_now
+         where c.key = k;
+    end if;
+    return v_permit;
+end
+$$;
+
+comment on function booking_guard.circuit_acquire(text) is
+    'A permit to call the service behind a key, or BG001 (DETAIL: state, retry after, key): closed always admits; open rejects until the cooldown has passed; half-open admits at most half_open_max_calls trial calls at a time, across all sessions. Call it in its own transaction.';
+
+-- The result of a call, under the breaker row lock (the functions below skip it when the result
+-- cannot change anything).
+create function booking_guard.circuit_record_result(key text, permit bigint, succeeded boolean, error text)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    k          text := circuit_record_result.key;
+    b          booking_guard.circuit_breakers;
+    stored     booking_guard.circuit_breakers;
+    p          booking_guard.circuit_policies := booking_guard.circuit_policy(circuit_record_result.key);
+    adv        record;
+    v_now      timestamptz;
+    v_counts   boolean;
+    v_claimed  bigint;
+    v_error    text := nullif(left(btrim(circuit_record_result.error), 200), '');
+begin
+    insert into booking_guard.circuit_breakers as c (key) values (k) on conflict on constraint circuit_breakers_pkey do nothing;
+    select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
+    v_now := booking_guard.circuit_now();
+    select * into adv from booking_guard.circuit_advance(stored, p, v_now, true);
+    b := adv.b;
+
+    -- Does this result count? Only toward the state its permit was granted in.
+    if b.state = 'closed' then
+        v_counts := permit is null
+                    or permit > coalesce((select max(t.id) from booking_guard.circuit_transitions t where t.key = k), 0);
+    elsif b.state = 'half_open' then
+        -- a result without a permit is taken as the result of the oldest trial in progress
+        delete from booking_guard.circuit_permits c
+         where c.permit = coalesce(circuit_record_result.permit,
+                                   (select o.permit from booking_guard.circuit_permits o
+                                     where o.key = k order by o.granted_at, o.permit limit 1))
+           and c.key = k
+        returning c.permit into v_claimed;
+        v_counts := v_claimed is not null;
+    else
+        v_counts := false;   -- open: a late result moves nothing
+    end if;
+
+    if v_counts and succeeded then
+        if b.state = 'closed' then
+            b.failure_count := 0;
+        else
+            b.success_count := b.success_count + 1;
+            if b.success_count >= p.success_threshold then
+                perform booking_guard.circuit_transition(k, 'half_open', 'closed', v_now,
+                                                         format('success_threshold: %s consecutive successes', b.success_count));
+                b.state := 'closed';
+                b.failure_count := 0;
+                b.success_count := 0;
+                b.closed_at := v_now;
+            end if;
+        end if;
+    elsif v_counts then
+        b.failure_count := b.failure_count + 1;
+        b.last_failure_at := v_now;
+        if b.state = 'half_open' then
+            perform booking_guard.circuit_transition(k, 'half_open', 'open', v_now,
+                                                     'half_open_failure' || coalesce(': ' || v_error, ''));
+            b.state := 'open';
+            b.opened_at := v_now;
+            b.success_count := 0;
+        elsif b.failure_count >= p.failure_threshold then
+            perform booking_guard.circuit_transition(k, 'closed', 'open', v_now,
+                                                     format('failure_threshold: %s consecutive failures', b.failure_count)
+                                                     || coalesce(': ' || v_error, ''));
+            b.state := 'open';
+            b.opened_at := v_now;
+            b.success_count := 0;
+        end if;
+    end if;
+
+    if b is distinct from stored then
+        update booking_guard.circuit_breakers c
+           set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
+               last_failure_at = b.last_failure_at, opened_at = b.opened_at, closed_at = b.closed_at,
+               forced_until = b.forced_until, updated_at = v_now
+         where c.key = k;
+    end if;
+    return b.state;
+end
+$$;
+
+comment on function booking_guard.circuit_record_result(text, bigint, boolean, text) is
+    'Applies the result of a call to a breaker under its row lock; a result of a permit from an earlier state (late) counts for nothing.';
+
+create function booking_guard.circuit_record_success(key text, permit bigint default null)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    b  booking_guard.circuit_breakers;
+    p  booking_guard.circuit_policies;
+begin
+    if circuit_record_success.key is null or circuit_record_success.key !~ '\S' or length(circuit_record_success.key) > 255 or circuit_record_success.key ~ '[[:cntrl:]]' then
+        perform booking_guard.circuit_check_key(circuit_record_success.key);   -- raises BG005
+    end if;
+    select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_success.key;
+    if not found or (b.state = 'closed' and b.failure_count = 0) then
+        return 'closed';   -- nothing to reset: no write, no lock
+    end if;
+    if b.state = 'open' then
+        p := booking_guard.circuit_policy(circuit_record_success.key);
+        if booking_guard.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
+            return 'open';   -- a late success does not close the breaker
+        end if;
+    end if;
+    return booking_guard.circuit_record_result(circuit_record_success.key, circuit_record_success.permit, true, null);
+end
+$$;
+
+comment on function booking_guard.circuit_record_success(text, bigint) is
+    'Reports a successful call: closed resets the failure streak; half-open counts toward success_threshold and then closes. Returns the state after it. A result of a permit from an earlier state is ignored.';
+
+create function booking_guard.circuit_record_failure(key text, error text default null, permit bigint default null)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    b  booking_guard.circuit_breakers;
+    p  booking_guard.circuit_policies;
+begin
+    if circuit_record_failure.key is null or circuit_record_failure.key !~ '\S' or length(circuit_record_failure.key) > 255 or circuit_record_failure.key ~ '[[:cntrl:]]' then
+        perform booking_guard.circuit_check_key(circuit_record_failure.key);   -- raises BG005
+    end if;
+    select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_failure.key;
+    if found and b.state = 'open' then
+        p := booking_guard.circuit_policy(circuit_record_failure.key);
+        if booking_guard.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
+            return 'open';   -- a late failure neither moves opened_at nor adds a transition
+        end if;
+    end if;
+    return booking_guard.circuit_record_result(circuit_record_failure.key, circuit_record_failure.permit, false,
+                                               circuit_record_failure.error);
+end
+$$;
+
+comment on function booking_guard.circuit_record_failure(text, text, bigint) is
+    'Reports a failed call: the failure_threshold-th consecutive failure opens a closed breaker, any trial failure reopens a half-open one (fresh opened_at). Returns the state after it. A result of a permit from an earlier state is ignored.';
+
+create function booking_guard.circuit_state(key text)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    b    booking_guard.circuit_breakers;
+    adv  record;
+begin
+    if circuit_state.key is null or circuit_state.key !~ '\S' or length(circuit_state.key) > 255 or circuit_state.key ~ '[[:cntrl:]]' then
+        perform booking_guard.circuit_check_key(circuit_state.key);   -- raises BG005
+    end if;
+    select * into b from booking_guard.circuit_breakers c where c.key = circuit_state.key;
+    if not found or b.state = 'closed' then
+        return 'closed';
+    end if;
+    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_state.key),
+                                                        booking_guard.circuit_now(), false);
+    return (adv.b).state;
+end
+$$;
+
+comment on function booking_guard.circuit_state(text) is
+    'The effective state of a breaker (closed, open, half_open), writing nothing: an open breaker past its cooldown reads half_open; a key never used reads closed.';
+
+create function booking_guard.circuit_reset(key text)
+returns booking_guard.circuit_breakers
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    b       booking_guard.circuit_breakers;
+    adv     record;
+    v_now   timestamptz;
+begin
+    perform booking_guard.circuit_check_key(circuit_reset.key);
+    select * into b from booking_guard.circuit_breakers c where c.key = circuit_reset.key for update;
+    if not found then
+        raise exception 'unknown circuit breaker "%"', circuit_reset.key
+            using errcode = 'BG004',
+                  detail = format('No breaker has key %s.', quote_literal(circuit_reset.key)),
+                  hint = 'select key, state from booking_guard.circuit_status;';
+    end if;
+    v_now := booking_guard.circuit_now();
+    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_reset.key), v_now, true);
+    b := adv.b;
+    if b.state <> 'closed' then
+        perform booking_guard.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
+        b.closed_at := v_now;
+    end if;
+    update booking_guard.circuit_breakers c
+       set state = 'closed', failure_count = 0, success_count = 0, last_failure_at = b.last_failure_at,
+           opened_at = b.opened_at, closed_at = b.closed_at, forced_until = null, updated_at = v_now
+     where c.key = b.key
+    returning c.* into b;
+    return b;
+end
+$$;
+
+comment on function booking_guard.circuit_reset(text) is
+    'Closes a breaker by hand with zeroed counters (also a forced one); BG004 for a key that has no breaker.';
+
+create function booking_guard.circuit_force_open(key text, until timestamptz default 'infinity')
+returns booking_guard.circuit_breakers
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    b        booking_guard.circuit_breakers;
+    adv      record;
+    v_now    timestamptz;
+    v_until  timestamptz := coalesce(circuit_force_open.until, 'infinity');
+begin
+    perform booking_guard.circuit_check_key(circuit_force_open.key);
+    v_now := booking_guard.circuit_now();
+    if v_until <= v_now then
+        raise exception 'cannot force circuit breaker "%" open until %: that is not in the future',
+                        circuit_force_open.key, v_until
+            using errcode = 'BG005',
+                  detail = format('until: %s, now: %s', v_until, v_now),
+                  hint = 'Give a time in the future, or omit it to keep the breaker open until circuit_reset().';
+    end if;
+    insert into booking_guard.circuit_breakers as c (key) values (circuit_force_open.key) on conflict on constraint circuit_breakers_pkey do nothing;
+    select * into b from booking_guard.circuit_breakers c where c.key = circuit_force_open.key for update;
+    v_now := booking_guard.circuit_now();
+    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_force_open.key), v_now, true);
+    b := adv.b;
+    if b.state <> 'open' then
+        perform booking_guard.circuit_transition(b.key, b.state, 'open', v_now,
+                                                 format('forced_open by %s until %s', session_user, v_until));
+        b.opened_at := v_now;
+    end if;
+    update booking_guard.circuit_breakers c
+       set state = 'open', success_count = 0, failure_count = b.failure_count, last_failure_at = b.last_failure_at,
+           opened_at = b.opened_at, closed_at = b.closed_at, forced_until = v_until, updated_at = v_now
+     where c.key = b.key
+    returning c.* into b;
+    return b;
+end
+$$;
+
+comment on function booking_guard.circuit_force_open(text, timestamptz) is
+    'Opens a breaker by hand until a time (default: until circuit_reset), rejecting calls even after the cooldown; then it goes half-open as usual.';
+
+-- One row of circuit_status: the effective state and what the dashboard and the metrics need, computed
+-- without writing (the monitor role is read-only).
+create function booking_guard.circuit_snapshot(b booking_guard.circuit_breakers,
+                                               out state text, out failure_count integer, out success_count integer,
+                                               out trial_permits integer, out last_failure_at timestamptz,
+                                               out opened_at timestamptz, out closed_at timestamptz,
+                                               out forced_until timestamptz, out retry_after interval,
+                                               out opened_total bigint, out state_changes_total bigint,
+                                               out last_transition_at timestamptz, out last_transition text,
+                                               out last_transition_reason text)
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    p      booking_guard.circuit_policies := booking_guard.circuit_policy(b.key);
+    v_now  timestamptz := booking_guard.circuit_now();
+    adv    record;
+    e      booking_guard.circuit_breakers;
+    v_free_at  timestamptz;
+begin
+    select * into adv from booking_guard.circuit_advance(b, p, v_now, false);
+    e := adv.b;
+    state := e.state;
+    failure_count := e.failure_count;
+    success_count := e.success_count;
+    last_failure_at := e.last_failure_at;
+    opened_at := e.opened_at;
+    closed_at := e.closed_at;
+    forced_until := e.forced_until;
+    trial_permits := 0;
+    if e.state = 'half_open' and adv.steps = 0 then
+        select count(*), min(c.expires_at) into trial_permits, v_free_at
+          from booking_guard.circuit_permits c where c.key = b.key;
+    end if;
+    retry_after := case
+                       when e.state = 'open' and isfinite(greatest(e.opened_at + p.cooldown, e.forced_until))
+                           then greatest(e.opened_at + p.cooldown, e.forced_until) - v_now
+                       when e.state = 'half_open' and trial_permits >= p.half_open_max_calls then v_free_at - v_now
+                   end;
+    select count(*) filter (where t.to_state = 'open') + adv.opens, count(*) + adv.steps
+      into opened_total, state_changes_total
+      from booking_guard.circuit_transitions t where t.key = b.key;
+    if adv.steps > 0 then
+        last_transition_at := adv.last_at;
+        last_transition := adv.last_from || ' -> ' || adv.last_to;
+        last_transition_reason := adv.last_reason;
+    else
+        select t.at, t.from_state || ' -> ' || t.to_state, t.reason
+          into last_transition_at, last_transition, last_transition_reason
+          from booking_guard.circuit_transitions t where t.key = b.key
+         order by t.id desc limit 1;
+    end if;
+end
+$$;
+
+comment on function booking_guard.circuit_snapshot(booking_guard.circuit_breakers) is
+    'The effective state of one breaker with its counters, retry-after and last transition, computed without writing (one row of circuit_status).';
+
+create view booking_guard.circuit_status as
+select b.key, s.state, s.failure_count, s.success_count, s.trial_permits, s.last_failure_at, s.opened_at, s.closed_at,
+       s.forced_until, s.retry_after, s.opened_total, s.state_changes_total, s.last_transition_at, s.last_transition,
+       s.last_transition_reason, b.updated_at
+  from booking_guard.circuit_breakers b
+ cross join lateral booking_guard.circuit_snapshot(b) s;
+
+comment on view booking_guard.circuit_status is
+    'Every breaker with its effective state (an open breaker past its cooldown reads half_open), counters, trial permits in progress, retry-after (null when a call would be admitted), open count and last transition.';
+
+-- Recovery time (circuit_breaker_recovery_time_seconds): each return to closed, and when it had opened.
+create view booking_guard.circuit_recoveries as
+select t.key, o.at as opened_at, t.at as closed_at,
+       extract(epoch from t.at - o.at)::double precision as recovery_seconds,
+       t.reason
+  from booking_guard.circuit_transitions t
+ cross join lateral (select x.at
+                       from booking_guard.circuit_transitions x
+                      where x.key = t.key and x.to_state = 'open' and x.id < t.id
+                        and not exists (select from booking_guard.circuit_transitions y
+                                         where y.key = t.key and y.to_state = 'closed' and y.id > x.id and y.id < t.id)
+                      order by x.id
+                      limit 1) o
+ where t.to_state = 'closed';
+
+comment on view booking_guard.circuit_recoveries is
+    'One row per return of a breaker to closed: when it first opened in that outage, when it closed, the seconds between, and why it closed (success_threshold or reset).';
+
+create function booking_guard.circuit_fast_fail_total()
+returns bigint
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select case when s.is_called then s.last_value else 0 end from booking_guard.circuit_fast_fails s
+$$;
+
+comment on function booking_guard.circuit_fast_fail_total() is
+    'Calls rejected by circuit_acquire since the extension was created (circuit_breaker_fast_fail_total); may jump by up to 32 after a server crash (sequences log ahead).';
+
+grant execute on function booking_guard.circuit_acquire(text), booking_guard.circuit_record_success(text, bigint),
+                          booking_guard.circuit_record_failure(text, text, bigint), booking_guard.circuit_state(text)
+   to booking_guard_app;
+grant select on booking_guard.circuit_status, booking_guard.circuit_recoveries, booking_guard.circuit_policies,
+                booking_guard.circuit_breakers, booking_guard.circuit_transitions
+   to booking_guard_monitor;
+grant execute on function booking_guard.circuit_state(text), booking_guard.circuit_policy(text),
+                          booking_guard.circuit_snapshot(booking_guard.circuit_breakers),
+                          booking_guard.circuit_fast_fail_total()
+   to booking_guard_monitor;
+grant execute on function booking_guard.circuit_reset(text), booking_guard.circuit_force_open(text, timestamptz)
+   to booking_guard_admin;
+grant insert, update, delete on booking_guard.circuit_policies to booking_guard_admin;
