@@ -38,6 +38,7 @@ begin
                                   coalesce(rollback_on_failure.reason, 'null')),
                   hint = 'select booking_guard.rollback_on_failure(42, ''appointment_not_found'');';
     end if;
+    perform booking_guard.attached();   -- BG003 rather than "relation guarded_calls does not exist"
     select g.retell_call_id, g.session_outcome, g.appointment_made, g.appointment_link_status
       into before
       from booking_guard.guarded_calls g
@@ -119,8 +120,11 @@ begin
             delete from booking_guard.due_verifications d where d.call_id = judge_call.call_id;
             return 'gone';
         end if;
-        claims := c.appointment_made is true or c.session_outcome = 'appointment_booked'
-                  or c.appointment_link_status = 'linked';
+        -- is true / is not distinct from: a null outcome or link status is no claim, and a null
+        -- here would send every ordinary call (outcome 'no_answer', no link status) down the
+        -- unlinked_appointment path with a false critical alert
+        claims := c.appointment_made is true or c.session_outcome is not distinct from 'appointment_booked'
+                  or c.appointment_link_status is not distinct from 'linked';
         has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = judge_call.call_id);
         if claims = has_one and (not has_one or c.appointment_made is true) then
             -- The application set the booking flags itself (the seed's trackBooking sets
