@@ -44,6 +44,17 @@ insert into booking_guard.metric_definitions (name, type, help, buckets) values
      'Inconsistencies detected and corrected by booking_guard (new alerts marked auto_corrected).', null),
     ('data_inconsistency_manual_review_total', 'counter',
      'Items put on the manual review queue.', null),
+    ('circuit_breaker_state', 'gauge',
+     'Effective state of each circuit breaker: 1 for its current state, 0 for the two others.', null),
+    ('circuit_breaker_open_total', 'counter',
+     'Times each circuit breaker opened.', null),
+    ('circuit_breaker_state_changes_total', 'counter',
+     'State changes of all circuit breakers.', null),
+    ('circuit_breaker_fast_fail_total', 'counter',
+     'Calls rejected by an open (or saturated half-open) circuit breaker without being tried.', null),
+    ('circuit_breaker_recovery_time_seconds', 'histogram',
+     'Time from a circuit breaker opening to closing again.',
+     '{1,5,10,30,60,120,300,600,1800,3600}'),
     ('booking_guard_open_alerts', 'gauge',
      'Open (unresolved) alerts, by rule and severity.', null),
     ('booking_guard_review_queue_items', 'gauge',
@@ -93,6 +104,18 @@ comment on table booking_guard.metric_fold_state is
 
 -- No event is older than this transaction, which creates the events table.
 insert into booking_guard.metric_fold_state (horizon) values (pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()));
+
+-- Circuit transitions are folded per key by id: every change of a breaker holds the key's row lock
+-- until its transaction ends and draws the transition id under it, so the transitions of one key
+-- commit in id order, and the last folded id of a key is a safe watermark.
+create table booking_guard.metric_circuit_marks (
+    key         text primary key,
+    last_id     bigint not null,
+    open_since  timestamptz
+);
+
+comment on table booking_guard.metric_circuit_marks is
+    'Per breaker key: the last circuit_transitions id folded into the metrics, and when its current outage began (for the recovery time).';
 
 create function booking_guard.metric_label(value text)
 returns text
@@ -148,6 +171,63 @@ $$;
 comment on function booking_guard.metric_flag(jsonb) is
     'A jsonb boolean as boolean; null for anything else.';
 
+-- Called by fold_metrics() under its advisory lock.
+create function booking_guard.fold_circuit_metrics()
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    k         text;
+    mark      booking_guard.metric_circuit_marks;
+    t         record;
+    v_bounds  double precision[] := (select d.buckets from booking_guard.metric_definitions d
+                                      where d.name = 'circuit_breaker_recovery_time_seconds');
+    v_secs    double precision;
+    n_changes bigint := 0;
+begin
+    for k in select b.key from booking_guard.circuit_breakers b loop
+        select * into mark from booking_guard.metric_circuit_marks m where m.key = k;
+        if not found then
+            mark := row(k, 0, null)::booking_guard.metric_circuit_marks;
+        end if;
+        for t in select x.id, x.to_state, x.at from booking_guard.circuit_transitions x
+                  where x.key = k and x.id > mark.last_id order by x.id loop
+            n_changes := n_changes + 1;
+            mark.last_id := t.id;
+            if t.to_state = 'open' then
+                insert into booking_guard.metric_counters as m (name, labels, value)
+                values ('circuit_breaker_open_total', jsonb_build_object('key', k), 1)
+                on conflict (name, labels) do update set value = m.value + 1, updated_at = now();
+                mark.open_since := coalesce(mark.open_since, t.at);
+            elsif t.to_state = 'closed' and mark.open_since is not null then
+                v_secs := greatest(extract(epoch from t.at - mark.open_since)::double precision, 0);
+                insert into booking_guard.metric_counters as m (name, labels, value)
+                values ('circuit_breaker_recovery_time_seconds_bucket',
+                        jsonb_build_object('le', booking_guard.histogram_le(v_secs, v_bounds)), 1),
+                       ('circuit_breaker_recovery_time_seconds_sum', '{}', v_secs),
+                       ('circuit_breaker_recovery_time_seconds_count', '{}', 1)
+                on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now();
+                mark.open_since := null;
+            end if;
+        end loop;
+        if mark.last_id > 0 then
+            insert into booking_guard.metric_circuit_marks as m (key, last_id, open_since)
+            values (k, mark.last_id, mark.open_since)
+            on conflict (key) do update set last_id = excluded.last_id, open_since = excluded.open_since;
+        end if;
+    end loop;
+    if n_changes > 0 then
+        insert into booking_guard.metric_counters as m (name, labels, value)
+        values ('circuit_breaker_state_changes_total', '{}', n_changes)
+        on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now();
+    end if;
+end
+$$;
+
+comment on function booking_guard.fold_circuit_metrics() is
+    'Internal (fold_metrics): folds new circuit_transitions, per key by id, into circuit_breaker_open_total, circuit_breaker_state_changes_total and circuit_breaker_recovery_time_seconds.';
+
 create function booking_guard.fold_metrics(max_events integer default 100000)
 returns bigint
 language plpgsql
@@ -191,6 +271,7 @@ begin
         v_to := v_cut;
     end if;
     if v_to <= v_from then
+        perform booking_guard.fold_circuit_metrics();
         return 0;
     end if;
 
@@ -267,6 +348,7 @@ begin
     update booking_guard.metric_fold_state s
        set horizon = v_to, folded_at = now(), events_folded = s.events_folded + n, runs = s.runs + 1;
     delete from booking_guard.metric_windows w where w.bucket < now() - interval '2 days';
+    perform booking_guard.fold_circuit_metrics();
     return n;
 end
 $$;
@@ -295,6 +377,8 @@ as $$
     union all select 'data_inconsistency_auto_corrected_total', '{}'
     union all select 'data_inconsistency_manual_review_total', '{}'
     union all select 'booking_guard_metrics_events_folded_total', '{}'
+    union all select 'circuit_breaker_open_total', jsonb_build_object('key', b.key) from booking_guard.circuit_breakers b
+    union all select 'circuit_breaker_state_changes_total', '{}'
 $$;
 
 comment on function booking_guard.metric_label_seeds() is
@@ -340,6 +424,17 @@ begin
       join series s on s.name = d.name
       left join booking_guard.metric_counters c on c.name = s.name and c.labels = s.labels
      where d.type = 'counter'
+    union all
+    select d.name, d.type, d.help, '{}'::jsonb, booking_guard.circuit_fast_fail_total()::double precision
+      from defs d
+     where d.name = 'circuit_breaker_fast_fail_total'
+    union all
+    select d.name, d.type, d.help, jsonb_build_object('key', b.key, 'state', st.state),
+           (st.state = b.state)::integer::double precision
+      from defs d
+     cross join (select c.key, booking_guard.circuit_state(c.key) as state from booking_guard.circuit_breakers c) b
+     cross join (values ('closed'), ('open'), ('half_open')) as st(state)
+     where d.name = 'circuit_breaker_state'
     -- histograms: cumulative buckets, sum and count
     union all
     select d.name || '_bucket', d.type, d.help,
@@ -401,7 +496,7 @@ comment on function booking_guard.metrics() is
     'Every exported series, one row each: name (the sample name: _total for counters, _bucket/_sum/_count for histograms), type, help, labels, value. Folds new events first; reads only counters and small state tables, never the application tables.';
 
 grant select on booking_guard.metric_definitions, booking_guard.metric_counters, booking_guard.metric_windows,
-                booking_guard.metric_fold_state
+                booking_guard.metric_fold_state, booking_guard.metric_circuit_marks
    to booking_guard_monitor;
 grant execute on function booking_guard.metrics(), booking_guard.fold_metrics(integer) to booking_guard_monitor;
 grant execute on function booking_guard.metric_label(text), booking_guard.histogram_le(double precision, double precision[]),
