@@ -1,0 +1,8 @@
+"""What an application imports to work with booking_guard: `from booking_guard.client import ...`.
+
+One import line per concern; the names live in their own modules.
+"""
+
+__all__ = ["CircuitOpen", "circuit"]
+
+from booking_guard.circuit import CircuitOpen, circuit

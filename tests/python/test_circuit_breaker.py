@@ -1,0 +1,295 @@
+"""The circuit breaker across real sessions: exact half-open admission and exactly one trip under
+32-way races, no lock held between acquire and record, NOTIFY, the error's fields, roles, dump/restore.
+
+Time is moved with booking_guard.clock_offset (superuser only), never slept through."""
+
+import json
+import shutil
+import subprocess
+import threading
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+from conftest import SERVER
+
+SESSIONS = 32
+
+
+def trip(conn: psycopg.Connection, key: str, failures: int = 3) -> None:
+    for i in range(failures):
+        conn.execute("select booking_guard.circuit_record_failure(%s, %s)", (key, f"down {i}"))
+    assert conn.execute("select state from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0] == "open"
+
+
+def race(conns: list[psycopg.Connection], work) -> list:
+    """Runs work(conn) in one thread per connection, all released at once; returns the outcomes."""
+    barrier = threading.Barrier(len(conns))
+    outcomes: list = [None] * len(conns)
+
+    def run(i: int, conn: psycopg.Connection) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = ("ok", work(conn))
+        except psycopg.Error as error:
+            outcomes[i] = (error.sqlstate, error)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a session hung"
+    return outcomes
+
+
+def sessions(connect, n: int = SESSIONS, offset: str | None = None) -> list[psycopg.Connection]:
+    conns = [connect() for _ in range(n)]
+    if offset is not None:
+        for c in conns:
+            c.execute("select set_config('booking_guard.clock_offset', %s, false)", (offset,))
+    return conns
+
+
+@pytest.mark.parametrize("max_calls", [1, 3])
+def test_32_sessions_racing_on_half_open_get_exactly_max_calls_permits(db, connect, max_calls):
+    key = f"appointment_booking:service:{max_calls}"
+    db.execute("""insert into booking_guard.circuit_policies (key_pattern, half_open_max_calls) values (%s, %s)""",
+               (key, max_calls))
+    conns = sessions(connect, offset="31 seconds")   # past the 30 s cooldown
+    for round_ in range(5):
+        if round_:
+            db.execute("select booking_guard.circuit_reset(%s)", (key,))
+        trip(db, key)
+        outcomes = race(conns, lambda c: c.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0])
+        kinds = Counter(kind for kind, _ in outcomes)
+        assert kinds == {"ok": max_calls, "BG001": SESSIONS - max_calls}, (round_, kinds)
+        rejected = [e for kind, e in outcomes if kind == "BG001"]
+        assert all(e.diag.message_detail.startswith("state: half_open,") for e in rejected)
+        permits = db.execute("select count(*) from booking_guard.circuit_permits where key = %s", (key,)).fetchone()[0]
+        assert permits == max_calls
+        # exactly one open -> half_open, written by one of the admitted sessions
+        assert db.execute("""select count(*) from booking_guard.circuit_transitions
+                              where key = %s and to_state = 'half_open'""", (key,)).fetchone()[0] == round_ + 1
+
+
+def test_32_sessions_failing_at_once_trip_exactly_once(db, connect):
+    key = "appointment_booking:global"
+    conns = sessions(connect)
+    # every session holds a permit granted while closed, then all report failures at the same moment
+    permits = [c.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0] for c in conns]
+    by_conn = dict(zip(map(id, conns), permits, strict=True))
+    outcomes = race(conns, lambda c: c.execute("select booking_guard.circuit_record_failure(%s, 'timeout', %s)",
+                                               (key, by_conn[id(c)])).fetchone()[0])
+    assert all(kind == "ok" for kind, _ in outcomes)
+    states = Counter(state for _, state in outcomes)
+    assert states == {"closed": 2, "open": SESSIONS - 2}   # the third failure opened it; the rest were late
+    rows = db.execute("select from_state, to_state from booking_guard.circuit_transitions where key = %s", (key,)).fetchall()
+    assert rows == [("closed", "open")]
+    assert db.execute("select failure_count from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0] == 3
+
+
+def test_keys_are_isolated_under_concurrency_and_state_survives_reconnects(db, connect):
+    conns = sessions(connect)
+    keys = {id(c): f"appointment_booking:staff:{i}" for i, c in enumerate(conns)}
+
+    def fail_three(c):
+        return [c.execute("select booking_guard.circuit_record_failure(%s)", (keys[id(c)],)).fetchone()[0] for _ in range(3)]
+
+    outcomes = race(conns, fail_three)
+    assert all(result == ["closed", "closed", "open"] for _, result in outcomes)
+    assert db.execute("""select count(*), count(distinct key) from booking_guard.circuit_transitions
+                          where key like 'appointment_booking:staff:%'""").fetchone() == (SESSIONS, SESSIONS)
+    assert db.execute("select booking_guard.circuit_state('appointment_booking:service:1')").fetchone()[0] == "closed"
+    fresh = connect()
+    assert fresh.execute("select booking_guard.circuit_state('appointment_booking:staff:0')").fetchone()[0] == "open"
+    with pytest.raises(psycopg.Error) as caught:
+        fresh.execute("select booking_guard.circuit_acquire('appointment_booking:staff:0')")
+    assert caught.value.sqlstate == "BG001"
+
+
+def test_nothing_is_held_between_acquire_and_record(db, connect):
+    key = "appointment_booking:service:9"
+    caller, other = connect(), connect()
+    other.execute("set lock_timeout = '200ms'")
+    trip(db, key)
+    caller.execute("set booking_guard.clock_offset = '31 seconds'")
+    other.execute("set booking_guard.clock_offset = '31 seconds'")
+    permit = caller.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
+    # the trial call is "running" in caller: it holds no lock at all
+    assert caller.execute("""select count(*) from pg_locks l join pg_class c on c.oid = l.relation
+                              where l.pid = pg_backend_pid() and c.relname like 'circuit%%'""").fetchone()[0] == 0
+    assert db.execute("select count(*) from pg_locks where pid = %s and locktype in ('tuple', 'transactionid')",
+                      (caller.info.backend_pid,)).fetchone()[0] == 0
+    # another session is answered at once (a lock wait would end in 55P03 after 200 ms)
+    with pytest.raises(psycopg.Error) as caught:
+        other.execute("select booking_guard.circuit_acquire(%s)", (key,))
+    assert caught.value.sqlstate == "BG001"
+    assert other.execute("select booking_guard.circuit_record_failure(%s, 'late', 1)", (key,)).fetchone()[0] == "half_open"
+    assert caller.execute("select booking_guard.circuit_record_success(%s, %s)", (key, permit)).fetchone()[0] == "half_open"
+
+
+def test_closed_acquire_and_success_take_no_row_lock(db, connect):
+    key = "appointment_booking:service:10"
+    db.execute("select booking_guard.circuit_acquire(%s)", (key,))
+    holder, caller = connect(autocommit=False), connect()
+    caller.execute("set lock_timeout = '200ms'")
+    holder.execute("select * from booking_guard.circuit_breakers where key = %s for update", (key,))
+    try:
+        # while another transaction holds the breaker row, the hot path still answers
+        permit = caller.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
+        assert caller.execute("select booking_guard.circuit_record_success(%s, %s)", (key, permit)).fetchone()[0] == "closed"
+        # a failure must change the row, so it waits for the lock (and gives up after lock_timeout)
+        with pytest.raises(psycopg.Error) as caught:
+            caller.execute("select booking_guard.circuit_record_failure(%s)", (key,))
+        assert caught.value.sqlstate == "55P03"
+    finally:
+        holder.rollback()
+
+
+def test_transitions_are_notified(db, connect):
+    listener = connect()
+    listener.execute("listen booking_guard_circuit")
+    trip(db, "appointment_booking:service:11")
+    db.execute("select booking_guard.circuit_reset('appointment_booking:service:11')")
+    payloads = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
+    assert [(p["key"], p["from"], p["to"]) for p in payloads] == [
+        ("appointment_booking:service:11", "closed", "open"),
+        ("appointment_booking:service:11", "open", "closed"),
+    ]
+    ids = [r[0] for r in db.execute("select id from booking_guard.circuit_transitions order by id").fetchall()]
+    assert [p["id"] for p in payloads] == ids
+    assert payloads[0]["reason"] == "failure_threshold: 3 consecutive failures: down 2"
+
+
+def test_rejection_error_carries_state_retry_after_and_hint(db):
+    key = "appointment_booking:service:12"
+    trip(db, key)
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("select booking_guard.circuit_acquire(%s)", (key,))
+    diag = caught.value.diag
+    assert diag.sqlstate == "BG001"
+    assert diag.message_primary == f'circuit breaker "{key}" is open: call rejected'
+    assert diag.message_detail.startswith("state: open, retry after: 30 s, opened at: ")
+    assert diag.message_detail.endswith(f", failures: 3, key: {key}")
+    assert "calcom_booking_failed" in diag.message_hint
+    db.execute("set booking_guard.clock_offset = '20 seconds'")
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("select booking_guard.circuit_acquire(%s)", (key,))
+    assert "retry after: 10 s," in caught.value.diag.message_detail
+    # rejected calls are fast fails, not failures
+    assert db.execute("select failure_count from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0] == 3
+    assert db.execute("select booking_guard.circuit_fast_fail_total()").fetchone()[0] == 2
+
+
+@pytest.fixture
+def login_role(db):
+    """A login role made for one test (roles are cluster-wide): yields a function that connects as it."""
+    name = f"bg_circuit_{uuid.uuid4().hex[:8]}"
+    created: list[str] = []
+
+    def make(member_of: str) -> psycopg.Connection:
+        db.execute(f"create role {name} login in role {member_of}")
+        created.append(name)
+        return psycopg.connect(host=db.info.host, port=db.info.port, user=name, dbname=db.info.dbname, autocommit=True)
+
+    yield make
+    for role in created:
+        db.execute(f"drop role if exists {role}")
+
+
+def test_app_role_uses_the_breaker_and_cannot_skew_its_clock(db, login_role):
+    with login_role("booking_guard_app") as app:
+        permit = app.execute("select booking_guard.circuit_acquire('appointment_booking:service:13')").fetchone()[0]
+        assert app.execute("select booking_guard.circuit_record_failure('appointment_booking:service:13', 'x', %s)",
+                           (permit,)).fetchone()[0] == "closed"
+        assert app.execute("select booking_guard.circuit_state('appointment_booking:service:13')").fetchone()[0] == "closed"
+        for statement in ("select booking_guard.circuit_reset('appointment_booking:service:13')",
+                          "update booking_guard.circuit_breakers set failure_count = 0",
+                          "select * from booking_guard.circuit_status"):
+            with pytest.raises(psycopg.Error) as caught:
+                app.execute(statement)
+            assert caught.value.sqlstate == "42501", statement
+        # the test clock is a superuser's knob: a skewed app could keep a breaker open for everyone
+        app.execute("set booking_guard.clock_offset = '1 hour'")
+        with pytest.raises(psycopg.Error) as caught:
+            app.execute("select booking_guard.circuit_record_failure('appointment_booking:service:13')")
+        assert caught.value.sqlstate == "BG005"
+        assert "superusers" in caught.value.diag.message_primary
+    assert db.execute("select failure_count from booking_guard.circuit_breakers "
+                      "where key = 'appointment_booking:service:13'").fetchone()[0] == 1
+
+
+def test_monitor_role_reads_status_without_writing(db, login_role):
+    trip(db, "appointment_booking:service:14")
+    db.execute("set booking_guard.clock_offset = '31 seconds'")
+    with login_role("booking_guard_monitor") as monitor:
+        monitor.execute("set booking_guard.clock_offset = '31 seconds'")   # refused for non-superusers ...
+        with pytest.raises(psycopg.Error) as caught:
+            monitor.execute("select state from booking_guard.circuit_status")
+        assert caught.value.sqlstate == "BG005"
+        monitor.execute("reset booking_guard.clock_offset")
+        row = monitor.execute("""select state, retry_after is not null, opened_total
+                                   from booking_guard.circuit_status where key = 'appointment_booking:service:14'""").fetchone()
+        assert row == ("open", True, 1)
+        assert monitor.execute("select booking_guard.circuit_fast_fail_total()").fetchone()[0] == 0
+        with pytest.raises(psycopg.Error) as caught:
+            monitor.execute("select booking_guard.circuit_acquire('appointment_booking:service:14')")
+        assert caught.value.sqlstate == "42501"
+    # ... and the superuser's skewed clock sees it half-open, without anything written
+    assert db.execute("select state from booking_guard.circuit_status").fetchone()[0] == "half_open"
+    assert db.execute("select count(*) from booking_guard.circuit_transitions").fetchone()[0] == 1
+
+
+def pg_tool(name: str) -> str:
+    path = shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found")
+    return path
+
+
+def tool_args(dbname: str) -> list[str]:
+    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432)), "-d", dbname]
+    if SERVER.get("user"):
+        args += ["-U", SERVER["user"]]
+    return args
+
+
+def test_dump_and_restore_keep_breakers_history_and_permit_order(db):
+    db.execute("insert into booking_guard.circuit_policies (key_pattern, failure_threshold) values ('appointment_booking:%', 2)")
+    db.execute("update booking_guard.circuit_policies set cooldown = '45 seconds' where key_pattern = '%'")
+    old_permit = db.execute("select booking_guard.circuit_acquire('appointment_booking:global')").fetchone()[0]
+    trip(db, "appointment_booking:global", failures=2)
+    db.execute("select booking_guard.circuit_force_open('other')")
+    source, target = db.info.dbname, f"{db.info.dbname}_restored"
+    admin = psycopg.connect(host=db.info.host, port=db.info.port, user=db.info.user, dbname="postgres", autocommit=True)
+    try:
+        admin.execute(f'drop database if exists "{target}"')
+        admin.execute(f'create database "{target}"')
+        dump = subprocess.run([pg_tool("pg_dump"), *tool_args(source)], check=True, capture_output=True, text=True)
+        restore = subprocess.run([pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *tool_args(target)],
+                                 input=dump.stdout, capture_output=True, text=True)
+        assert restore.returncode == 0, restore.stderr
+        with psycopg.connect(host=db.info.host, port=db.info.port, user=db.info.user, dbname=target,
+                             autocommit=True) as restored:
+            assert restored.execute("""select key_pattern, failure_threshold, cooldown::text from booking_guard.circuit_policies
+                                        order by key_pattern""").fetchall() == [
+                ("%", 3, "00:00:45"), ("appointment_booking:%", 2, "00:00:30")]
+            assert restored.execute("select key, state from booking_guard.circuit_breakers order by key").fetchall() == [
+                ("appointment_booking:global", "open"), ("other", "open")]
+            assert restored.execute("select count(*) from booking_guard.circuit_transitions").fetchone()[0] == 2
+            # the permit sequence continues: a new permit is newer than every restored transition
+            restored.execute("select booking_guard.circuit_reset('appointment_booking:global')")
+            new_permit = restored.execute("select booking_guard.circuit_acquire('appointment_booking:global')").fetchone()[0]
+            assert new_permit > restored.execute("select max(id) from booking_guard.circuit_transitions").fetchone()[0]
+            # so a failure reported with it counts, and the pre-dump permit's does not
+            assert restored.execute("select booking_guard.circuit_record_failure('appointment_booking:global', 'x', %s)",
+                                    (old_permit,)).fetchone()[0] == "closed"
+            restored.execute("select booking_guard.circuit_record_failure('appointment_booking:global', 'x', %s)",
+                             (new_permit,))
+            assert restored.execute("""select failure_count from booking_guard.circuit_breakers
+                                        where key = 'appointment_booking:global'""").fetchone()[0] == 1
+    finally:
+        admin.execute(f'drop database if exists "{target}" with (force)')
+        admin.close()
