@@ -73,10 +73,11 @@ begin
     else
         capped := max_s;
     end if;
+    -- the jitter in numeric, rounded to the microsecond: a tiny draw must not underflow float8
     if strategy = 'full' then
-        return make_interval(secs => capped * u);
+        return make_interval(secs => round(capped::numeric * u::numeric, 6)::float8);
     end if;
-    return make_interval(secs => capped * (1 + jitter * u));
+    return make_interval(secs => round(capped::numeric * (1 + jitter::numeric * u::numeric), 6)::float8);
 end
 $$;
 
