@@ -3,6 +3,7 @@
 One import line per concern; the names live in their own modules.
 """
 
-__all__ = ["CircuitOpen", "circuit"]
+__all__ = ["CircuitOpen", "circuit", "BookingResult", "record_booking", "retry_with_backoff"]
 
+from booking_guard.booking import BookingResult, record_booking, retry_with_backoff
 from booking_guard.circuit import CircuitOpen, circuit
