@@ -207,12 +207,22 @@ language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    first_id   bigint := old.call_id;
+    second_id  bigint;
 begin
-    if old.call_id is not null then
-        perform booking_guard.sync_call_flags(old.call_id, 'unlinked_appointment');
+    -- The two calls of a move are locked in id order: two sessions moving appointments in
+    -- opposite directions between the same two calls would otherwise each hold one call's row
+    -- and wait for the other's (a deadlock). least() and greatest() ignore nulls.
+    if tg_op = 'UPDATE' then
+        first_id := least(old.call_id, new.call_id);
+        second_id := nullif(greatest(old.call_id, new.call_id), first_id);
     end if;
-    if tg_op = 'UPDATE' and new.call_id is not null then
-        perform booking_guard.sync_call_flags(new.call_id, 'unlinked_appointment');
+    if first_id is not null then
+        perform booking_guard.sync_call_flags(first_id, 'unlinked_appointment');
+    end if;
+    if second_id is not null then
+        perform booking_guard.sync_call_flags(second_id, 'unlinked_appointment');
     end if;
     return null;
 end
