@@ -1,0 +1,133 @@
+"""The Python side of the booking path: booking_guard.client.record_booking() and retry_with_backoff()."""
+
+import threading
+from datetime import timedelta
+
+import psycopg
+import pytest
+from booking_guard import client
+from booking_guard.booking import REASONS, BookingResult, backoff_delay
+
+
+def new_call(conn: psycopg.Connection, retell_id: str, booking_id: str | None = None) -> int:
+    conn.execute("insert into companies (id, name) values (1, 'c1') on conflict do nothing")
+    return conn.execute(
+        "insert into calls (retell_call_id, company_id, direction, booking_id) values (%s, 1, 'inbound', %s) returning id",
+        (retell_id, booking_id),
+    ).fetchone()[0]
+
+
+def test_client_exports_the_booking_path():
+    for name in ("BookingResult", "record_booking", "retry_with_backoff"):
+        assert name in client.__all__
+        assert getattr(client, name) is not None
+
+
+def test_record_booking_returns_a_typed_result(attached):
+    call_id = new_call(attached, "py-1")
+    result = client.record_booking(attached, call_id, "cal-py-1", {"status": "confirmed", "starts_at": "2026-12-01T10:00Z"})
+    assert isinstance(result, BookingResult)
+    assert result.success and bool(result) and result.reason == "ok" and result.created
+    assert isinstance(result.appointment_id, int)
+    assert result.details["call_id"] == call_id and result.details["appointment_id"] == result.appointment_id
+    status, starts_at = attached.execute("select status, starts_at from appointments where id = %s",
+                                         (result.appointment_id,)).fetchone()
+    assert status == "confirmed" and starts_at.isoformat().startswith("2026-12-01T10:00")
+
+    again = client.record_booking(attached, call_id, "cal-py-1")
+    assert again == BookingResult(True, "ok", again.details, result.appointment_id, False)
+    assert again.details["already_recorded"] is True
+
+
+def test_record_booking_failure_is_a_result_not_an_exception(attached):
+    call_id = new_call(attached, "py-2", booking_id="cal-other")
+    result = client.record_booking(attached, call_id, "cal-py-2")
+    assert not result and result.reason == "booking_id_mismatch" and result.reason in REASONS
+    assert result.appointment_id is None and not result.created
+    assert {"alert_id", "review_id"} <= result.details.keys()
+
+
+def test_record_booking_bad_input_raises_and_writes_nothing(attached):
+    call_id = new_call(attached, "py-3")
+    with pytest.raises(psycopg.Error) as caught:
+        client.record_booking(attached, call_id, "cal-py-3", {"colour": "red"})
+    assert caught.value.diag.sqlstate == "BG005"
+    assert "colour" in caught.value.diag.message_primary
+    assert "Known columns" in caught.value.diag.message_hint
+    assert attached.execute("select count(*) from appointments").fetchone()[0] == 0
+
+
+def test_record_booking_runs_in_the_callers_transaction(attached, connect):
+    call_id = new_call(attached, "py-4")
+    with connect(autocommit=False) as conn:
+        assert client.record_booking(conn, call_id, "cal-py-4").success
+        conn.rollback()
+    assert attached.execute("select count(*) from appointments where call_id = %s", (call_id,)).fetchone()[0] == 0
+
+
+def test_retry_with_backoff_around_record_booking(attached, connect):
+    """A booking whose first attempts hit a lock timeout is retried on the backoff schedule, then recorded once."""
+    call_id = new_call(attached, "py-5")
+    holder = connect(autocommit=False)
+    holder.execute("select pg_advisory_xact_lock(1, 1)")   # an unrelated lock the first attempts time out on
+    conn = connect()
+    conn.execute("set lock_timeout = '50ms'")
+    slept: list[float] = []
+    attempts = 0
+
+    def book() -> BookingResult:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            conn.execute("select pg_advisory_xact_lock(1, 1)")   # times out while the holder has it
+        return client.record_booking(conn, call_id, "cal-py-5")
+
+    def sleep(seconds: float) -> None:   # the test's clock: no real waiting
+        slept.append(seconds)
+
+    result = client.retry_with_backoff(book, max_attempts=3, retry_on=psycopg.errors.LockNotAvailable,
+                                       sleep=sleep, rng=lambda: 0.5)
+    assert result.success and result.created and attempts == 3
+    assert slept == [backoff_delay(1, draw=0.5), backoff_delay(2, draw=0.5)]
+    assert attached.execute("select count(*) from appointments where calcom_v2_booking_id = 'cal-py-5'").fetchone()[0] == 1
+
+
+def test_retries_queue_with_concurrent_workers(attached, connect):
+    """Two workers claiming at once never get the same retry (SKIP LOCKED), and between them get all due ones."""
+    ids = [attached.execute("select booking_guard.schedule_retry(%s, 'record_booking', '{}', 3, '0')", (i,)).fetchone()[0]
+           for i in range(40)]
+    workers = [connect(autocommit=False) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    claimed: list[list[int]] = [[], []]
+
+    def work(i: int) -> None:
+        barrier.wait(timeout=30)
+        claimed[i] = [r[0] for r in workers[i].execute(
+            "select id from booking_guard.claim_retries(%s, 25)", (f"w{i}",)).fetchall()]
+        barrier.wait(timeout=30)   # both hold their claims (row locks) at the same time
+        workers[i].commit()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not set(claimed[0]) & set(claimed[1])
+    assert sorted(claimed[0] + claimed[1]) == ids
+    assert max(len(c) for c in claimed) <= 25
+
+
+def test_retry_exhausted_goes_to_review_with_history(attached):
+    retry_id = attached.execute("select booking_guard.schedule_retry(99, 'record_booking', '{\"b\": 1}', 2, '0')").fetchone()[0]
+    clock = attached.execute("select now()").fetchone()[0]
+    for attempt in (1, 2):
+        claimed = attached.execute("select id, attempts from booking_guard.claim_retries('w', 10, %s)", (clock,)).fetchall()
+        assert claimed == [(retry_id, attempt)]
+        status, due_at = attached.execute(
+            "select status, due_at from booking_guard.finish_retry(%s, false, %s)", (retry_id, f"boom {attempt}")).fetchone()
+        clock = due_at + timedelta(microseconds=1)   # jump the test's clock to the next due time
+    assert status == "failed"
+    reason, history = attached.execute(
+        "select reason, context -> 'history' from booking_guard.review_queue where call_id = 99").fetchone()
+    assert reason == "retry_exhausted"
+    assert [(h["attempt"], h["ok"], h["error"]) for h in history] == [(1, False, "boom 1"), (2, False, "boom 2")]
