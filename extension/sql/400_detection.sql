@@ -33,43 +33,54 @@ create table booking_guard.detection_rules (
     entity_type  text not null check (entity_type in ('call', 'appointment', 'booking')),
     view_name    name not null unique,
     label        text not null,
-    repair       text not null
+    repair       text not null,
+    action       text not null
 );
 
 comment on table booking_guard.detection_rules is
     'The rules detect() checks: the entity each finding is about, its view, its report label and what correct mode repairs.';
 
-insert into booking_guard.detection_rules (rule, entity_type, view_name, label, repair) values
+insert into booking_guard.detection_rules (rule, entity_type, view_name, label, repair, action) values
     ('phantom_booking', 'call', 'phantom_booking_findings',
      'Phantom Bookings (session_outcome mismatch)',
-     'flags set from the appointment rows; with no appointment past the grace, rolled back to creation_failed and queued for review'),
+     'flags set from the appointment rows; with no appointment past the grace, rolled back to creation_failed and queued for review',
+     'Find where the application sets session_outcome without appointment_made'),
     ('missing_appointment', 'call', 'missing_appointment_findings',
      'Missing Appointments (appointment_made=1 but no appt)',
-     'rolled back to creation_failed and queued for review'),
+     'rolled back to creation_failed and queued for review',
+     'Check the booking path (calendar booked, local record missing); rebook from the review queue'),
     ('missing_direction', 'call', 'missing_direction_findings',
      'Missing Direction',
-     'direction set to the default_direction setting'),
+     'direction set to the default_direction setting',
+     'Make the application send direction; booking_guard fills in the default meanwhile'),
     ('orphaned_appointment', 'appointment', 'orphaned_appointment_findings',
      'Orphaned Appointments',
-     'linked to the call whose booking_id matches, when exactly one does; several: queued for review'),
+     'linked to the call whose booking_id matches, when exactly one does; several: queued for review',
+     'Check the calendar webhook: appointments arrive without their call'),
     ('outcome_flag_mismatch', 'call', 'outcome_flag_mismatch_findings',
      'Outcome/Flag Mismatches (appointment_made=1, other outcome)',
-     'flags set from the appointment rows; with none, rolled back to creation_failed'),
+     'flags set from the appointment rows; with none, rolled back to creation_failed',
+     'Find where the application sets appointment_made without the outcome'),
     ('unlinked_appointment', 'call', 'unlinked_appointment_findings',
      'Unlinked Appointments (appointment exists, appointment_made=0)',
-     'flags set from the appointment rows'),
+     'flags set from the appointment rows',
+     'Find where the application links appointments without setting the call''s flags'),
     ('booking_id_mismatch', 'call', 'booking_id_mismatch_findings',
      'Booking ID Mismatches',
-     'none (alert only)'),
+     'none (alert only)',
+     'Compare the call''s booking_id with the calendar booking'),
     ('duplicate_booking', 'booking', 'duplicate_booking_findings',
      'Duplicate Bookings (one booking id, several appointments)',
-     'none (alert only)'),
+     'none (alert only)',
+     'A retry booked twice: cancel the duplicate in the calendar'),
     ('customer_link', 'call', 'customer_link_findings',
      'Customer Link Status',
-     'customer_link_status set to linked'),
+     'customer_link_status set to linked',
+     'Make the application set customer_link_status with customer_id'),
     ('recent_failures', 'call', 'recent_failures_findings',
      'Validation Failures',
-     'none (alert only)');
+     'none (alert only)',
+     'Look at the validation reasons of the failing calls');
 
 -- A call may claim a booking without its appointment while its verification grace runs.
 create function booking_guard.within_grace(call_id bigint, since timestamptz)
