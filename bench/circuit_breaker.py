@@ -1,0 +1,268 @@
+"""The shared circuit breaker against pybreaker with its Redis storage, in one run.
+
+Throughput: acquire + record round trips per second (the closed state's success path, the one every
+booking takes) at 1, 8 and 32 clients, on one hot key and spread over 100 keys. Each client is a
+process with its own connection: booking_guard.circuit_acquire + circuit_record_success on PostgreSQL
+(DATABASE_URL; a scratch database), pybreaker.CircuitBreaker(state_storage=CircuitRedisStorage) on a
+redis-server this script starts on 127.0.0.1 and stops at the end. Both sides do the same work: one
+breaker per key and process, no protected work in between.
+
+Exactness: the same 32-process race on a half-open breaker that admits one trial call. Each admitted
+call stays in progress until every process has tried, so a second admission is a real over-admission.
+Counted over several rounds for both.
+
+Target (issue 5): booking_guard >= 0.5 x pybreaker+redis while exact.
+
+Each cell is measured --repeat times, the two sides alternating, and the median is printed (the
+machine may be shared; alternating spreads any disturbance over both sides).
+
+usage: .venv/bin/python bench/circuit_breaker.py [--seconds 2] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+"""
+
+import argparse
+import importlib.metadata
+import multiprocessing as mp
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from datetime import UTC, datetime
+
+import psycopg
+import pybreaker
+import redis
+from _common import machine, scratch_database
+
+DB = "bg_bench_circuit"
+KEYS = 100
+HOT = ["appointment_booking:service:1"]
+SPREAD = [f"appointment_booking:service:{i}" for i in range(1, KEYS + 1)]
+RACE_KEY = "appointment_booking:global"
+RACERS = 32
+MAX_OPS = 5_000_000   # a bound on every loop, far above what a run reaches
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """redis-server on loopback, no persistence; stopped (and waited for) on exit."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("redis-server is not installed (scripts/bootstrap installs it)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        for _ in range(200):   # readiness: up to 10 s
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise SystemExit("redis-server exited at start") from None
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise SystemExit("redis-server did not answer")
+        self.version = client.info("server")["redis_version"]
+        client.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pybreaker_for(r: redis.Redis, key: str) -> pybreaker.CircuitBreaker:
+    # the seed's policy: 3 failures, 30 s cooldown, 2 successes to close
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, r, namespace=key)
+    return pybreaker.CircuitBreaker(fail_max=3, reset_timeout=30, success_threshold=2, state_storage=storage)
+
+
+def noop() -> None:
+    return None
+
+
+# ---- throughput
+
+def bg_client(dsn: str, keys: list[str], seconds: float, start: mp.Barrier, out: mp.Queue) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        start.wait()
+        n, t0 = 0, time.perf_counter()
+        end = t0 + seconds
+        while n < MAX_OPS and time.perf_counter() < end:
+            key = keys[n % len(keys)]
+            permit = conn.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
+            conn.execute("select booking_guard.circuit_record_success(%s, %s)", (key, permit))
+            n += 1
+        out.put(n / (time.perf_counter() - t0))
+
+
+def pb_client(port: int, keys: list[str], seconds: float, start: mp.Barrier, out: mp.Queue) -> None:
+    r = redis.Redis(host="127.0.0.1", port=port)
+    breakers = [pybreaker_for(r, key) for key in keys]
+    start.wait()
+    n, t0 = 0, time.perf_counter()
+    end = t0 + seconds
+    while n < MAX_OPS and time.perf_counter() < end:
+        breakers[n % len(breakers)].call(noop)
+        n += 1
+    out.put(n / (time.perf_counter() - t0))
+    r.close()
+
+
+def throughput(target, args: tuple, clients: int) -> float:
+    start, out = mp.Barrier(clients), mp.Queue()
+    procs = [mp.Process(target=target, args=(*args, start, out)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    rates = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    return sum(rates)
+
+
+# ---- the half-open race
+
+def bg_racer(dsn: str, rounds: int, start: mp.Barrier, done: mp.Barrier, release: mp.Event, out: mp.Queue) -> None:
+    # this process's clock is 60 s ahead: the breaker the parent opens is past its 30 s cooldown here
+    with psycopg.connect(dsn, autocommit=True, options="-c booking_guard.clock_offset=60s") as conn:
+        for _ in range(rounds):
+            start.wait()
+            try:
+                permit = conn.execute("select booking_guard.circuit_acquire(%s)", (RACE_KEY,)).fetchone()[0]
+            except psycopg.Error as error:
+                if error.sqlstate != "BG001":
+                    raise
+                out.put("rejected")
+            else:
+                out.put("admitted")
+                release.wait(timeout=60)   # the trial call is in progress until everyone has tried
+                conn.execute("select booking_guard.circuit_record_success(%s, %s)", (RACE_KEY, permit))
+            done.wait()
+
+
+def pb_racer(port: int, rounds: int, start: mp.Barrier, done: mp.Barrier, release: mp.Event, out: mp.Queue) -> None:
+    r = redis.Redis(host="127.0.0.1", port=port)
+    breaker = pybreaker_for(r, RACE_KEY)
+
+    def trial() -> None:
+        out.put("admitted")
+        release.wait(timeout=60)
+
+    for _ in range(rounds):
+        start.wait()
+        try:
+            breaker.call(trial)
+        except pybreaker.CircuitBreakerError:
+            out.put("rejected")
+        done.wait()
+    r.close()
+
+
+def bg_open(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("select count(*) from booking_guard.circuit_breakers where key = %s", (RACE_KEY,)).fetchone()[0]:
+            conn.execute("select booking_guard.circuit_reset(%s)", (RACE_KEY,))
+        for _ in range(3):
+            conn.execute("select booking_guard.circuit_record_failure(%s, 'bench')", (RACE_KEY,))
+
+
+def pb_open(port: int) -> None:
+    r = redis.Redis(host="127.0.0.1", port=port)
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, r, namespace=RACE_KEY)
+    storage.state = pybreaker.STATE_OPEN
+    storage.reset_counter()
+    storage.reset_success_counter()
+    # opened 60 s ago: past the 30 s reset timeout for every process
+    r.set(storage._namespace("opened_at"), int(datetime.now(UTC).timestamp()) - 60)
+    r.close()
+
+
+def race(target, args: tuple, reopen, rounds: int) -> list[int]:
+    """Admitted calls per round of RACERS processes racing on a half-open breaker (allowed: 1)."""
+    start, done, release, out = mp.Barrier(RACERS + 1), mp.Barrier(RACERS + 1), mp.Event(), mp.Queue()
+    procs = [mp.Process(target=target, args=(*args, rounds, start, done, release, out)) for _ in range(RACERS)]
+    for p in procs:
+        p.start()
+    admitted = []
+    for _ in range(rounds):
+        reopen()
+        start.wait(timeout=120)
+        outcomes = [out.get(timeout=60) for _ in range(RACERS)]
+        admitted.append(outcomes.count("admitted"))
+        release.set()
+        done.wait(timeout=120)
+        release.clear()
+    for p in procs:
+        p.join(timeout=30)
+    return admitted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput cell")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per cell (median printed)")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the half-open race")
+    parser.add_argument("--clients", default="1,8,32")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    mp.set_start_method("fork")
+
+    server = RedisServer()
+    try:
+        with scratch_database(DB) as dsn:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                # warm the breakers and the policy cache of both sides once
+                for key in SPREAD:
+                    conn.execute("select booking_guard.circuit_acquire(%s)", (key,))
+            env = machine()
+            print(f"circuit breaker bench: {env['cpu']}, PostgreSQL {env['postgresql']}, redis-server {server.version} "
+                  f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}")
+            print(f"acquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
+                  "one process and connection per client")
+            print(f"{'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
+            ratios = []
+            for label, keys in (("hot key", HOT), (f"{KEYS} keys", SPREAD)):
+                flush = server.client()
+                flush.flushall()
+                flush.close()
+                for n in clients:
+                    bgs, pbs = [], []
+                    for _ in range(args.repeat):
+                        bgs.append(throughput(bg_client, (dsn, keys, args.seconds), n))
+                        pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n))
+                    bg, pb = statistics.median(bgs), statistics.median(pbs)
+                    ratios.append(bg / pb)
+                    print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
+            print(f"ratio booking_guard / pybreaker+redis: min {min(ratios):.2f}, max {max(ratios):.2f} (target >= 0.5)")
+
+            print(f"\nhalf-open race: {RACERS} processes, {args.rounds} rounds, 1 trial call allowed, "
+                  "each admitted call in progress until all have tried")
+            for name, target, targs, reopen in (
+                    ("booking_guard", bg_racer, (dsn,), lambda: bg_open(dsn)),
+                    ("pybreaker+redis", pb_racer, (server.port,), lambda: pb_open(server.port))):
+                admitted = race(target, targs, reopen, args.rounds)
+                over = [a for a in admitted if a > 1]
+                print(f"{name:<16} over-admitted in {len(over)}/{len(admitted)} rounds; admitted per round: "
+                      f"min {min(admitted)}, max {max(admitted)}, mean {sum(admitted) / len(admitted):.1f}; "
+                      f"calls beyond the limit: {sum(a - 1 for a in over)}")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
