@@ -1,10 +1,95 @@
 """The `booking-guard` command."""
 
 import argparse
+import json
 import os
+import re
 import sys
 
 from booking_guard import __version__
+
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(value: str) -> float:
+    """Seconds from '2.5', '500ms', '30s', '5m', '4h', '1d'."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*", value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (examples: 30s, 5m, 4h)")
+    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive: {value!r}")
+    return seconds
+
+
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    group = parser.add_argument_group("alert relay (Slack-compatible webhook, e-mail digest)")
+    group.add_argument("--slack-webhook", default=env("BOOKING_GUARD_SLACK_WEBHOOK"),
+                       help="incoming-webhook URL for new alerts (default: $BOOKING_GUARD_SLACK_WEBHOOK)")
+    group.add_argument("--smtp-host", default=env("BOOKING_GUARD_SMTP_HOST"), help="SMTP server for the digest")
+    group.add_argument("--smtp-port", type=int, default=int(env("BOOKING_GUARD_SMTP_PORT", "25")))
+    group.add_argument("--smtp-from", default=env("BOOKING_GUARD_SMTP_FROM", "booking-guard@localhost"))
+    group.add_argument("--smtp-to", action="append", default=None,
+                       help="digest recipient (repeatable; default: $BOOKING_GUARD_SMTP_TO, comma-separated)")
+    group.add_argument("--smtp-user", default=env("BOOKING_GUARD_SMTP_USER"))
+    group.add_argument("--smtp-password", default=env("BOOKING_GUARD_SMTP_PASSWORD"),
+                       help="(default: $BOOKING_GUARD_SMTP_PASSWORD; prefer the variable to the flag)")
+    group.add_argument("--smtp-starttls", action="store_true")
+    group.add_argument("--digest-every", type=duration, default=duration("4h"), help="digest period (default 4h)")
+    group.add_argument("--poll-interval", type=duration, default=duration("5s"),
+                       help="how often the relay looks for alerts without a NOTIFY (default 5s)")
+    group.add_argument("--claim-lease", type=duration, default=duration("30s"),
+                       help="how long a claimed alert is reserved for the relay that claimed it (default 30s)")
+    group.add_argument("--relay-name", default=None, help="this relay's name in the claims (default host:pid)")
+
+
+def relay_config(args: argparse.Namespace):
+    from booking_guard.relay import RelayConfig
+
+    recipients = args.smtp_to or [r.strip() for r in os.environ.get("BOOKING_GUARD_SMTP_TO", "").split(",") if r.strip()]
+    if not args.slack_webhook and not (args.smtp_host and recipients):
+        return None
+    config = RelayConfig(dsn=args.dsn, slack_webhook=args.slack_webhook, smtp_host=args.smtp_host,
+                         smtp_port=args.smtp_port, smtp_from=args.smtp_from, smtp_to=recipients,
+                         smtp_user=args.smtp_user, smtp_password=args.smtp_password, smtp_starttls=args.smtp_starttls,
+                         digest_every=args.digest_every, poll_interval=args.poll_interval, lease=args.claim_lease)
+    if args.relay_name:
+        config.name = args.relay_name
+    return config
+
+
+def check(dsn: str, since: str) -> int:
+    import psycopg
+
+    from booking_guard.display import render
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(
+            "select severity, rule, entity_type, entity_id, details::text as details from booking_guard.detect(%s::interval)"
+            " order by array_position(array['critical', 'warning', 'info'], severity), rule, entity_id", (since,))
+        rows = cur.fetchall()
+        names = [c.name for c in cur.description]
+    if not rows:
+        print(f"booking_guard check: no findings in the last {since}")
+        return 0
+    print(render(names, [["" if v is None else str(v) for v in row] for row in rows], {"details": 70}), end="")
+    severities = [row[0] for row in rows]
+    print(f"{len(rows)} finding(s): {severities.count('critical')} critical, {severities.count('warning')} warning,"
+          f" {severities.count('info')} info")
+    return 2 if "critical" in severities else 1 if "warning" in severities else 0
+
+
+def report(dsn: str, day: str | None, as_json: bool) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if as_json:
+            value = conn.execute("select booking_guard.daily_report_json(coalesce(%s::date, current_date))", (day,)).fetchone()[0]
+            print(json.dumps(value, indent=2, default=str))
+        else:
+            print(conn.execute("select booking_guard.daily_report(coalesce(%s::date, current_date))", (day,)).fetchone()[0])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +102,63 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="load the reference schema, attach booking_guard and show what it guards")
+
+    serve_cmd = commands.add_parser(
+        "serve", help="/metrics, /healthz, the status page, verify_due() every second, the alert relay")
+    serve_cmd.add_argument("--listen", default="127.0.0.1:9188", help="HOST:PORT to listen on (default 127.0.0.1:9188)")
+    serve_cmd.add_argument("--scrape-timeout", type=duration, default=duration("1.5s"),
+                           help="longest a scrape or the status page waits for the database (default 1.5s)")
+    serve_cmd.add_argument("--verify-interval", type=duration, default=duration("1s"),
+                           help="how often verify_due() runs (default 1s)")
+    serve_cmd.add_argument("--no-verify", action="store_true", help="do not run the due-verification loop")
+    add_relay_options(serve_cmd)
+
+    relay_cmd = commands.add_parser("relay", help="only the alert relay")
+    add_relay_options(relay_cmd)
+
+    check_cmd = commands.add_parser("check", help="print detect()'s findings; exit 2 if any is critical, 1 if any is a"
+                                                  " warning, 0 if clean")
+    check_cmd.add_argument("--since", default="1 hour", help="window to check (a PostgreSQL interval, default '1 hour')")
+
+    report_cmd = commands.add_parser("report", help="the daily consistency report")
+    report_cmd.add_argument("--day", default=None, help="YYYY-MM-DD (default: today)")
+    report_cmd.add_argument("--json", action="store_true", help="daily_report_json() instead of the text report")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from booking_guard.demo import run
 
         return run(args.dsn)
+    if args.command == "serve":
+        from booking_guard.serve import ServeConfig, parse_listen, serve
+
+        try:
+            parse_listen(args.listen)
+        except ValueError as error:
+            parser.error(str(error))
+        return serve(ServeConfig(dsn=args.dsn, listen=args.listen, scrape_timeout=args.scrape_timeout,
+                                 verify_interval=args.verify_interval, verify=not args.no_verify,
+                                 relay=relay_config(args)))
+    if args.command == "relay":
+        import logging
+        import signal
+        import threading
+
+        from booking_guard.relay import Relay
+
+        config = relay_config(args)
+        if config is None:
+            parser.error("relay: give --slack-webhook, or --smtp-host with --smtp-to")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        Relay(config).run(stop)
+        return 0
+    if args.command == "check":
+        return check(args.dsn, args.since)
+    if args.command == "report":
+        return report(args.dsn, args.day, args.json)
     return 2
 
 

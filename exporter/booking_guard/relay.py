@@ -1,0 +1,220 @@
+"""The alert relay: new alerts to a Slack-compatible webhook at once, an e-mail digest per period.
+
+Outbox semantics over booking_guard.alerts (SQL in extension/sql/510_alert_relay.sql):
+claim_alerts() hands a relay a batch of undelivered alerts for a lease (SKIP LOCKED), the
+relay posts them, then alerts_delivered() sets delivered_at. A failed post calls
+alerts_failed(), which schedules the next attempt after backoff_delay(). A relay killed
+between claim and send loses nothing: the lease runs out and another (or the restarted)
+relay claims the alerts again, so delivery is at-least-once; two relays running normally
+never send the same alert. LISTEN booking_guard_alert wakes the relay at once; it also
+polls, so a missed NOTIFY only delays an alert.
+"""
+
+import json
+import logging
+import os
+import smtplib
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import timedelta
+from email.message import EmailMessage
+
+import psycopg
+
+log = logging.getLogger("booking_guard.relay")
+
+CHANNEL = "booking_guard_alert"
+
+
+@dataclass
+class RelayConfig:
+    dsn: str
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    slack_webhook: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "booking-guard@localhost"
+    smtp_to: list[str] = field(default_factory=list)
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    digest_every: float = 4 * 3600.0
+    poll_interval: float = 5.0
+    lease: float = 30.0
+    batch: int = 10
+    send_timeout: float = 10.0
+
+    @property
+    def email(self) -> bool:
+        return bool(self.smtp_host and self.smtp_to)
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_message(alerts: list[dict]) -> dict:
+    """The webhook payload for a batch of alerts (Slack's incoming-webhook format: a `text` field)."""
+    lines = [f"booking_guard: {len(alerts)} new alert{'s' if len(alerts) != 1 else ''}"]
+    for a in alerts:
+        corrected = " (auto-corrected)" if a["auto_corrected"] else ""
+        entity = f"{a['entity_type'] or ''} {a['entity_id'] or ''}".strip()
+        lines.append(f"• [{a['severity'].upper()}] {a['alert_type']} — {entity}: {a['description']}{corrected}"
+                     f" (alert #{a['id']})")
+    return {"text": _slack_escape("\n".join(lines))}
+
+
+def digest_message(config: RelayConfig, start, end, alerts: list[dict]) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = config.smtp_from
+    msg["To"] = ", ".join(config.smtp_to)
+    msg["Subject"] = (f"booking_guard digest: {len(alerts)} alert{'s' if len(alerts) != 1 else ''}, "
+                      f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC")
+    by_kind: dict[tuple[str, str], int] = {}
+    for a in alerts:
+        by_kind[(a["severity"], a["alert_type"])] = by_kind.get((a["severity"], a["alert_type"]), 0) + 1
+    order = {"critical": 0, "warning": 1, "info": 2}
+    body = [f"booking_guard alerts detected from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC", "",
+            "SUMMARY", "-------"]
+    for (severity, rule), n in sorted(by_kind.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        body.append(f"{severity:<9} {rule:<32} {n}")
+    body += ["", "ALERTS", "------"]
+    for a in alerts:
+        state = "resolved" if a["resolved_at"] else "open"
+        corrected = ", auto-corrected" if a["auto_corrected"] else ""
+        body.append(f"#{a['id']} {a['detected_at']:%H:%M:%S} [{a['severity']}] {a['alert_type']} "
+                    f"{a['entity_type'] or ''} {a['entity_id'] or ''}: {a['description']} ({state}{corrected})")
+    msg.set_content("\n".join(body) + "\n")
+    return msg
+
+
+ALERT_COLUMNS = ("id, alert_type, severity, entity_type, entity_id, description, auto_corrected, occurrences, "
+                 "detected_at, resolved_at")
+
+
+class Relay:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.last_activity = time.monotonic()
+        self._next_digest_check = 0.0
+        self._next_retry: float | None = None
+
+    # --- sending -------------------------------------------------------------------------------
+    def post_slack(self, payload: dict) -> None:
+        request = urllib.request.Request(self.config.slack_webhook, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=self.config.send_timeout) as response:  # noqa: S310 - configured URL
+            if not 200 <= response.status < 300:
+                raise OSError(f"webhook answered HTTP {response.status}")
+
+    def send_mail(self, msg: EmailMessage) -> None:
+        c = self.config
+        with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=c.send_timeout) as smtp:
+            if c.smtp_starttls:
+                smtp.starttls()
+            if c.smtp_user:
+                smtp.login(c.smtp_user, c.smtp_password or "")
+            smtp.send_message(msg)
+
+    # --- one round -----------------------------------------------------------------------------
+    def deliver_alerts(self, conn: psycopg.Connection) -> int:
+        """Claims, sends and marks one batch; returns how many alerts were claimed."""
+        c = self.config
+        cur = conn.execute(f"select {ALERT_COLUMNS} from booking_guard.claim_alerts(%s, %s, %s)",
+                           (c.name, c.batch, timedelta(seconds=c.lease)))
+        names = [d.name for d in cur.description]
+        alerts = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        if not alerts:
+            return 0
+        ids = [a["id"] for a in alerts]
+        try:
+            self.post_slack(slack_message(alerts))
+        except (OSError, urllib.error.URLError, ValueError) as error:
+            retry_in = conn.execute(
+                "select extract(epoch from booking_guard.alerts_failed(%s, %s, %s) - clock_timestamp())::float8",
+                (c.name, ids, str(error))).fetchone()[0]
+            log.warning("webhook failed for alerts %s (%s); next attempt in %.1f s", ids, error, retry_in)
+            retry_at = time.monotonic() + max(0.0, retry_in or 0.0)
+            self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
+            return 0
+        conn.execute("select booking_guard.alerts_delivered(%s, %s)", (c.name, ids))
+        log.info("delivered alerts %s to the webhook", ids)
+        return len(alerts)
+
+    def deliver_digest(self, conn: psycopg.Connection) -> bool:
+        """Sends the digest of the period that has just ended, if no relay has; True if one was claimed."""
+        c = self.config
+        now = time.monotonic()
+        if now < self._next_digest_check:
+            return False
+        self._next_digest_check = now + min(c.digest_every / 4, 30.0)
+        row = conn.execute("select period_start, period_end from booking_guard.claim_digest(%s, %s, %s)",
+                           (c.name, timedelta(seconds=c.digest_every), timedelta(seconds=max(c.lease, 2 * c.send_timeout)))
+                           ).fetchone()
+        if row is None:
+            return False
+        start, end = row
+        cur = conn.execute(f"select {ALERT_COLUMNS} from booking_guard.alerts"
+                           " where detected_at >= %s and detected_at < %s order by id", (start, end))
+        names = [d.name for d in cur.description]
+        alerts = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        if alerts:
+            try:
+                self.send_mail(digest_message(c, start, end, alerts))
+            except (OSError, smtplib.SMTPException) as error:
+                retry_at = conn.execute("select booking_guard.digest_failed(%s, %s, %s)",
+                                        (c.name, end, str(error))).fetchone()[0]
+                log.warning("digest for %s failed (%s); next attempt at %s", end, error, retry_at)
+                self._next_digest_check = 0.0
+                return True
+        conn.execute("select booking_guard.digest_sent(%s, %s, %s)", (c.name, end, len(alerts)))
+        if alerts:
+            log.info("sent the digest of %s alerts up to %s", len(alerts), end)
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        c = self.config
+        if not c.slack_webhook and not c.email:
+            log.info("alert relay off: no webhook and no SMTP server configured")
+            return
+        failures = 0
+        while not stop.is_set():
+            try:
+                with psycopg.connect(c.dsn, autocommit=True, connect_timeout=5,
+                                     application_name="booking-guard relay") as conn:
+                    conn.execute(f"listen {CHANNEL}")
+                    failures = 0
+                    while not stop.is_set():
+                        self.last_activity = time.monotonic()
+                        busy = False
+                        if c.slack_webhook:
+                            busy = self.deliver_alerts(conn) >= c.batch
+                        if c.email:
+                            self.deliver_digest(conn)
+                        if not busy:
+                            self._wait(conn, stop)
+            except psycopg.Error as error:
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.warning("relay: database error (%s); reconnecting in %.1f s", str(error).strip(), delay)
+                stop.wait(delay)
+
+    def _wait(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        """Until a NOTIFY, the poll interval, or stop (checked every second)."""
+        deadline = time.monotonic() + self.config.poll_interval
+        if self._next_retry is not None:
+            deadline = min(deadline, self._next_retry + 0.05)
+            self._next_retry = None
+        if self.config.email:
+            deadline = min(deadline, time.monotonic() + max(0.2, self._next_digest_check - time.monotonic()))
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for _ in conn.notifies(timeout=min(left, 1.0), stop_after=1):
+                return

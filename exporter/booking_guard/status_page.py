@@ -1,0 +1,221 @@
+"""The status page: the seed's health dashboard, rendered on the server (no JavaScript).
+
+Overview (success rate and average latency over the last 24 hours, active circuit breakers,
+open inconsistencies in `.inconsistency-count`), failure breakdown, circuit breaker status,
+recent alerts and the review queue. It reads what metrics() reads (folded counters and small
+state tables), never the application tables, in one bounded database call.
+"""
+
+import html
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import psycopg
+
+from booking_guard.exporter import BoundedConnection, Unavailable
+
+RECENT_ALERTS = 20
+REVIEW_ITEMS = 20
+
+
+@dataclass
+class Snapshot:
+    overview: dict = field(default_factory=dict)
+    failures: list[tuple] = field(default_factory=list)
+    breakers: list[tuple] = field(default_factory=list)
+    alerts: list[tuple] = field(default_factory=list)
+    review: list[tuple] = field(default_factory=list)
+    review_counts: dict = field(default_factory=dict)
+    read_at: datetime | None = None
+
+
+def read(conn: psycopg.Connection) -> Snapshot:
+    snap = Snapshot(read_at=datetime.now(UTC))
+    conn.execute("select booking_guard.fold_metrics(50000)")
+    row = conn.execute("""
+        with w as (
+            select w.name, sum(w.value) as value from booking_guard.metric_windows w
+             where w.bucket >= now() - interval '24 hours' group by w.name
+        )
+        select (select value from w where name = 'creation_success'),
+               (select value from w where name = 'creation_total'),
+               (select value from w where name = 'creation_seconds')
+                 / nullif((select value from w where name = 'creation_timed'), 0),
+               (select value from w where name = 'validation_success'),
+               (select value from w where name = 'validation_total'),
+               (select count(*) from booking_guard.alerts a where a.resolved_at is null),
+               (select count(*) from booking_guard.alerts a where a.resolved_at is null and a.auto_corrected),
+               (select count(*) from booking_guard.alerts a where a.resolved_at is null and a.severity = 'critical'),
+               (select coalesce(sum(w.value), 0) from w where w.name = 'inconsistencies'),
+               (select count(*) from booking_guard.due_verifications)""").fetchone()
+    keys = ("creation_success", "creation_total", "avg_latency", "validation_success", "validation_total",
+            "open_inconsistencies", "open_auto_corrected", "open_critical", "detected_24h", "due_verifications")
+    snap.overview = dict(zip(keys, row, strict=True))
+    snap.failures = conn.execute("""
+        select c.labels ->> 'reason', c.value from booking_guard.metric_counters c
+         where c.name = 'appointment_creation_failure_total' and c.value > 0
+         order by c.value desc, 1""").fetchall()
+    snap.breakers = conn.execute("""
+        select b.key, booking_guard.circuit_state(b.key), b.failure_count, b.opened_at, b.closed_at
+          from booking_guard.circuit_breakers b
+         order by booking_guard.circuit_state(b.key) = 'closed', b.key""").fetchall()
+    snap.overview["active_breakers"] = sum(1 for b in snap.breakers if b[1] != "closed")
+    snap.alerts = conn.execute("""
+        select a.id, a.detected_at, a.severity, a.alert_type, a.entity_type, a.entity_id, a.description,
+               a.auto_corrected, a.occurrences, a.acknowledged_at is not null, a.resolved_at is not null
+          from booking_guard.alerts a
+         order by a.id desc
+         limit %s""", (RECENT_ALERTS,)).fetchall()
+    snap.review = conn.execute("""
+        select q.id, q.call_id, q.reason, q.priority, q.status, q.claimed_by, q.created_at
+          from booking_guard.review_queue q
+         where q.status <> 'resolved'
+         order by q.priority, q.created_at, q.id
+         limit %s""", (REVIEW_ITEMS,)).fetchall()
+    snap.review_counts = dict(conn.execute("""
+        select q.status, count(*) from booking_guard.review_queue q where q.status <> 'resolved' group by q.status""").fetchall())
+    return snap
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _ago(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0, int((now - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def _percent(part: float | None, whole: float | None) -> str:
+    if not whole:
+        return "no data"
+    return f"{100.0 * (part or 0) / whole:.1f}%"
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+header p{margin:4px 0 0;color:#b8c0d0;font-size:13px}
+main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
+section{background:#fff;border-radius:6px;padding:12px 16px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
+section.wide{grid-column:1/-1}h2{font-size:15px;margin:0 0 10px;text-transform:uppercase;letter-spacing:.04em;color:#4a5368}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:12px}
+.tile{border:1px solid #e3e6ec;border-radius:6px;padding:10px}.tile .label{font-size:12px;color:#5d6678}
+.tile .value{font-size:26px;font-weight:600;margin-top:4px}.tile .note{font-size:12px;color:#5d6678}
+.bad{color:#b3261e}.ok{color:#1e7b34}.warn{color:#9a6700}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:5px 6px;border-bottom:1px solid #eceef2}
+th{color:#5d6678;font-weight:600}.state{font-weight:600;text-transform:uppercase}
+.state.closed{color:#1e7b34}.state.open{color:#b3261e}.state.half_open{color:#9a6700}
+.sev{font-weight:600}.sev.critical{color:#b3261e}.sev.warning{color:#9a6700}.sev.info{color:#4a5368}
+.bar{background:#d9534f;height:10px;border-radius:2px}.empty{color:#5d6678;font-style:italic}
+.down{background:#b3261e;color:#fff;padding:12px 24px}
+"""
+
+
+def render(snap: Snapshot | None, error: str | None = None) -> str:
+    now = datetime.now(UTC)
+    parts = ["<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+             "<meta http-equiv=\"refresh\" content=\"15\">",
+             "<title>booking_guard — appointment booking health</title>",
+             f"<style>{STYLE}</style></head><body>",
+             "<header><h1>Appointment booking health</h1>",
+             f"<p>booking_guard status page · {_e(now.strftime('%Y-%m-%d %H:%M:%S UTC'))} · refreshes every 15 s</p></header>"]
+    if snap is None:
+        parts.append(f"<div class=\"down\" role=\"alert\"><strong>Database unreachable.</strong> {_e(error)}</div>")
+        parts.append("</body></html>")
+        return "".join(parts)
+
+    o = snap.overview
+    open_count = int(o["open_inconsistencies"] or 0)
+    latency = o["avg_latency"]
+    parts.append("<main>")
+    parts.append("<section class=\"wide\" id=\"overview\"><h2>Overview</h2><div class=\"tiles\">")
+    tiles = [
+        ("Success rate (last 24 h)", _percent(o["creation_success"], o["creation_total"]),
+         f"{int(o['creation_total'] or 0)} bookings recorded", ""),
+        ("Average latency (last 24 h)", "no data" if latency is None else f"{latency * 1000:.0f} ms",
+         "booking_guard.record_booking()", ""),
+        ("Validation success (last 24 h)", _percent(o["validation_success"], o["validation_total"]),
+         f"{int(o['validation_total'] or 0)} validations", ""),
+        ("Active circuit breakers", str(o["active_breakers"]), "open or half-open", "bad" if o["active_breakers"] else "ok"),
+    ]
+    for label, value, note, cls in tiles:
+        parts.append(f"<div class=\"tile\"><div class=\"label\">{_e(label)}</div>"
+                     f"<div class=\"value {cls}\">{_e(value)}</div><div class=\"note\">{_e(note)}</div></div>")
+    parts.append(
+        "<div class=\"tile\" id=\"inconsistencies\"><div class=\"label\">Data inconsistencies (open)</div>"
+        f"<div class=\"value {'bad' if open_count else 'ok'}\"><span class=\"inconsistency-count\">{open_count}</span></div>"
+        f"<div class=\"note\">{int(o['open_auto_corrected'] or 0)} auto-corrected · {int(o['open_critical'] or 0)} critical · "
+        f"{int(o['detected_24h'] or 0)} detected in 24 h</div></div>")
+    queued = sum(snap.review_counts.values())
+    parts.append(
+        f"<div class=\"tile\"><div class=\"label\">Review queue</div><div class=\"value\">{queued}</div>"
+        f"<div class=\"note\">{int(snap.review_counts.get('pending', 0))} pending · "
+        f"{int(snap.review_counts.get('in_review', 0))} in review · "
+        f"{int(o['due_verifications'] or 0)} awaiting verification</div></div>")
+    parts.append("</div></section>")
+
+    parts.append("<section id=\"failures\"><h2>Failure breakdown</h2>")
+    if snap.failures:
+        top = max(v for _, v in snap.failures) or 1
+        parts.append("<table><tr><th>reason</th><th>failures</th><th></th></tr>")
+        for reason, value in snap.failures:
+            parts.append(f"<tr><td>{_e(reason)}</td><td>{int(value)}</td>"
+                         f"<td style=\"width:50%\"><div class=\"bar\" style=\"width:{100 * value / top:.0f}%\"></div></td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"empty\">No failed bookings recorded.</p>")
+    parts.append("</section>")
+
+    parts.append("<section id=\"circuit-breakers\"><h2>Circuit breaker status</h2>")
+    if snap.breakers:
+        parts.append("<table><tr><th>key</th><th>state</th><th>failures</th><th>last opened</th></tr>")
+        for key, state, failures, opened_at, _closed_at in snap.breakers:
+            parts.append(f"<tr><td>{_e(key)}</td><td class=\"state {_e(state)}\">{_e(state)}</td>"
+                         f"<td>{_e(failures)}</td><td>{_e(_ago(opened_at, now))}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"empty\">No circuit breaker has been used yet.</p>")
+    parts.append("</section>")
+
+    parts.append("<section class=\"wide\" id=\"alerts\"><h2>Data consistency alerts (recent)</h2>")
+    if snap.alerts:
+        parts.append("<table><tr><th>#</th><th>detected</th><th>severity</th><th>rule</th><th>entity</th>"
+                     "<th>description</th><th>auto-corrected</th><th>seen</th><th>status</th></tr>")
+        for (alert_id, detected_at, severity, rule, entity_type, entity_id, description, corrected, occurrences,
+             acknowledged, resolved) in snap.alerts:
+            status = "resolved" if resolved else "acknowledged" if acknowledged else "open"
+            parts.append(f"<tr><td>{alert_id}</td><td>{_e(_ago(detected_at, now))}</td>"
+                         f"<td class=\"sev {_e(severity)}\">{_e(severity)}</td><td>{_e(rule)}</td>"
+                         f"<td>{_e(entity_type)} {_e(entity_id)}</td><td>{_e(description)}</td>"
+                         f"<td>{'yes' if corrected else 'no'}</td><td>{occurrences}×</td><td>{status}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"empty\">No alerts.</p>")
+    parts.append("</section>")
+
+    parts.append("<section class=\"wide\" id=\"review-queue\"><h2>Manual review queue</h2>")
+    if snap.review:
+        parts.append("<table><tr><th>#</th><th>call</th><th>reason</th><th>priority</th><th>status</th>"
+                     "<th>claimed by</th><th>queued</th></tr>")
+        for item_id, call_id, reason, priority, status, claimed_by, created_at in snap.review:
+            parts.append(f"<tr><td>{item_id}</td><td>{_e(call_id)}</td><td>{_e(reason)}</td><td>{priority}</td>"
+                         f"<td>{_e(status)}</td><td>{_e(claimed_by)}</td><td>{_e(_ago(created_at, now))}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"empty\">Nothing waits for a person.</p>")
+    parts.append("</section></main></body></html>")
+    return "".join(parts)
+
+
+def page(db: BoundedConnection) -> tuple[int, str]:
+    """(HTTP status, HTML) of the status page; 503 with an explanation when the database is unavailable."""
+    try:
+        return 200, render(db.call(read))
+    except Unavailable as error:
+        return 503, render(None, str(error))
