@@ -152,8 +152,8 @@ immutable
 set search_path = pg_catalog, pg_temp
 as $$
     -- a malformed detail must not stop the fold forever: anything but a finite number is null
-    select case when jsonb_typeof(value) = 'number' and (value #>> '{}')::double precision between -1e300 and 1e300
-                then (value #>> '{}')::double precision end
+    select case when jsonb_typeof(value) = 'number' and (value #>> '{}')::numeric between -1e300 and 1e300
+                then (value #>> '{}')::numeric::double precision end
 $$;
 
 comment on function booking_guard.metric_number(jsonb) is

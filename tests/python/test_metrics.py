@@ -1,0 +1,241 @@
+"""booking_guard.metrics(): what each series counts, exactly once, without touching the booking path."""
+
+import threading
+
+import psycopg
+import pytest
+
+
+def series(conn: psycopg.Connection) -> dict[tuple[str, tuple], float]:
+    rows = conn.execute("select name, labels, value from booking_guard.metrics()").fetchall()
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in rows}
+
+
+def value(conn: psycopg.Connection, name: str, **labels: str) -> float | None:
+    return series(conn).get((name, tuple(sorted(labels.items()))))
+
+
+def new_call(conn: psycopg.Connection, retell_id: str, **columns: object) -> int:
+    company = conn.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
+    names = ["retell_call_id", "company_id", "direction", *columns]
+    values = [retell_id, company, "inbound", *columns.values()]
+    return conn.execute(
+        f"insert into calls ({', '.join(names)}) values ({', '.join(['%s'] * len(values))}) returning id", values
+    ).fetchone()[0]
+
+
+def test_every_row_is_well_formed_and_counters_start_at_zero(db):
+    rows = db.execute("select name, type, help, labels, value from booking_guard.metrics()").fetchall()
+    assert rows
+    for name, typ, help_text, labels, val in rows:
+        assert typ in ("counter", "gauge", "histogram"), name
+        assert help_text
+        assert isinstance(labels, dict)
+        assert val is not None
+        if typ == "counter":
+            assert name.endswith("_total"), name
+    names = {r[0] for r in rows}
+    for seed_name in ("appointment_creation_success_total", "appointment_creation_failure_total",
+                      "appointment_creation_duration_seconds_bucket", "appointment_validation_failure_total",
+                      "data_inconsistency_detected_total", "data_inconsistency_auto_corrected_total",
+                      "data_inconsistency_manual_review_total", "circuit_breaker_state_changes_total",
+                      "circuit_breaker_fast_fail_total", "circuit_breaker_recovery_time_seconds_bucket",
+                      "booking_guard_open_alerts", "booking_guard_review_queue_items", "booking_guard_due_verifications"):
+        assert seed_name in names, seed_name
+    # every rule's inconsistency counter exists at 0 before its first increase (rate() needs that sample)
+    rules = [r[0] for r in db.execute("select name from booking_guard.rules").fetchall()]
+    for rule in rules:
+        assert value(db, "data_inconsistency_detected_total", type=rule) == 0
+
+
+def test_a_phantom_booking_is_counted_once_and_opens_an_alert(attached):
+    db = attached
+    db.execute("select booking_guard.set_setting('verification_grace', '0')")
+    before = series(db)
+    new_call(db, "phantom-1", session_outcome="appointment_booked", appointment_made=False)
+    after = series(db)
+    assert after[("data_inconsistency_detected_total", (("type", "phantom_booking"),))] == 1
+    assert after[("data_inconsistency_detected_total", (("type", "missing_appointment"),))] == 1
+    assert after[("data_inconsistency_auto_corrected_total", ())] == 2
+    assert after[("data_inconsistency_manual_review_total", ())] == 1
+    assert after[("booking_guard_open_alerts", (("rule", "missing_appointment"), ("severity", "critical")))] == 1
+    assert after[("booking_guard_review_queue_items", (("status", "pending"),))] == 1
+    assert before[("data_inconsistency_detected_total", (("type", "phantom_booking"),))] == 0
+    # scraping again counts nothing twice
+    assert series(db)[("data_inconsistency_detected_total", (("type", "phantom_booking"),))] == 1
+
+
+def test_record_booking_feeds_the_creation_and_validation_series(attached):
+    db = attached
+    ok_call = new_call(db, "ok-1")
+    result = db.execute("select success from booking_guard.record_booking(%s, 'cal-ok-1')", (ok_call,)).fetchone()
+    assert result == (True,)
+    missing = db.execute("select coalesce(max(id), 0) + 1000 from calls").fetchone()[0]
+    failed = db.execute("select success, reason from booking_guard.record_booking(%s, 'cal-missing')", (missing,)).fetchone()
+    assert failed == (False, "call_not_found")
+    s = series(db)
+    assert s[("appointment_creation_success_total", ())] == 1
+    assert s[("appointment_creation_failure_total", (("reason", "call_not_found"),))] == 1
+    assert s[("appointment_creation_duration_seconds_count", ())] == 2
+    assert s[("appointment_creation_duration_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert 0 < s[("appointment_creation_duration_seconds_sum", ())] < 10
+    buckets = sorted((float(dict(k[1])["le"].replace("+Inf", "inf")), v) for k, v in s.items()
+                     if k[0] == "appointment_creation_duration_seconds_bucket")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+    assert s[("appointment_validation_total", ())] == 2
+    assert s[("appointment_validation_failure_total", (("type", "call_not_found"),))] == 1
+    assert s[("appointment_validation_success_rate", ())] == 0.5
+
+
+def test_unbounded_reasons_become_other_and_malformed_details_do_not_stop_the_fold(db):
+    db.execute("""select booking_guard.log_event('validation', null, 'call', '1',
+                  '{"success": false, "reason": "Call 12345 failed at 10:42!", "duration_ms": "slow"}')""")
+    db.execute("""select booking_guard.log_event('validation', null, 'call', '2',
+                  '{"success": "maybe", "reason": null, "duration_ms": 1e400}')""")
+    db.execute("""select booking_guard.log_event('validation', null, 'call', '3', '{"success": true, "duration_ms": 2}')""")
+    s = series(db)
+    assert s[("appointment_validation_failure_total", (("type", "other"),))] == 1
+    assert s[("appointment_validation_total", ())] == 2          # the one without a boolean success is not a validation
+    assert s[("appointment_validation_duration_seconds_count", ())] == 1
+    assert s[("booking_guard_metrics_events_folded_total", ())] == 3
+    for (name, labels), _ in s.items():
+        for _, label_value in labels:
+            assert "12345" not in label_value, (name, labels)
+
+
+def test_each_event_is_folded_exactly_once_whatever_the_commit_order(db, connect):
+    early = connect(autocommit=False)
+    late = connect()
+    # `early` takes its transaction id first and commits last: its events are folded after it commits
+    early.execute("select pg_current_xact_id()")
+    early.execute("select booking_guard.log_event('review', 'r', 'call', '1')")
+    late.execute("select booking_guard.log_event('review', 'r', 'call', '2')")
+    # the horizon waits for the oldest running transaction: `late` is delayed, not lost
+    assert value(db, "data_inconsistency_manual_review_total") == 0
+    assert db.execute("select count(*) from booking_guard.events where kind = 'review'").fetchone()[0] == 1
+    early.commit()
+    assert value(db, "data_inconsistency_manual_review_total") == 2
+    assert value(db, "data_inconsistency_manual_review_total") == 2
+    # a rolled-back transaction's events never count
+    aborted = connect(autocommit=False)
+    aborted.execute("select booking_guard.log_event('review', 'r', 'call', '3')")
+    aborted.rollback()
+    assert value(db, "data_inconsistency_manual_review_total") == 2
+
+
+def test_concurrent_writers_and_folds_count_every_event_once(db, connect):
+    writers, per_writer = 4, 150
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            conn = connect()
+            for i in range(per_writer):
+                with conn.transaction():
+                    conn.execute("select booking_guard.log_event('review', 'r', 'call', %s)", (f"{n}-{i}",))
+                    if i % 7 == 0:
+                        conn.execute("select booking_guard.log_event('review', 'r', 'call', %s)", (f"{n}-{i}-b",))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def fold(stop: threading.Event) -> None:
+        try:
+            conn = connect()
+            while not stop.is_set():
+                conn.execute("select booking_guard.fold_metrics(50)")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    stop = threading.Event()
+    folders = [threading.Thread(target=fold, args=(stop,)) for _ in range(2)]
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for t in folders + threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    for t in folders:
+        t.join()
+    assert errors == []
+    expected = writers * (per_writer + len(range(0, per_writer, 7)))
+    while db.execute("select booking_guard.fold_metrics(50)").fetchone()[0] > 0:
+        pass
+    assert value(db, "data_inconsistency_manual_review_total") == expected
+    assert db.execute("select count(*) from booking_guard.events where kind = 'review'").fetchone()[0] == expected
+
+
+def test_the_booking_path_never_waits_for_a_fold(attached, connect):
+    folding = connect(autocommit=False)
+    folding.execute("select booking_guard.fold_metrics()")    # holds the fold's locks until it ends
+    booking = connect()
+    booking.execute("set lock_timeout = '1s'")
+    company = booking.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
+    with booking.transaction():
+        call = booking.execute("insert into calls (retell_call_id, company_id, direction) values ('b1', %s, 'inbound')"
+                               " returning id", (company,)).fetchone()[0]
+        booking.execute("select booking_guard.record_booking(%s, 'cal-b1')", (call,))
+    # and a scrape meanwhile answers at once (try-lock) instead of queueing behind the fold
+    scrape = connect()
+    scrape.execute("set statement_timeout = '1s'")
+    assert scrape.execute("select count(*) from booking_guard.metrics()").fetchone()[0] > 0
+    assert scrape.execute("select booking_guard.fold_metrics()").fetchone()[0] == 0
+    folding.rollback()
+    assert value(scrape, "appointment_creation_success_total") == 1
+
+
+def test_a_scrape_reads_no_application_table(attached, connect):
+    db = attached
+    db.execute("select booking_guard.set_setting('verification_grace', '0')")
+    new_call(db, "phantom-2", session_outcome="appointment_booked", appointment_made=False)
+    scraper = connect()   # a fresh session: its pending table statistics are this scrape's alone
+    with scraper.transaction():
+        assert scraper.execute("select count(*) from booking_guard.metrics() where value > 0").fetchone()[0] > 0
+        scans = scraper.execute("""select coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0)
+                                from pg_stat_xact_user_tables
+                               where relid in ('public.calls'::regclass, 'public.appointments'::regclass,
+                                               'public.companies'::regclass)""").fetchone()[0]
+    assert scans == 0
+
+
+def test_circuit_breaker_series(db):
+    for _ in range(3):
+        db.execute("select booking_guard.circuit_record_failure('appointment_booking:global', 'timeout')")
+    with pytest.raises(psycopg.Error) as rejected:
+        db.execute("select booking_guard.circuit_acquire('appointment_booking:global')")
+    assert rejected.value.diag.sqlstate == "BG001"
+    s = series(db)
+    key = "appointment_booking:global"
+    assert s[("circuit_breaker_state", (("key", key), ("state", "open")))] == 1
+    assert s[("circuit_breaker_state", (("key", key), ("state", "closed")))] == 0
+    assert s[("circuit_breaker_open_total", (("key", key),))] == 1
+    assert s[("circuit_breaker_fast_fail_total", ())] == 1
+    assert s[("circuit_breaker_recovery_time_seconds_count", ())] == 0
+    db.execute("select booking_guard.circuit_reset(%s)", (key,))
+    s = series(db)
+    assert s[("circuit_breaker_state", (("key", key), ("state", "closed")))] == 1
+    assert s[("circuit_breaker_state_changes_total", ())] == 2
+    assert s[("circuit_breaker_recovery_time_seconds_count", ())] == 1
+    assert s[("circuit_breaker_recovery_time_seconds_bucket", (("le", "1"),))] == 1
+    # folded once: a second scrape does not count the transitions again
+    assert series(db)[("circuit_breaker_open_total", (("key", key),))] == 1
+
+
+def test_the_monitor_role_can_scrape_and_nothing_else(db):
+    db.execute("create role bg_test_scraper login")
+    try:
+        db.execute("grant booking_guard_monitor to bg_test_scraper")
+        with db.transaction():
+            db.execute("set local role bg_test_scraper")
+            assert db.execute("select count(*) from booking_guard.metrics()").fetchone()[0] > 0
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), db.transaction():
+                db.execute("update booking_guard.metric_counters set value = 0")
+    finally:
+        db.execute("drop owned by bg_test_scraper")
+        db.execute("drop role bg_test_scraper")
+
+
+def test_fold_rejects_bad_input(db):
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("select booking_guard.fold_metrics(0)")
+    assert caught.value.diag.sqlstate == "BG005"
+    assert caught.value.diag.message_hint
