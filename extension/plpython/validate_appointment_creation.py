@@ -23,30 +23,30 @@ kept in SD; PostgreSQL replans them by itself when the attached tables change.
 import json
 import time
 
-CALL_SQL = """
-select c.id::bigint as id, c.retell_call_id::text as retell_call_id, c.booking_id::text as booking_id,
-       extract(epoch from s.interval_value)::float8 as window_seconds
-  from booking_guard.guarded_calls c
- cross join booking_guard.settings s
- where c.id = $1 and s.name = 'validation_recent_window'
-"""
-
-APPOINTMENT_COLUMNS = """
-select a.id::bigint as id, a.call_id::bigint as call_id, a.calcom_v2_booking_id::text as booking_id,
+# One query per validation: the call, the validation window and the appointment, which is the
+# given one, or (without an id) the call's, preferring the one with the expected booking id
+# (the given one, else the call's), else the newest; failing that, an appointment that carries
+# the expected booking id but is not linked. $1 call id, $2 appointment id, $3 booking id.
+LOOKUP_SQL = """
+select c.id::bigint as call_id, c.retell_call_id::text as retell_call_id, c.booking_id::text as call_booking_id,
+       extract(epoch from s.interval_value)::float8 as window_seconds,
+       coalesce($3, c.booking_id::text) as expected_booking_id,
+       a.id::bigint as id, a.call_id::bigint as appointment_call_id, a.calcom_v2_booking_id::text as booking_id,
        a.created_at::text as created_at, extract(epoch from now() - a.created_at)::float8 as age_seconds
-  from booking_guard.guarded_appointments a
-"""
-
-# By id: exactly that appointment.
-APPOINTMENT_BY_ID_SQL = APPOINTMENT_COLUMNS + " where a.id = $1"
-
-# Without an id: the call's appointment, preferring the one with the expected booking id, else
-# the newest; failing that, an appointment that carries the booking id but is not linked.
-APPOINTMENT_FOR_CALL_SQL = APPOINTMENT_COLUMNS + """
- where a.call_id = $1 or a.calcom_v2_booking_id = $2
- order by coalesce(a.call_id = $1 and a.calcom_v2_booking_id = $2, false) desc,
-          coalesce(a.call_id = $1, false) desc, a.created_at desc nulls last, a.id desc
- limit 1
+  from booking_guard.settings s
+  left join booking_guard.guarded_calls c on c.id = $1
+  left join lateral (
+        select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
+          from booking_guard.guarded_appointments g
+         where g.id = $2
+        union all
+        (select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
+           from booking_guard.guarded_appointments g
+          where $2 is null and (g.call_id = $1 or g.calcom_v2_booking_id = coalesce($3, c.booking_id::text))
+          order by coalesce(g.call_id = $1 and g.calcom_v2_booking_id = coalesce($3, c.booking_id::text), false) desc,
+                   coalesce(g.call_id = $1, false) desc, g.created_at desc nulls last, g.id desc
+          limit 1)) a on c.id is not null
+ where s.name = 'validation_recent_window'
 """
 
 LOG_SQL = """
@@ -65,9 +65,7 @@ def _plans(plpy, SD):
     if plans is None:
         try:
             plans = {
-                "call": plpy.prepare(CALL_SQL, ["bigint"]),
-                "by_id": plpy.prepare(APPOINTMENT_BY_ID_SQL, ["bigint"]),
-                "for_call": plpy.prepare(APPOINTMENT_FOR_CALL_SQL, ["bigint", "text"]),
+                "lookup": plpy.prepare(LOOKUP_SQL, ["bigint", "bigint", "text"]),
                 "log": plpy.prepare(LOG_SQL, ["text", "boolean", "text", "float8", "bigint"]),
             }
         except plpy.SPIError:
@@ -87,41 +85,39 @@ def _verdict(plpy, plans, call_id, appointment_id, calcom_booking_id):
         details["given_booking_id"] = calcom_booking_id
 
     try:
-        calls = plpy.execute(plans["call"], [call_id])
+        rows = plpy.execute(plans["lookup"], [call_id, appointment_id, calcom_booking_id])
     except plpy.SPIError:
         plpy.execute("select booking_guard.attached()")   # detached since the plans were made: BG003
         raise
-    if not calls:
+    if not rows:
+        plpy.error("setting validation_recent_window is missing", sqlstate="BG004",
+                   detail="booking_guard.settings has no row validation_recent_window.",
+                   hint="Reinstall the extension's settings (ALTER EXTENSION booking_guard UPDATE or recreate it).")
+    row = rows[0]
+    if row["call_id"] is None:
         return "call_not_found", details, appointment_id
-    call = calls[0]
-    details["retell_call_id"] = call["retell_call_id"]
-    details["call_booking_id"] = call["booking_id"]
-
-    expected = calcom_booking_id if calcom_booking_id is not None else call["booking_id"]
-    if appointment_id is not None:
-        found = plpy.execute(plans["by_id"], [appointment_id])
-    else:
-        found = plpy.execute(plans["for_call"], [call_id, expected])
-        details["searched_booking_id"] = expected
-    if not found:
+    details["retell_call_id"] = row["retell_call_id"]
+    details["call_booking_id"] = row["call_booking_id"]
+    if appointment_id is None:
+        details["searched_booking_id"] = row["expected_booking_id"]
+    if row["id"] is None:
         return "appointment_not_found", details, appointment_id
-    appointment = found[0]
-    details.update(appointment_id=appointment["id"], appointment_call_id=appointment["call_id"],
-                   appointment_booking_id=appointment["booking_id"], appointment_created_at=appointment["created_at"])
+    details.update(appointment_id=row["id"], appointment_call_id=row["appointment_call_id"],
+                   appointment_booking_id=row["booking_id"], appointment_created_at=row["created_at"])
 
-    if appointment["call_id"] != call_id:
-        return "appointment_not_linked", details, appointment["id"]
+    if row["appointment_call_id"] != call_id:
+        return "appointment_not_linked", details, row["id"]
 
-    for source, wanted in (("argument", calcom_booking_id), ("call", call["booking_id"])):
-        if wanted is not None and appointment["booking_id"] != wanted:
+    for source, wanted in (("argument", calcom_booking_id), ("call", row["call_booking_id"])):
+        if wanted is not None and row["booking_id"] != wanted:
             details.update(expected_booking_id=wanted, expected_from=source)
-            return "booking_id_mismatch", details, appointment["id"]
+            return "booking_id_mismatch", details, row["id"]
 
-    age, window = appointment["age_seconds"], call["window_seconds"]
+    age, window = row["age_seconds"], row["window_seconds"]
     details.update(age_seconds=age, recent_window_seconds=window)
     if age is None or age > window:
-        return "appointment_stale", details, appointment["id"]
-    return "ok", details, appointment["id"]
+        return "appointment_stale", details, row["id"]
+    return "ok", details, row["id"]
 
 
 def validate_appointment_creation(plpy, SD, call_id, appointment_id, calcom_booking_id):

@@ -75,10 +75,14 @@ begin
     end if;
 
     tbl := (booking_guard.attached()).appointments_table;
-    select array_agg(k order by k) into unknown
+    payload := payload || jsonb_build_object('call_id', record_booking.call_id,
+                                             'calcom_v2_booking_id', record_booking.calcom_booking_id);
+    -- one catalog query: the keys the table does not have, and the column list of the insert
+    select array_agg(k order by k) filter (where a.attnum is null), string_agg(quote_ident(k), ', ' order by k)
+      into unknown, cols
       from jsonb_object_keys(payload) k
-     where not exists (select from pg_catalog.pg_attribute a
-                        where a.attrelid = tbl and a.attname = k and a.attnum > 0 and not a.attisdropped);
+      left join pg_catalog.pg_attribute a
+             on a.attrelid = tbl and a.attname = k and a.attnum > 0 and not a.attisdropped;
     if unknown is not null then
         raise exception 'record_booking(): unknown appointment field(s): %', array_to_string(unknown, ', ')
             using errcode = 'BG005',
@@ -87,19 +91,20 @@ begin
                                 (select string_agg(a.attname, ', ' order by a.attnum) from pg_catalog.pg_attribute a
                                   where a.attrelid = tbl and a.attnum > 0 and not a.attisdropped));
     end if;
-    select array_agg(format('%s (%s, the argument says %s)', f.key, payload ->> f.key, f.arg) order by f.key)
-      into conflicting
-      from (values ('call_id', record_booking.call_id::text),
-                   ('calcom_v2_booking_id', record_booking.calcom_booking_id)) f (key, arg)
-     where payload ? f.key and (payload ->> f.key) is distinct from f.arg;
+    if record_booking.appointment ?| array['call_id', 'calcom_v2_booking_id'] then
+        select array_agg(format('%s (%s, the argument says %s)', f.key, record_booking.appointment ->> f.key, f.arg)
+                         order by f.key)
+          into conflicting
+          from (values ('call_id', record_booking.call_id::text),
+                       ('calcom_v2_booking_id', record_booking.calcom_booking_id)) f (key, arg)
+         where record_booking.appointment ? f.key and (record_booking.appointment ->> f.key) is distinct from f.arg;
+    end if;
     if conflicting is not null then
         raise exception 'record_booking(): the appointment contradicts the arguments: %', array_to_string(conflicting, '; ')
             using errcode = 'BG005',
                   detail = 'call_id and calcom_v2_booking_id of the appointment are taken from record_booking''s arguments.',
                   hint = 'Leave them out of the appointment object.';
     end if;
-    payload := payload || jsonb_build_object('call_id', record_booking.call_id,
-                                             'calcom_v2_booking_id', record_booking.calcom_booking_id);
 
     perform pg_catalog.pg_advisory_xact_lock(lock_class, pg_catalog.hashtext(record_booking.calcom_booking_id));
     select a.id::bigint as id, a.call_id::bigint as call_id
@@ -129,7 +134,6 @@ begin
                    updated_at = now()
              where g.id = record_booking.call_id;
             if existing.id is null then
-                select string_agg(quote_ident(k), ', ' order by k) into cols from jsonb_object_keys(payload) k;
                 execute format('insert into %s as t (%s) select %s from pg_catalog.jsonb_populate_record(null::%s, $1) r '
                                'returning t.id', tbl, cols, cols, tbl)
                    into the_id
