@@ -1,0 +1,422 @@
+-- Scheduling with pg_cron, and the last success of every job.
+--
+-- pg_cron lives in one database per cluster (cron.database_name), so booking_guard does not
+-- require it: schedule_jobs() registers the jobs with cron.schedule_in_database(), from the
+-- guarded database itself when it is cron's database and through dblink otherwise. Each
+-- job runs booking_guard.run_job(name), which does the work and records in job_runs when it
+-- last succeeded: pg_cron's own 'succeeded' only says the command was dispatched, and a
+-- stalled schedule (pg_cron stopped, job deactivated, the work failing) shows as a stale
+-- last_success_at. The monitor job raises a job_stalled alert for it (check_jobs()).
+
+create table booking_guard.jobs (
+    job             text primary key,
+    schedule        text not null,
+    expected_every  interval not null,
+    description     text not null
+);
+
+comment on table booking_guard.jobs is
+    'The periodic jobs schedule_jobs() registers with pg_cron: name, cron schedule, how often a success is expected.';
+
+insert into booking_guard.jobs (job, schedule, expected_every, description) values
+    ('run_monitor', '* * * * *', '1 minute', 'detection and alerts over the last hour (run_monitor()), then the job health check'),
+    ('verify_due', '* * * * *', '1 minute', 'the due verifications whose grace has passed (verify_due()), a backstop for the exporter''s loop'),
+    ('reconcile', '0 * * * *', '1 hour', 'reconciliation over the whole tables (reconcile())'),
+    ('daily_report', '5 0 * * *', '1 day', 'yesterday''s daily report, stored in reports (store_daily_report())');
+
+create table booking_guard.job_runs (
+    job              text primary key references booking_guard.jobs (job),
+    scheduled_at     timestamptz,
+    cron_database    text,
+    cron_jobid       bigint,
+    last_started_at  timestamptz,
+    last_success_at  timestamptz,
+    last_failure_at  timestamptz,
+    last_error       text,
+    last_result      jsonb,
+    runs             bigint not null default 0,
+    failures         bigint not null default 0
+);
+
+comment on table booking_guard.job_runs is
+    'Per job: when it was scheduled (and the pg_cron job id), when it last started, succeeded and failed, its last error and result.';
+
+create function booking_guard.job_name(job text)
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select 'booking_guard.' || job || '@' || current_database()
+$$;
+
+comment on function booking_guard.job_name(text) is
+    'The pg_cron job name of a booking_guard job in this database (stable: scheduling again updates the same job).';
+
+create function booking_guard.job_command(job text)
+returns text
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('select booking_guard.run_job(%L)', job)
+$$;
+
+comment on function booking_guard.job_command(text) is
+    'The command pg_cron runs for a booking_guard job.';
+
+create function booking_guard.run_job(job_name text)
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_result  jsonb;
+    v_state   text;
+    v_msg     text;
+    started   timestamptz := clock_timestamp();
+begin
+    if not exists (select from booking_guard.jobs j where j.job = job_name) then
+        raise exception 'unknown job "%"', coalesce(job_name, 'null')
+            using errcode = 'BG004',
+                  detail = format('Jobs: %s.', (select string_agg(j.job, ', ' order by j.job) from booking_guard.jobs j)),
+                  hint = 'select job, schedule, description from booking_guard.jobs;';
+    end if;
+    begin
+        case job_name
+            when 'run_monitor' then
+                v_result := booking_guard.run_monitor();
+                v_result := v_result || jsonb_build_object('stalled_jobs', booking_guard.check_jobs());
+            when 'verify_due' then
+                select jsonb_build_object('judged', count(*), 'verdicts', coalesce(jsonb_object_agg(v.verdict, v.n), '{}'))
+                  into v_result
+                  from (select d.verdict, count(*) as n from booking_guard.verify_due() d group by d.verdict) v;
+            when 'reconcile' then
+                v_result := booking_guard.reconcile();
+                if v_result ? 'error' then
+                    raise exception 'reconcile() failed: %', v_result ->> 'error' using errcode = 'BG005';
+                end if;
+            when 'daily_report' then
+                perform booking_guard.store_daily_report(current_date - 1);
+                v_result := jsonb_build_object('day', current_date - 1);
+        end case;
+    exception when others then
+        get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+        insert into booking_guard.job_runs as r (job, last_started_at, last_failure_at, last_error, runs, failures)
+        values (job_name, started, clock_timestamp(), format('%s: %s', v_state, v_msg), 1, 1)
+        on conflict (job) do update
+           set last_started_at = excluded.last_started_at, last_failure_at = excluded.last_failure_at,
+               last_error = excluded.last_error, runs = r.runs + 1, failures = r.failures + 1;
+        raise warning 'booking_guard job % failed: %: %', job_name, v_state, v_msg;
+        return jsonb_build_object('job', job_name, 'error', format('%s: %s', v_state, v_msg));
+    end;
+    insert into booking_guard.job_runs as r (job, last_started_at, last_success_at, last_result, runs)
+    values (job_name, started, clock_timestamp(), v_result, 1)
+    on conflict (job) do update
+       set last_started_at = excluded.last_started_at, last_success_at = excluded.last_success_at,
+           last_result = excluded.last_result, runs = r.runs + 1;
+    return jsonb_build_object('job', job_name, 'result', v_result);
+end
+$$;
+
+comment on function booking_guard.run_job(text) is
+    'Runs one booking_guard job (what pg_cron calls) and records its start, success or failure (the error, without raising it) in job_runs.';
+
+-- Which scheduled jobs have not succeeded for longer than twice their period (plus a minute)?
+create function booking_guard.stalled_jobs()
+returns table (job text, scheduled_at timestamptz, last_success_at timestamptz, last_error text, overdue interval)
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select j.job, r.scheduled_at, r.last_success_at, r.last_error,
+           now() - coalesce(r.last_success_at, r.scheduled_at) - (2 * j.expected_every + interval '1 minute')
+      from booking_guard.jobs j
+      join booking_guard.job_runs r on r.job = j.job
+     where r.scheduled_at is not null
+       and coalesce(r.last_success_at, r.scheduled_at) < now() - (2 * j.expected_every + interval '1 minute')
+$$;
+
+comment on function booking_guard.stalled_jobs() is
+    'Scheduled jobs whose last success (or, never run, their scheduling) is older than twice their period plus a minute.';
+
+create function booking_guard.check_jobs()
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    s  record;
+    a  record;
+    n  integer := 0;
+begin
+    for s in select * from booking_guard.stalled_jobs() loop
+        n := n + 1;
+        perform booking_guard.raise_alert('job_stalled', 'warning', 'job', s.job,
+            format('booking_guard job %s has not succeeded since %s', s.job,
+                   coalesce(s.last_success_at::text, 'it was scheduled at ' || s.scheduled_at)),
+            jsonb_build_object('last_success_at', s.last_success_at, 'last_error', s.last_error,
+                               'overdue_seconds', round(extract(epoch from s.overdue))));
+    end loop;
+    for a in
+        select x.id from booking_guard.alerts x
+         where x.alert_type = 'job_stalled' and x.resolved_at is null
+           and not exists (select from booking_guard.stalled_jobs() st where st.job = x.entity_id)
+    loop
+        perform booking_guard.resolve_alert(a.id);
+    end loop;
+    return n;
+end
+$$;
+
+comment on function booking_guard.check_jobs() is
+    'Raises a job_stalled alert for each stalled scheduled job and resolves those that succeed again; returns how many are stalled.';
+
+-- Where pg_cron is, and whether this database can reach it: ready, not_loaded, not_created, no_dblink.
+create function booking_guard.cron_state(connection text default null)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    cron_db  text := current_setting('cron.database_name', true);
+begin
+    if cron_db is null or cron_db = '' then
+        return 'not_loaded';
+    end if;
+    if cron_db = current_database() then
+        return case when exists (select from pg_catalog.pg_extension where extname = 'pg_cron') then 'ready'
+                    else 'not_created' end;
+    end if;
+    if not exists (select from pg_catalog.pg_extension where extname = 'dblink') then
+        return 'no_dblink';
+    end if;
+    return case when exists (select from booking_guard.cron_exec(
+                                 'select extname::text from pg_catalog.pg_extension where extname = ''pg_cron''',
+                                 connection))
+                then 'ready' else 'not_created' end;
+end
+$$;
+
+comment on function booking_guard.cron_state(text) is
+    'Whether pg_cron can be used from this database: ready, not_loaded (not in shared_preload_libraries), not_created (no CREATE EXTENSION pg_cron in cron.database_name), no_dblink (another database: dblink is needed).';
+
+-- The connection string to cron's database: this server, by its own socket and port.
+create function booking_guard.cron_connection()
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('dbname=%s host=%s port=%s user=%s application_name=booking_guard_schedule',
+                  quote_literal(current_setting('cron.database_name')),
+                  quote_literal(coalesce(nullif(trim(split_part(current_setting('unix_socket_directories'), ',', 1)), ''),
+                                         'localhost')),
+                  current_setting('port'), quote_literal(current_user))
+$$;
+
+comment on function booking_guard.cron_connection() is
+    'The libpq connection string schedule_jobs() uses to reach cron.database_name on this server (socket directory, port, current user).';
+
+-- Runs a query that returns one text column in cron's database: here, or through dblink.
+create function booking_guard.cron_exec(query text, connection text default null)
+returns setof text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    dblink_schema  name;
+begin
+    if current_setting('cron.database_name', true) = current_database() then
+        return query execute query;
+        return;
+    end if;
+    dblink_schema := (select n.nspname from pg_catalog.pg_extension e
+                        join pg_catalog.pg_namespace n on n.oid = e.extnamespace
+                       where e.extname = 'dblink');
+    return query execute format('select t.r from %I.dblink($1, $2) as t (r text)', dblink_schema)
+        using coalesce(connection, booking_guard.cron_connection()), query;
+end
+$$;
+
+comment on function booking_guard.cron_exec(text, text) is
+    'Runs a query returning one text column in cron.database_name: directly when that is this database, otherwise through dblink.';
+
+create function booking_guard.cron_not_ready(state text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    raise notice 'booking_guard: pg_cron is not usable from database %: nothing was scheduled', current_database()
+        using detail = case state
+                  when 'not_loaded' then 'pg_cron is not loaded by this server (shared_preload_libraries).'
+                  when 'not_created' then format('The pg_cron extension does not exist in cron.database_name (%s).',
+                                                 current_setting('cron.database_name', true))
+                  else format('pg_cron lives in database %s; reaching it from %s needs the dblink extension.',
+                              current_setting('cron.database_name', true), current_database())
+              end,
+              hint = case state
+                  when 'not_loaded' then 'Add pg_cron to shared_preload_libraries, set cron.database_name, restart, create extension pg_cron there, then select booking_guard.schedule_jobs();'
+                  when 'not_created' then format('In database %s: create extension pg_cron; then select booking_guard.schedule_jobs();',
+                                                 current_setting('cron.database_name', true))
+                  else format('create extension dblink; select booking_guard.schedule_jobs(); or, in database %s, run: %s',
+                              current_setting('cron.database_name', true),
+                              (select string_agg(format('select cron.schedule_in_database(%L, %L, %L, %L);',
+                                                        booking_guard.job_name(j.job), j.schedule,
+                                                        booking_guard.job_command(j.job), current_database()), ' '
+                                                 order by j.job)
+                                 from booking_guard.jobs j))
+              end;
+end
+$$;
+
+comment on function booking_guard.cron_not_ready(text) is
+    'The NOTICE of schedule_jobs() and unschedule_jobs() when pg_cron cannot be used, saying why and what to do.';
+
+create function booking_guard.schedule_jobs(connection text default null)
+returns table (job text, cron_jobid bigint, schedule text, command text, cron_database text)
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    state  text := booking_guard.cron_state(connection);
+    j      record;
+begin
+    perform booking_guard.attached();
+    if state <> 'ready' then
+        perform booking_guard.cron_not_ready(state);
+        return;
+    end if;
+    for j in select * from booking_guard.jobs x order by x.job loop
+        job := j.job;
+        schedule := j.schedule;
+        command := booking_guard.job_command(j.job);
+        cron_database := current_setting('cron.database_name');
+        -- same name, same user: pg_cron updates the job instead of adding one
+        cron_jobid := (select r::bigint from booking_guard.cron_exec(
+                           format('select cron.schedule_in_database(%L, %L, %L, %L)::text',
+                                  booking_guard.job_name(j.job), j.schedule, command, current_database()),
+                           connection) r);
+        insert into booking_guard.job_runs as r (job, scheduled_at, cron_database, cron_jobid)
+        values (j.job, now(), cron_database, cron_jobid)
+        on conflict (job) do update
+           set scheduled_at = coalesce(r.scheduled_at, excluded.scheduled_at), cron_database = excluded.cron_database,
+               cron_jobid = excluded.cron_jobid;
+        return next;
+    end loop;
+end
+$$;
+
+comment on function booking_guard.schedule_jobs(text) is
+    'Registers the pg_cron jobs (run_monitor and verify_due every minute, reconcile hourly, daily_report at 00:05) for this database, in cron.database_name (through dblink when that is another database); idempotent. Without pg_cron: a NOTICE saying what is missing, and nothing else.';
+
+create function booking_guard.unschedule_jobs(connection text default null)
+returns integer
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    state  text := booking_guard.cron_state(connection);
+    n      integer;
+begin
+    if state <> 'ready' then
+        perform booking_guard.cron_not_ready(state);
+        return 0;
+    end if;
+    n := (select r::integer from booking_guard.cron_exec(
+              format('select count(cron.unschedule(j.jobid))::text from cron.job j where j.jobname = any (%L::text[])',
+                     (select array_agg(booking_guard.job_name(x.job)) from booking_guard.jobs x)),
+              connection) r);
+    update booking_guard.job_runs set scheduled_at = null, cron_jobid = null, cron_database = null;
+    return n;
+end
+$$;
+
+comment on function booking_guard.unschedule_jobs(text) is
+    'Removes this database''s booking_guard jobs from pg_cron; returns how many were removed. Without pg_cron: a NOTICE, nothing else.';
+
+-- pg_cron's view of the jobs. cron.job_run_details has row-level security (each user sees
+-- their own runs): read through this SECURITY DEFINER function, with a fixed query.
+create function booking_guard.job_status()
+returns table (job text, schedule text, scheduled_at timestamptz, last_success_at timestamptz,
+               last_failure_at timestamptz, last_error text, stalled boolean, cron_jobid bigint, cron_active boolean,
+               cron_last_status text, cron_last_start timestamptz, cron_last_message text)
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    cron  jsonb := '[]';
+begin
+    if booking_guard.cron_state() = 'ready' then
+        begin
+            cron := (select r::jsonb from booking_guard.cron_exec(format($q$
+                select coalesce(json_agg(json_build_object('jobname', j.jobname, 'jobid', j.jobid, 'active', j.active,
+                                                           'status', d.status, 'start', d.start_time,
+                                                           'message', d.return_message)), '[]')::text
+                  from cron.job j
+                  left join lateral (select r.status, r.start_time, r.return_message from cron.job_run_details r
+                                      where r.jobid = j.jobid order by r.runid desc limit 1) d on true
+                 where j.jobname = any (%L::text[])$q$,
+                (select array_agg(booking_guard.job_name(x.job)) from booking_guard.jobs x))) r);
+        exception when others then
+            cron := '[]';   -- pg_cron unreachable: job_runs still tells the story
+        end;
+    end if;
+    return query
+    select j.job, j.schedule, r.scheduled_at, r.last_success_at, r.last_failure_at, r.last_error,
+           exists (select from booking_guard.stalled_jobs() st where st.job = j.job),
+           (c ->> 'jobid')::bigint, (c ->> 'active')::boolean, c ->> 'status', (c ->> 'start')::timestamptz,
+           c ->> 'message'
+      from booking_guard.jobs j
+      left join booking_guard.job_runs r on r.job = j.job
+      left join lateral (select e from jsonb_array_elements(cron) e
+                          where e ->> 'jobname' = booking_guard.job_name(j.job)) x(c) on true
+     order by j.job;
+end
+$$;
+
+comment on function booking_guard.job_status() is
+    'Every booking_guard job: schedule, last success and failure (job_runs), stalled or not, and pg_cron''s job and last run (cron.job_run_details, read as the extension owner).';
+
+create function booking_guard.help()
+returns table (topic text, query text)
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    values
+        ('what is wrong now (last hour)', 'select * from booking_guard.inconsistencies;'),
+        ('what is wrong over a longer window', 'select * from booking_guard.detect(''1 day'');'),
+        ('one rule', 'select * from booking_guard.phantom_booking_findings;   -- one view per rule: booking_guard.detection_rules'),
+        ('one call', 'select * from booking_guard.check_call(42);'),
+        ('open alerts, since when', 'select id, alert_type, entity_id, detected_at, occurrences, auto_corrected from booking_guard.alerts where resolved_at is null order by detected_at;'),
+        ('acknowledge an alert', 'select booking_guard.acknowledge_alert(17);'),
+        ('what was repaired', 'select at, rule, entity_type, entity_id, details from booking_guard.events where kind in (''reconcile'', ''detection'') order by at desc limit 50;'),
+        ('reconciliation runs', 'select id, started_at, finished_at, counts, error from booking_guard.reconciliation_runs order by id desc limit 10;'),
+        ('repair now', 'select booking_guard.reconcile();'),
+        ('detect and alert now', 'select booking_guard.run_monitor();'),
+        ('what is left for a person', 'select id, call_id, reason, priority, created_at from booking_guard.review_queue where status <> ''resolved'' order by priority, created_at;'),
+        ('the daily report', 'select booking_guard.daily_report(current_date - 1);'),
+        ('stored reports', 'select day, generated_at from booking_guard.reports order by day desc;'),
+        ('KPIs', 'select * from booking_guard.kpis(''1 day'');'),
+        ('rules and modes', 'select name, severity, mode, rollout_percent from booking_guard.rules order by name;'),
+        ('scheduled jobs, last success', 'select * from booking_guard.job_status();'),
+        ('schedule the jobs (pg_cron)', 'select * from booking_guard.schedule_jobs();')
+$$;
+
+comment on function booking_guard.help() is
+    'The everyday psql queries of booking_guard: what is wrong, since when, what was repaired, what is left.';
+
+grant select on booking_guard.jobs, booking_guard.job_runs to booking_guard_monitor;
+grant execute on function booking_guard.job_status(), booking_guard.stalled_jobs(), booking_guard.help()
+   to booking_guard_monitor;
+grant execute on function booking_guard.schedule_jobs(text), booking_guard.unschedule_jobs(text),
+                          booking_guard.run_job(text), booking_guard.check_jobs()
+   to booking_guard_admin;
