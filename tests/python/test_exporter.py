@@ -1,0 +1,261 @@
+"""The exporter over HTTP: the series, promtool's lint, and a database that is down, slow or hung."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+from booking_guard.exporter import BoundedConnection, MetricsCollector
+from booking_guard.serve import ServeConfig, Service
+from conftest import APP_SCHEMA, ROOT
+from prometheus_client import CollectorRegistry, generate_latest
+from psycopg.conninfo import make_conninfo
+
+PGBIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def dsn_of(conn: psycopg.Connection) -> str:
+    info = conn.info
+    return make_conninfo(host=info.host, port=info.port, user=info.user, dbname=info.dbname)
+
+
+@contextmanager
+def running(dsn: str, **options: object) -> Iterator[Service]:
+    service = Service(ServeConfig(dsn=dsn, listen="127.0.0.1:0", verify=False, **options))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.shutdown()
+
+
+def get(service: Service, path: str, accept: str | None = None) -> tuple[int, str, float]:
+    host, port = service.address
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers={"Accept": accept} if accept else {})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(), time.monotonic() - started
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), time.monotonic() - started
+
+
+def sample(text: str, line_start: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def plant(db: psycopg.Connection) -> None:
+    """Something in every family: a phantom booking, bookings, an opened breaker."""
+    db.execute("select booking_guard.attach('calls', 'appointments')")
+    db.execute("select booking_guard.set_setting('verification_grace', '0')")
+    company = db.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
+    db.execute("insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
+               " values ('phantom', %s, 'inbound', 'appointment_booked', false)", (company,))
+    call = db.execute("insert into calls (retell_call_id, company_id, direction) values ('ok', %s, 'inbound') returning id",
+                      (company,)).fetchone()[0]
+    db.execute("select booking_guard.record_booking(%s, 'cal-ok')", (call,))
+    db.execute("select booking_guard.record_booking(%s, 'cal-nope')", (call + 1000,))
+    for _ in range(3):
+        db.execute("select booking_guard.circuit_record_failure('appointment_booking:service:1', 'timeout')")
+
+
+def test_metrics_endpoint_serves_every_family_and_promtool_finds_nothing_to_lint(db, tmp_path):
+    plant(db)
+    with running(dsn_of(db)) as service:
+        status, text, _ = get(service, "/metrics")
+        assert status == 200
+        assert sample(text, "booking_guard_up") == 1
+        assert sample(text, "booking_guard_scrape_duration_seconds") > 0
+        assert sample(text, 'data_inconsistency_detected_total{type="phantom_booking"}') == 1
+        assert sample(text, "appointment_creation_success_total") == 1
+        assert sample(text, 'appointment_creation_failure_total{reason="call_not_found"}') == 1
+        assert sample(text, 'circuit_breaker_state{key="appointment_booking:service:1",state="open"}') == 1
+        assert sample(text, 'appointment_creation_duration_seconds_bucket{le="+Inf"}') == 2
+        assert "# TYPE appointment_creation_duration_seconds histogram" in text
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        assert (lint.stdout + lint.stderr).strip() == ""
+        # OpenMetrics too, for a Prometheus that asks for it
+        status, om, _ = get(service, "/metrics", accept="application/openmetrics-text; version=1.0.0")
+        assert status == 200 and om.rstrip().endswith("# EOF")
+        assert sample(om, "circuit_breaker_open_total{key=\"appointment_booking:service:1\"}") == 1
+
+
+def test_describe_touches_nothing_and_each_scrape_calls_metrics_once(db):
+    class Counting(BoundedConnection):
+        calls = 0
+
+        def call(self, fn):
+            Counting.calls += 1
+            return super().call(fn)
+
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(Counting(dsn_of(db))))
+    assert Counting.calls == 0
+    output = generate_latest(registry).decode()
+    assert Counting.calls == 1
+    assert sample(output, "booking_guard_up") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_starts_and_answers_while_the_database_is_down():
+    nowhere = make_conninfo(host="127.0.0.1", port=free_port(), user="nobody", dbname="nothing")
+    with running(nowhere) as service:
+        status, text, took = get(service, "/metrics")
+        assert status == 200
+        assert took < 2
+        assert sample(text, "booking_guard_up") == 0
+        assert sample(text, "booking_guard_scrape_duration_seconds") is not None
+        assert "appointment_creation_success_total" not in text
+        status, _, _ = get(service, "/healthz")
+        assert status == 200
+        status, page, took = get(service, "/")
+        assert status == 503 and "Database unreachable" in page and took < 2
+
+
+def test_a_slow_database_gives_up_0_within_2_seconds_then_1(db, connect):
+    with running(dsn_of(db)) as service:
+        assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
+        blocker = connect(autocommit=False)
+        blocker.execute("lock table booking_guard.metric_counters in access exclusive mode")
+        status, text, took = get(service, "/metrics")
+        assert status == 200 and took < 2
+        assert sample(text, "booking_guard_up") == 0
+        blocker.rollback()
+        assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
+
+
+def test_a_hung_server_process_gives_up_0_within_2_seconds_then_1(db):
+    with running(dsn_of(db)) as service:
+        assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
+        pid = db.execute("select pid from pg_stat_activity where application_name = 'booking-guard exporter'"
+                         " and datname = current_database()").fetchone()[0]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot signal the server's processes as this user")
+        try:
+            status, text, took = get(service, "/metrics")
+            assert status == 200 and took < 2
+            assert sample(text, "booking_guard_up") == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        up = 0.0
+        while time.monotonic() < deadline and up != 1:
+            up = sample(get(service, "/metrics")[1], "booking_guard_up")
+        assert up == 1
+
+
+class Cluster:
+    """A private PostgreSQL cluster that a test may stop and start (the shared one must stay up)."""
+
+    def __init__(self) -> None:
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.home = Path(tempfile.mkdtemp(prefix="bg-exporter-cluster-", dir="/tmp"))
+        if self.as_postgres:
+            shutil.chown(self.home, "postgres")
+        self.data = self.home / "data"
+        self.port = free_port()
+        self.user = "postgres" if self.as_postgres else os.environ.get("USER", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "-A", "trust", "--no-sync")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.home}'\n"
+                       "fsync = off\n")
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(PGBIN / tool), *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.home / "log"), "-w", "-t", "30", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    @property
+    def dsn(self) -> str:
+        return make_conninfo(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres")
+
+    def destroy(self) -> None:
+        subprocess.run([*self.as_postgres, str(PGBIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        c.start()
+        with psycopg.connect(c.dsn, autocommit=True) as conn:
+            conn.execute("set client_min_messages = warning")
+            conn.execute(APP_SCHEMA.read_text())
+            conn.execute("create extension booking_guard cascade")
+        yield c
+    finally:
+        c.destroy()
+
+
+@pytest.mark.slow
+def test_database_stopped_then_started_without_restarting_the_exporter(cluster):
+    with running(cluster.dsn) as service:
+        assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
+        cluster.stop()
+        status, text, took = get(service, "/metrics")
+        assert status == 200 and took < 2
+        assert sample(text, "booking_guard_up") == 0
+        cluster.start()
+        deadline = time.monotonic() + 15
+        up = 0.0
+        while time.monotonic() < deadline and up != 1:
+            up = sample(get(service, "/metrics")[1], "booking_guard_up")
+        assert up == 1
+
+
+def booking_guard_cli(*args: str, dsn: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "booking_guard.cli", "--dsn", dsn, *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_check_exits_0_when_clean_and_2_on_a_critical_finding(attached):
+    db = attached
+    clean = booking_guard_cli("check", dsn=dsn_of(db))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "no findings" in clean.stdout
+    db.execute("select booking_guard.set_rule('phantom_booking', 'observe')")
+    db.execute("select booking_guard.set_setting('verification_grace', '1 hour')")
+    company = db.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
+    db.execute("insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
+               " values ('phantom-cli', %s, 'inbound', 'appointment_booked', false)", (company,))
+    found = booking_guard_cli("check", dsn=dsn_of(db))
+    assert found.returncode == 2, found.stdout + found.stderr
+    assert "phantom_booking" in found.stdout and "critical" in found.stdout
+
+
+def test_report_prints_the_daily_report_as_text_and_json(attached):
+    text = booking_guard_cli("report", dsn=dsn_of(attached))
+    assert text.returncode == 0, text.stderr
+    assert "DATA CONSISTENCY REPORT" in text.stdout
+    as_json = booking_guard_cli("report", "--day", "2026-01-02", "--json", dsn=dsn_of(attached))
+    assert as_json.returncode == 0, as_json.stderr
+    assert "2026-01-02" in json.dumps(json.loads(as_json.stdout))
