@@ -1,0 +1,115 @@
+"""Throughput of record_booking() beside the same booking written by plain SQL, with pgbench.
+
+Each transaction books one fresh call (calls are created beforehand; a sequence hands each
+transaction its own): the appointment is inserted and the call linked and flagged. Three ways,
+alternating in one run, on the same attached tables:
+
+  record_booking  select booking_guard.record_booking(call, booking, '{"status": ..., "source": ...}')
+                  (idempotency lock and lookup, subtransaction, validation, two events; 1 round trip)
+  plain tx        begin; insert appointment; update call; commit   (what an application does; 5 round trips)
+  plain 1-stmt    the same insert and update in one statement       (the tightest plain SQL; 1 round trip)
+
+Prints TPS at 1 and 8 clients and the ratios. Target (issue 4): record_booking >= 0.7 x plain insert.
+
+usage: bench/record_booking.py [--seconds 5] [--rounds 2] [--clients 1,8] [--calls 600000]
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+from _common import machine, pg_env, scratch_database
+
+DB = "bg_bench_record_booking"
+
+FLAGS = ("appointment_made = true, session_outcome = 'appointment_booked', appointment_link_status = 'linked',"
+         " appointment_linked_at = now(), booking_confirmed = true, call_successful = true, updated_at = now()")
+
+SCRIPTS = {
+    "record_booking": """\
+select success from booking_guard.record_booking(nextval('bench_call_seq'), 'bk-' || currval('bench_call_seq'),
+       '{"status": "confirmed", "source": "retell_webhook"}');
+""",
+    "plain tx": f"""\
+begin;
+select nextval('bench_call_seq') as cid \\gset
+insert into appointments (call_id, calcom_v2_booking_id, status, source)
+     values (:cid, 'bk-' || :cid, 'confirmed', 'retell_webhook');
+update calls set {FLAGS}, booking_id = 'bk-' || :cid where id = :cid;
+end;
+""",
+    "plain 1-stmt": f"""\
+with c as (select nextval('bench_call_seq') as id),
+     a as (insert into appointments (call_id, calcom_v2_booking_id, status, source)
+           select id, 'bk-' || id, 'confirmed', 'retell_webhook' from c returning call_id, calcom_v2_booking_id)
+update calls set {FLAGS}, booking_id = a.calcom_v2_booking_id from a where calls.id = a.call_id;
+""",
+}
+
+
+def populate(dsn: str, calls: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into companies (name) select 'company ' || i from generate_series(1, 100) i")
+        conn.execute("""
+            insert into calls (retell_call_id, company_id, direction)
+            select 'call-' || i, 1 + i %% 100, 'inbound' from generate_series(1, %s) i""", (calls,))
+        conn.execute("create sequence bench_call_seq")
+        conn.execute("select booking_guard.attach('calls', 'appointments')")
+        conn.execute("select booking_guard.set_setting('verification_grace', '0')")
+        conn.execute("vacuum analyze")
+
+
+def pgbench(body: str, clients: int, seconds: int, workdir: Path) -> float:
+    path = workdir / "script.sql"
+    path.write_text(body)
+    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds),
+            "-f", str(path)]
+    out = subprocess.run(args, env=pg_env(DB), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
+    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--calls", type=int, default=600_000)
+    args = parser.parse_args()
+    results: dict[tuple[str, int], list[float]] = {}
+    with scratch_database(DB) as dsn, tempfile.TemporaryDirectory() as tmp:
+        populate(dsn, args.calls)
+        for clients in (int(c) for c in args.clients.split(",")):
+            for _ in range(args.rounds):
+                for name, body in SCRIPTS.items():
+                    results.setdefault((name, clients), []).append(pgbench(body, clients, args.seconds, Path(tmp)))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            used, appointments, duplicates, inconsistent, failed, alerts = conn.execute("""
+                select (select last_value from bench_call_seq), (select count(*) from appointments),
+                       (select count(*) from (select from appointments group by calcom_v2_booking_id having count(*) > 1) d),
+                       (select count(*) from calls c where c.appointment_made
+                           and not exists (select from appointments a where a.call_id = c.id)),
+                       (select count(*) from booking_guard.events where kind = 'record_booking'
+                           and not (details ->> 'success')::boolean),
+                       (select count(*) from booking_guard.alerts where alert_type <> 'missing_direction')""").fetchone()
+    if used > args.calls:
+        raise SystemExit(f"ran out of prepared calls ({used} > {args.calls}): raise --calls")
+    print(f"machine: {machine()}")
+    print(f"pgbench -M prepared, {args.seconds} s per run, median of {args.rounds} rounds, alternating")
+    print(f"{'clients':>7} {'record_booking':>15} {'plain tx':>10} {'plain 1-stmt':>13} {'rb/plain tx':>12} {'rb/1-stmt':>10}")
+    for clients in sorted({c for _, c in results}):
+        tps = {name: statistics.median(results[(name, clients)]) for name in SCRIPTS}
+        print(f"{clients:>7} {tps['record_booking']:>15.0f} {tps['plain tx']:>10.0f} {tps['plain 1-stmt']:>13.0f}"
+              f" {tps['record_booking'] / tps['plain tx']:>12.2f} {tps['record_booking'] / tps['plain 1-stmt']:>10.2f}")
+    print(f"bookings: {appointments:,} appointments for {used:,} calls; duplicate booking ids: {duplicates}; "
+          f"calls flagged without appointment: {inconsistent}; failed record_booking: {failed}; alerts: {alerts}")
+    print("target: record_booking >= 0.7 x plain insert")
+
+
+if __name__ == "__main__":
+    main()
