@@ -139,7 +139,7 @@ def render(snap: Snapshot | None, error: str | None = None) -> str:
         ("Success rate (last 24 h)", _percent(o["creation_success"], o["creation_total"]),
          f"{int(o['creation_total'] or 0)} bookings recorded", ""),
         ("Average latency (last 24 h)", "no data" if latency is None else f"{latency * 1000:.0f} ms",
-         "booking_guard.record_booking()", ""),
+         "per recorded booking", ""),
         ("Validation success (last 24 h)", _percent(o["validation_success"], o["validation_total"]),
          f"{int(o['validation_total'] or 0)} validations", ""),
         ("Active circuit breakers", str(o["active_breakers"]), "open or half-open", "bad" if o["active_breakers"] else "ok"),
