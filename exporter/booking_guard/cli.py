@@ -41,6 +41,7 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="how often the relay looks for alerts without a NOTIFY (default 5s)")
     group.add_argument("--claim-lease", type=duration, default=duration("30s"),
                        help="how long a claimed alert is reserved for the relay that claimed it (default 30s)")
+    group.add_argument("--relay-batch", type=int, default=10, help="alerts per webhook message (default 10)")
     group.add_argument("--relay-name", default=None, help="this relay's name in the claims (default host:pid)")
 
 
@@ -53,7 +54,8 @@ def relay_config(args: argparse.Namespace):
     config = RelayConfig(dsn=args.dsn, slack_webhook=args.slack_webhook, smtp_host=args.smtp_host,
                          smtp_port=args.smtp_port, smtp_from=args.smtp_from, smtp_to=recipients,
                          smtp_user=args.smtp_user, smtp_password=args.smtp_password, smtp_starttls=args.smtp_starttls,
-                         digest_every=args.digest_every, poll_interval=args.poll_interval, lease=args.claim_lease)
+                         digest_every=args.digest_every, poll_interval=args.poll_interval, lease=args.claim_lease,
+                         batch=args.relay_batch)
     if args.relay_name:
         config.name = args.relay_name
     return config
