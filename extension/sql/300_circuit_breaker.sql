@@ -59,7 +59,7 @@ insert into booking_guard.circuit_policies
 values ('%', 3, '30 seconds', 2, 1, '10 seconds');
 
 create table booking_guard.circuit_breakers (
-    key              text primary key,
+    key              text primary key check (key ~ '\S' and length(key) <= 255 and key !~ '[[:cntrl:]]'),
     state            text not null default 'closed' check (state in ('closed', 'open', 'half_open')),
     failure_count    integer not null default 0 check (failure_count >= 0),
     success_count    integer not null default 0 check (success_count >= 0),
@@ -324,11 +324,10 @@ declare
     v_free_at  timestamptz;
     v_reopen   timestamptz;
 begin
-    if k is null or k !~ '\S' or length(k) > 255 or k ~ '[[:cntrl:]]' then
-        perform booking_guard.circuit_check_key(k);   -- raises BG005
-    end if;
+    -- a key that has a row is valid (CHECK): only a new key is checked, off the hot path
     select * into b from booking_guard.circuit_breakers c where c.key = k;
     if not found then
+        perform booking_guard.circuit_check_key(k);
         insert into booking_guard.circuit_breakers as c (key) values (k) on conflict on constraint circuit_breakers_pkey do nothing;
         return nextval('booking_guard.circuit_seq');
     end if;
@@ -484,11 +483,12 @@ declare
     b  booking_guard.circuit_breakers;
     p  booking_guard.circuit_policies;
 begin
-    if circuit_record_success.key is null or circuit_record_success.key !~ '\S' or length(circuit_record_success.key) > 255 or circuit_record_success.key ~ '[[:cntrl:]]' then
-        perform booking_guard.circuit_check_key(circuit_record_success.key);   -- raises BG005
-    end if;
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_success.key;
-    if not found or (b.state = 'closed' and b.failure_count = 0) then
+    if not found then
+        perform booking_guard.circuit_check_key(circuit_record_success.key);   -- a key with a row is valid (CHECK)
+        return 'closed';
+    end if;
+    if b.state = 'closed' and b.failure_count = 0 then
         return 'closed';   -- nothing to reset: no write, no lock
     end if;
     if b.state = 'open' then
@@ -514,11 +514,10 @@ declare
     b  booking_guard.circuit_breakers;
     p  booking_guard.circuit_policies;
 begin
-    if circuit_record_failure.key is null or circuit_record_failure.key !~ '\S' or length(circuit_record_failure.key) > 255 or circuit_record_failure.key ~ '[[:cntrl:]]' then
-        perform booking_guard.circuit_check_key(circuit_record_failure.key);   -- raises BG005
-    end if;
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_failure.key;
-    if found and b.state = 'open' then
+    if not found then
+        perform booking_guard.circuit_check_key(circuit_record_failure.key);   -- a key with a row is valid (CHECK)
+    elsif b.state = 'open' then
         p := booking_guard.circuit_policy(circuit_record_failure.key);
         if booking_guard.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
             return 'open';   -- a late failure neither moves opened_at nor adds a transition
@@ -542,11 +541,12 @@ declare
     b    booking_guard.circuit_breakers;
     adv  record;
 begin
-    if circuit_state.key is null or circuit_state.key !~ '\S' or length(circuit_state.key) > 255 or circuit_state.key ~ '[[:cntrl:]]' then
-        perform booking_guard.circuit_check_key(circuit_state.key);   -- raises BG005
-    end if;
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_state.key;
-    if not found or b.state = 'closed' then
+    if not found then
+        perform booking_guard.circuit_check_key(circuit_state.key);   -- a key with a row is valid (CHECK)
+        return 'closed';
+    end if;
+    if b.state = 'closed' then
         return 'closed';
     end if;
     select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_state.key),

@@ -1,7 +1,7 @@
 -- Circuit breaker: objects, the behavioural scenarios of research/circuit-breaker-anchors.md (time moved
 -- with booking_guard.clock_offset, never slept through), policies, errors. Concurrency is in pytest.
 begin;
-select plan(143);
+select plan(145);
 set local client_min_messages = warning;
 
 -- The breaker's clock reads `t` from now on (clock_timestamp() plus an offset, so it keeps running:
@@ -290,8 +290,11 @@ select throws_ok($$select booking_guard.circuit_acquire(null)$$, 'BG005', 'inval
 select throws_ok($$select booking_guard.circuit_acquire('  ')$$, 'BG005', 'invalid circuit breaker key', 'blank key: BG005');
 select throws_ok($$select booking_guard.circuit_record_failure(repeat('k', 256))$$, 'BG005', null, 'a 256-character key: BG005');
 select throws_ok($$select booking_guard.circuit_state(E'a\nb')$$, 'BG005', null, 'a key with a newline: BG005');
+select throws_ok($$select booking_guard.circuit_record_success(E'tab\there')$$, 'BG005', null, 'a success for a bad key: BG005');
 select is((select count(*) from booking_guard.circuit_breakers where key !~ '\S' or length(key) > 255), 0::bigint,
           'bad keys wrote nothing');
+select throws_ok($$insert into booking_guard.circuit_breakers (key) values (' ')$$, '23514', null,
+                 'even a direct INSERT cannot store a bad key (CHECK), so a key with a row needs no check on the hot path');
 
 select * from finish();
 rollback;
