@@ -68,8 +68,11 @@ begin
     if new.customer_id is not null
        and (tg_op = 'INSERT' or old.customer_id is distinct from new.customer_id) then
         mode := booking_guard.rule_mode('customer_link', company);
+        -- Only a status the application writes with the customer contradicts it; one carried over
+        -- from the old row ('unlinked' while there was no customer) is what linking replaces.
         if mode in ('correct', 'enforce') and new.customer_link_status is distinct from 'linked' then
-            if new.customer_link_status is not null then
+            if new.customer_link_status is not null
+               and (tg_op = 'INSERT' or new.customer_link_status is distinct from old.customer_link_status) then
                 if mode = 'enforce' then
                     perform booking_guard.reject('customer_link', call_key,
                         format('customer_id %s is set but customer_link_status is %s', new.customer_id,

@@ -240,6 +240,41 @@ def test_customer_link_with_a_contradicting_status_by_mode(core, mode):
         assert found == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_customer_link_replaces_a_status_carried_over_from_the_old_row(core, mode):
+    """The application starts calls as 'unlinked' (no customer yet); matching the customer later
+    links it without complaint: the old status is no contradiction written with the customer."""
+    call_id = new_call(core, customer_link_status="unlinked")
+    set_rule(core, "customer_link", mode)
+    core.execute("update calls set customer_id = 1 where id = %s", (call_id,))
+    found = alerts(core, "customer_link", call_id)
+    if mode in ("correct", "enforce"):
+        assert link_of(core, call_id) == ("linked", "phone_match", 100)
+        assert found == []
+    elif mode == "observe":
+        assert link_of(core, call_id) == ("unlinked", None, None)
+        assert [a["auto_corrected"] for a in found] == [False]
+    else:
+        assert link_of(core, call_id) == ("unlinked", None, None)
+        assert found == []
+
+
+@pytest.mark.parametrize("mode", ["correct", "enforce"])
+def test_customer_link_status_written_with_a_new_customer_is_judged(core, mode):
+    call_id = new_call(core, customer_link_status="unlinked")
+    set_rule(core, "customer_link", mode)
+    query = "update calls set customer_id = 1, customer_link_status = 'pending' where id = %s"
+    if mode == "enforce":
+        with pytest.raises(psycopg.Error) as caught:
+            core.execute(query, (call_id,))
+        assert_rejected(caught, "customer_link", call_id)
+        assert link_of(core, call_id)[0] == "unlinked"
+        return
+    core.execute(query, (call_id,))
+    assert link_of(core, call_id)[0] == "linked"
+    assert [a["details"]["before"] for a in alerts(core, "customer_link", call_id)] == [{"customer_link_status": "pending"}]
+
+
 # -- trigger 3a: outcome says booked, flag says not (rule phantom_booking) ---------------------
 # The truth check (missing_appointment) is switched off here, to see trigger 3 alone; the
 # combination is contradiction 1 below.

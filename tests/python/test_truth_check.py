@@ -310,6 +310,19 @@ def test_grace_a_repeated_claim_keeps_its_first_due_time(graced):
     assert graced.execute("select due_at from booking_guard.due_verifications").fetchall() == [(first,)]
 
 
+def test_grace_a_claim_committed_before_enforce_is_rolled_back_not_stuck(graced):
+    """Switching the rule to enforce while calls wait on the due list: verify_due() cannot reject a
+    transaction that committed long ago, so it repairs as correct does, and goes on with the
+    rest of the list instead of failing at that call every time."""
+    first = claimed_booking(graced)
+    second = claimed_booking(graced)
+    set_rule(graced, "missing_appointment", "enforce")
+    assert verify_due(graced, "6 seconds") == [(first, "rolled_back"), (second, "rolled_back")]
+    assert flags(graced, first) == flags(graced, second) == FAILED
+    assert due_list(graced) == []
+    assert len(open_alerts(graced)) == 2
+
+
 def test_verify_due_needs_an_attachment(graced):
     graced.execute("select booking_guard.detach()")
     with pytest.raises(psycopg.Error) as caught:
