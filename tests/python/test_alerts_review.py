@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from test_consistency_concurrency import wait_until_blocked
 
 CHANNEL = "booking_guard_alert"
 
@@ -145,3 +146,38 @@ def test_many_reviewers_racing_claim_each_item_once(db, connect):
     assert sorted(claimed) == items          # every item once, none twice
     assert db.execute("""select count(*) from booking_guard.review_queue
                           where status = 'in_review' and claimed_by like 'r%%'""").fetchone()[0] == len(items)
+
+
+# -- the same alert or review item from two sessions at once -------------------------------------
+
+def test_the_same_alert_raised_by_two_sessions_at_once_is_one_alert(db, connect, listener):
+    a, b = connect(), connect()
+    a.execute("begin")
+    first = raise_alert(a)
+    b.execute("begin")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        second = pool.submit(raise_alert, b)
+        wait_until_blocked(db, b, a, second)   # b waits on a's uncommitted alert (unique index)
+        a.execute("commit")
+        assert second.result(timeout=10) == first
+    b.execute("commit")
+    assert db.execute("select occurrences from booking_guard.alerts").fetchall() == [(2,)]
+    assert next_notifications(listener) == [(CHANNEL, str(first))]
+    sentinel(db, listener)
+
+
+def test_the_same_review_item_queued_by_two_sessions_at_once_is_one_item(db, connect):
+    a, b = connect(), connect()
+    query = "select booking_guard.queue_for_review(7, 'calcom_booking_failed', %s)"
+    a.execute("begin")
+    first = a.execute(query, ('{"from": "a"}',)).fetchone()[0]
+    b.execute("begin")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        second = pool.submit(lambda: b.execute(query, ('{"by": "b"}',)).fetchone()[0])
+        wait_until_blocked(db, b, a, second)
+        a.execute("commit")
+        assert second.result(timeout=10) == first
+    b.execute("commit")
+    assert db.execute("select id, context from booking_guard.review_queue").fetchall() == [
+        (first, {"from": "a", "by": "b"})]
+    assert db.execute("select count(*) from booking_guard.events where kind = 'review'").fetchone()[0] == 1

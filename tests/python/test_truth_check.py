@@ -393,3 +393,19 @@ def test_an_ordinary_call_lifecycle_raises_nothing(core):
     assert flags(core, call_id) == (None, False, None)
     assert open_alerts(core) == []
     assert count(core, "booking_guard.events") == 0
+
+
+def test_two_verify_due_loops_share_the_work(graced, connect):
+    """The exporter's loop and the pg_cron backstop may run at once: SKIP LOCKED gives each due
+    call to one of them, and the other neither waits nor judges it twice."""
+    calls = [claimed_booking(graced) for _ in range(3)]
+    a, b = connect(), connect()
+    b.execute("set lock_timeout = '5s'")    # waiting for a's rows instead of skipping them fails here
+    a.execute("begin")
+    assert verify_due(a, "6 seconds") == [(c, "rolled_back") for c in calls]
+    assert verify_due(b, "6 seconds") == []
+    a.execute("commit")
+    assert verify_due(b, "6 seconds") == []
+    assert [flags(graced, c) for c in calls] == [FAILED] * 3
+    assert count(graced, "booking_guard.review_queue") == 3
+    assert len(open_alerts(graced)) == 3
