@@ -63,6 +63,10 @@ insert into booking_guard.metric_definitions (name, type, help, buckets) values
      'Calls waiting for their verification grace to pass (booking_guard.due_verifications).', null),
     ('booking_guard_due_verifications_overdue', 'gauge',
      'Calls on the due list whose grace passed more than 10 seconds ago: nothing is running verify_due().', null),
+    ('booking_guard_job_last_success_timestamp_seconds', 'gauge',
+     'When each scheduled job (schedule_jobs()) last succeeded, or was scheduled if that is later (Unix time).', null),
+    ('booking_guard_job_expected_interval_seconds', 'gauge',
+     'How often each scheduled job is expected to succeed (booking_guard.jobs.expected_every), in seconds.', null),
     ('booking_guard_metrics_events_folded_total', 'counter',
      'Events folded into the metric counters.', null),
     ('booking_guard_metrics_last_fold_timestamp_seconds', 'gauge',
@@ -483,6 +487,14 @@ begin
            (select count(*) from booking_guard.due_verifications v where v.due_at < now() - interval '10 seconds')::double precision
       from defs d
      where d.name = 'booking_guard_due_verifications_overdue'
+    union all
+    select d.name, d.type, d.help, jsonb_build_object('scheduled_job', j.job),
+           case d.name when 'booking_guard_job_expected_interval_seconds' then extract(epoch from j.expected_every)
+                       else extract(epoch from greatest(r.last_success_at, r.scheduled_at)) end::double precision
+      from defs d
+     cross join booking_guard.jobs j
+      join booking_guard.job_runs r on r.job = j.job and r.scheduled_at is not null
+     where d.name in ('booking_guard_job_last_success_timestamp_seconds', 'booking_guard_job_expected_interval_seconds')
     union all
     select d.name, d.type, d.help, '{}'::jsonb, extract(epoch from f.folded_at)::double precision
       from defs d, fold f

@@ -239,3 +239,22 @@ def test_fold_rejects_bad_input(db):
         db.execute("select booking_guard.fold_metrics(0)")
     assert caught.value.diag.sqlstate == "BG005"
     assert caught.value.diag.message_hint
+
+
+def test_scheduled_jobs_export_their_last_success_and_period(attached):
+    db = attached
+    names = {(n, tuple(sorted(labels.items()))) for n, labels, _ in
+             db.execute("select name, labels, value from booking_guard.metrics()").fetchall()}
+    assert not any(n == "booking_guard_job_last_success_timestamp_seconds" for n, _ in names)   # nothing scheduled
+    # what schedule_jobs() records when it registers the job with pg_cron
+    db.execute("insert into booking_guard.job_runs (job, scheduled_at) values ('reconcile', now() - interval '3 hours')")
+    scheduled = db.execute("select extract(epoch from scheduled_at)::float8 from booking_guard.job_runs"
+                           " where job = 'reconcile'").fetchone()[0]
+    assert value(db, "booking_guard_job_last_success_timestamp_seconds", scheduled_job="reconcile") == pytest.approx(scheduled)
+    assert value(db, "booking_guard_job_expected_interval_seconds", scheduled_job="reconcile") == 3600
+    result = db.execute("select booking_guard.run_job('reconcile')").fetchone()[0]
+    assert "error" not in result
+    succeeded = db.execute("select extract(epoch from last_success_at)::float8 from booking_guard.job_runs"
+                           " where job = 'reconcile'").fetchone()[0]
+    assert succeeded > scheduled
+    assert value(db, "booking_guard_job_last_success_timestamp_seconds", scheduled_job="reconcile") == pytest.approx(succeeded)
