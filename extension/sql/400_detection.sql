@@ -184,8 +184,10 @@ begin
       join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
      where a.id = any (appointment_ids)
        and a.source = 'retell_webhook'
+       -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
+       -- as a hashed subplan over the whole calls table)
        and (a.call_id is null
-            or not exists (select from booking_guard.guarded_calls c where c.id = a.call_id));
+            or (select true from booking_guard.guarded_calls c where c.id = a.call_id) is null);
 end
 $$;
 
