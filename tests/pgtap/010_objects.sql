@@ -42,11 +42,11 @@ select has_check('booking_guard', 'settings', 'settings has CHECK constraints');
 select has_check('booking_guard', 'rules', 'rules has CHECK constraints');
 
 -- seeds
-select set_eq($$select name from booking_guard.rules$$,
-              array['phantom_booking', 'missing_appointment', 'missing_direction', 'orphaned_appointment',
-                    'outcome_flag_mismatch', 'unlinked_appointment', 'booking_id_mismatch', 'duplicate_booking',
-                    'customer_link'],
-              'the rules of DESIGN.md are seeded');
+select is_empty($$select unnest(array['phantom_booking', 'missing_appointment', 'missing_direction',
+                                       'orphaned_appointment', 'outcome_flag_mismatch', 'unlinked_appointment',
+                                       'booking_id_mismatch', 'duplicate_booking', 'customer_link'])
+                  except select name from booking_guard.rules$$,
+                'the rules of DESIGN.md are seeded');
 select results_eq($$select severity, mode from booking_guard.rules where name = 'phantom_booking'$$,
                   $$values ('critical', 'correct')$$, 'phantom_booking: critical, correct');
 select results_eq($$select severity, mode from booking_guard.rules where name = 'duplicate_booking'$$,
