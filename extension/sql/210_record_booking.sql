@@ -12,6 +12,10 @@
 --      of that, rolls the call back to creation_failed (rollback_on_failure: critical alert
 --      appointment_validation_failed) and queues it for review, in the caller's transaction.
 --
+-- The appointment's INSERT is prepared once per session, table and set of jsonb keys, as a
+-- prepared statement named booking_guard_insert_<md5> (visible in pg_prepared_statements; a
+-- DISCARD ALL or DEALLOCATE only makes the next call prepare it again).
+--
 -- Idempotency needs each call to see the appointments committed before it took the lock:
 -- READ COMMITTED (the default) does, and SERIALIZABLE detects the conflict; REPEATABLE READ
 -- would read an older snapshot and is refused.
@@ -44,6 +48,7 @@ declare
     conflicting  text[];
     existing     record;
     cols         text;
+    stmt         name;
     the_id       bigint;
     v            booking_guard.validation_result;
     failed       boolean := false;
@@ -134,10 +139,16 @@ begin
                    updated_at = now()
              where g.id = record_booking.call_id;
             if existing.id is null then
-                execute format('insert into %s as t (%s) select %s from pg_catalog.jsonb_populate_record(null::%s, $1) r '
-                               'returning t.id', tbl, cols, cols, tbl)
-                   into the_id
-                  using payload;
+                -- The insert is dynamic (the attached table, the jsonb's columns). A prepared
+                -- statement per table and column set keeps its plan for the session: planning it
+                -- on every booking cost more than the insert itself.
+                stmt := 'booking_guard_insert_' || md5(tbl::oid::text || ':' || cols);
+                if not exists (select from pg_catalog.pg_prepared_statements p where p.name = stmt) then
+                    execute format('prepare %I (jsonb) as insert into %s as t (%s) select %s '
+                                   'from pg_catalog.jsonb_populate_record(null::%s, $1) r returning t.id',
+                                   stmt, tbl, cols, cols, tbl);
+                end if;
+                execute format('execute %I(%L)', stmt, payload) into the_id;
             elsif existing.call_id is null then
                 -- the calendar's webhook was first: link the orphaned appointment to this call
                 update booking_guard.guarded_appointments a

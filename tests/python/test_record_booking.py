@@ -212,3 +212,19 @@ def test_validation_events_feed_the_latency_kpi(attached):
     assert n == 21
     assert reasons == ["ok"]
     assert 0 < p95 < 1000
+
+
+def test_insert_is_prepared_once_per_session_and_survives_discard(attached, connect):
+    conn = connect()
+    calls = [new_call(attached, f"r-prep-{i}") for i in range(4)]
+    assert conn.execute(RECORD, (calls[0], "cal-prep-0", '{"status": "a"}')).fetchone()[0] is True
+    assert conn.execute(RECORD, (calls[1], "cal-prep-1", '{"status": "b"}')).fetchone()[0] is True
+    names = [r[0] for r in conn.execute("select name from pg_prepared_statements where name like 'booking_guard_insert_%'")]
+    assert len(names) == 1   # one per table and set of keys, reused
+    conn.execute("discard all")
+    assert conn.execute(RECORD, (calls[2], "cal-prep-2", '{"status": "c"}')).fetchone()[0] is True
+    assert conn.execute(RECORD, (calls[3], "cal-prep-3", '{"status": "d", "starts_at": "2026-12-01T10:00Z"}')).fetchone()[0]
+    assert conn.execute("select count(*) from pg_prepared_statements where name like 'booking_guard_insert_%'"
+                        ).fetchone()[0] == 2
+    assert attached.execute("select array_agg(status order by status) from appointments where calcom_v2_booking_id like "
+                            "'cal-prep-%'").fetchone()[0] == ["a", "b", "c", "d"]
