@@ -1,11 +1,13 @@
 """The shared circuit breaker against pybreaker with its Redis storage, in one run.
 
 Throughput: acquire + record round trips per second (the closed state's success path, the one every
-booking takes) at 1, 8 and 32 clients, on one hot key and spread over 100 keys. Each client is a
-process with its own connection: booking_guard.circuit_acquire + circuit_record_success on PostgreSQL
-(DATABASE_URL; a scratch database), pybreaker.CircuitBreaker(state_storage=CircuitRedisStorage) on a
-redis-server this script starts on 127.0.0.1 and stops at the end. Both sides do the same work: one
-breaker per key and process, no protected work in between.
+booking takes) at 1, 8 and 32 clients, on one hot key and spread over 100 keys. Each client has its
+own connection: booking_guard.circuit_acquire + circuit_record_success on PostgreSQL (DATABASE_URL; a
+scratch database), pybreaker.CircuitBreaker(state_storage=CircuitRedisStorage) on a redis-server this
+script starts on 127.0.0.1 and stops at the end. Both sides do the same work: one breaker per key and
+client, no protected work in between. Clients are processes (an application's worker processes; on a
+small machine PostgreSQL's process per connection then competes with them for the CPUs) and threads
+of one process (a threaded application server; the GIL caps both sides' client work alike).
 
 Exactness: the same 32-process race on a half-open breaker that admits one trial call. Each admitted
 call stays in progress until every process has tried, so a second admission is a real over-admission.
@@ -16,16 +18,19 @@ Target (issue 5): booking_guard >= 0.5 x pybreaker+redis while exact.
 Each cell is measured --repeat times, the two sides alternating, and the median is printed (the
 machine may be shared; alternating spreads any disturbance over both sides).
 
-usage: .venv/bin/python bench/circuit_breaker.py [--seconds 2] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+                                                [--model processes|threads|both]
 """
 
 import argparse
 import importlib.metadata
 import multiprocessing as mp
+import queue
 import shutil
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -124,14 +129,19 @@ def pb_client(port: int, keys: list[str], seconds: float, start: mp.Barrier, out
     r.close()
 
 
-def throughput(target, args: tuple, clients: int) -> float:
-    start, out = mp.Barrier(clients), mp.Queue()
-    procs = [mp.Process(target=target, args=(*args, start, out)) for _ in range(clients)]
-    for p in procs:
-        p.start()
-    rates = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+def throughput(target, args: tuple, clients: int, model: str) -> float:
+    """Sum of the clients' rates; each client is a process, or a thread of this process."""
+    if model == "processes":
+        start, out = mp.Barrier(clients), mp.Queue()
+        workers = [mp.Process(target=target, args=(*args, start, out)) for _ in range(clients)]
+    else:
+        start, out = threading.Barrier(clients), queue.Queue()
+        workers = [threading.Thread(target=target, args=(*args, start, out)) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    rates = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
     return sum(rates)
 
 
@@ -214,12 +224,15 @@ def race(target, args: tuple, reopen, rounds: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput cell")
+    parser.add_argument("--seconds", type=float, default=1.5, help="duration of each throughput measurement")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per cell (median printed)")
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the half-open race")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--model", choices=["processes", "threads", "both"], default="both",
+                        help="clients as processes (an application's workers), threads (one process), or both")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    models = ["processes", "threads"] if args.model == "both" else [args.model]
     mp.set_start_method("fork")
 
     server = RedisServer()
@@ -232,23 +245,25 @@ def main() -> None:
             env = machine()
             print(f"circuit breaker bench: {env['cpu']}, PostgreSQL {env['postgresql']}, redis-server {server.version} "
                   f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}")
-            print(f"acquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
-                  "one process and connection per client")
-            print(f"{'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
-            ratios = []
-            for label, keys in (("hot key", HOT), (f"{KEYS} keys", SPREAD)):
-                flush = server.client()
-                flush.flushall()
-                flush.close()
-                for n in clients:
-                    bgs, pbs = [], []
-                    for _ in range(args.repeat):
-                        bgs.append(throughput(bg_client, (dsn, keys, args.seconds), n))
-                        pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n))
-                    bg, pb = statistics.median(bgs), statistics.median(pbs)
-                    ratios.append(bg / pb)
-                    print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
-            print(f"ratio booking_guard / pybreaker+redis: min {min(ratios):.2f}, max {max(ratios):.2f} (target >= 0.5)")
+            for model in models:
+                print(f"\nacquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
+                      f"each client one {model[:-2] if model == 'processes' else model[:-1]} with its own connection")
+                print(f"{'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
+                ratios = []
+                for label, keys in (("hot key", HOT), (f"{KEYS} keys", SPREAD)):
+                    flush = server.client()
+                    flush.flushall()
+                    flush.close()
+                    for n in clients:
+                        bgs, pbs = [], []
+                        for _ in range(args.repeat):
+                            bgs.append(throughput(bg_client, (dsn, keys, args.seconds), n, model))
+                            pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n, model))
+                        bg, pb = statistics.median(bgs), statistics.median(pbs)
+                        ratios.append(bg / pb)
+                        print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
+                print(f"ratio booking_guard / pybreaker+redis ({model}): min {min(ratios):.2f}, max {max(ratios):.2f} "
+                      "(target >= 0.5)")
 
             print(f"\nhalf-open race: {RACERS} processes, {args.rounds} rounds, 1 trial call allowed, "
                   "each admitted call in progress until all have tried")
