@@ -25,6 +25,7 @@ usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [-
 import argparse
 import importlib.metadata
 import multiprocessing as mp
+import os
 import queue
 import shutil
 import socket
@@ -244,7 +245,8 @@ def main() -> None:
                     conn.execute("select booking_guard.circuit_acquire(%s)", (key,))
             env = machine()
             print(f"circuit breaker bench: {env['cpu']}, PostgreSQL {env['postgresql']}, redis-server {server.version} "
-                  f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}")
+                  f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}; "
+                  f"load average before: {os.getloadavg()[0]:.1f}")
             for model in models:
                 print(f"\nacquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
                       f"each client one {model[:-2] if model == 'processes' else model[:-1]} with its own connection")
@@ -275,6 +277,7 @@ def main() -> None:
                 print(f"{name:<16} over-admitted in {len(over)}/{len(admitted)} rounds; admitted per round: "
                       f"min {min(admitted)}, max {max(admitted)}, mean {sum(admitted) / len(admitted):.1f}; "
                       f"calls beyond the limit: {sum(a - 1 for a in over)}")
+            print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:
         server.stop()
 
