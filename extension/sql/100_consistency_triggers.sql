@@ -139,6 +139,17 @@ begin
                 jsonb_build_object('state', was), false);
         end if;
     end if;
+
+    -- 4, for the application's own booking write: the seed's trackBooking sets appointment_made
+    -- and session_outcome after the appointment is in, never the link. Derive the link here from
+    -- the appointment already there (an index probe, only for a claim without the link), so that
+    -- the truth check at COMMIT finds the call complete and has nothing to write.
+    if new.appointment_made is true and new.appointment_link_status is distinct from 'linked'
+       and exists (select from booking_guard.guarded_appointments a where a.call_id = new.id)
+       and booking_guard.rule_mode('unlinked_appointment', company) in ('correct', 'enforce') then
+        new.appointment_link_status := 'linked';
+        new.appointment_linked_at := coalesce(new.appointment_linked_at, now());
+    end if;
     return new;
 end
 $$;

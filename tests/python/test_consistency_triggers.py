@@ -611,6 +611,21 @@ def test_the_seeds_booking_flow_ends_fully_linked(core):
     assert alerts(core) == []
 
 
+def test_the_seeds_booking_flow_writes_the_call_once(core):
+    """The link is derived in the application's own UPDATE (its BEFORE trigger sees the
+    appointment), so the truth check at COMMIT finds nothing to write: the booking path costs
+    no second UPDATE of the call (the row version of the UPDATE is the one that stays)."""
+    with core.transaction():
+        call_id = new_call(core)
+        new_appointment(core, call_id)
+        core.execute("update calls set appointment_made = true, session_outcome = 'appointment_booked' where id = %s",
+                     (call_id,))
+        assert flags(core, call_id) == BOOKED
+        version = core.execute("select ctid from calls where id = %s", (call_id,)).fetchone()[0]
+    assert core.execute("select ctid from calls where id = %s", (call_id,)).fetchone()[0] == version
+    assert flags(core, call_id) == BOOKED
+
+
 def test_a_call_flagged_before_its_appointment_ends_fully_linked(core):
     with core.transaction():
         call_id = new_call(core, session_outcome="appointment_booked", appointment_made=True)
