@@ -121,22 +121,6 @@ create table booking_guard.metric_circuit_marks (
 comment on table booking_guard.metric_circuit_marks is
     'Per breaker key: the last circuit_transitions id folded into the metrics, and when its current outage began (for the recovery time).';
 
-create function booking_guard.metric_label(value text)
-returns text
-language sql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-    -- reasons and rule names are identifiers; anything else (an id, free text) would make the
-    -- label set unbounded, so it becomes 'other'
-    select case when value is null then 'unknown'
-                when value ~ '^[a-z][a-z0-9_]{0,62}$' then value
-                else 'other' end
-$$;
-
-comment on function booking_guard.metric_label(text) is
-    'A bounded label value: an identifier-like reason or rule name as it is, null as unknown, anything else as other.';
-
 create function booking_guard.histogram_le(value double precision, buckets double precision[])
 returns text
 language sql
@@ -148,32 +132,6 @@ $$;
 
 comment on function booking_guard.histogram_le(double precision, double precision[]) is
     'The upper bound (as text, Infinity for the last) of the histogram bucket a value falls in.';
-
-create function booking_guard.metric_number(value jsonb)
-returns double precision
-language sql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-    -- a malformed detail must not stop the fold forever: anything but a finite number is null
-    select case when jsonb_typeof(value) = 'number' and (value #>> '{}')::numeric between -1e300 and 1e300
-                then (value #>> '{}')::numeric::double precision end
-$$;
-
-comment on function booking_guard.metric_number(jsonb) is
-    'A jsonb number as double precision; null for anything else (so a malformed event detail cannot stop the fold).';
-
-create function booking_guard.metric_flag(value jsonb)
-returns boolean
-language sql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-    select case when jsonb_typeof(value) = 'boolean' then (value #>> '{}')::boolean end
-$$;
-
-comment on function booking_guard.metric_flag(jsonb) is
-    'A jsonb boolean as boolean; null for anything else.';
 
 -- Called by fold_metrics() under its advisory lock.
 create function booking_guard.fold_circuit_metrics()
@@ -284,48 +242,81 @@ begin
     v_validation := (select d.buckets from booking_guard.metric_definitions d
                       where d.name = 'appointment_validation_duration_seconds');
 
-    with ev as materialized (
+    -- Per event only field extraction and a hash aggregate; labels and contributions are made
+    -- from the few groups. Every expression is inline (a function with SET is never inlined) and
+    -- defensive: a malformed detail must not stop the fold for good, so it becomes null or 'other'.
+    with raw as materialized (
         select e.kind, e.rule, e.at,
-               booking_guard.metric_flag(e.details -> 'success') as ok,
-               booking_guard.metric_label(e.details ->> 'reason') as reason,
-               booking_guard.metric_number(e.details -> 'duration_ms') / 1000.0 as seconds,
-               booking_guard.metric_flag(e.details -> 'auto_corrected') as corrected
+               case when jsonb_typeof(e.details -> 'success') = 'boolean' then (e.details -> 'success')::boolean end as ok,
+               e.details ->> 'reason' as reason,
+               case when jsonb_typeof(e.details -> 'auto_corrected') = 'boolean'
+                    then (e.details -> 'auto_corrected')::boolean end as corrected,
+               case when jsonb_typeof(e.details -> 'duration_ms') = 'number'
+                    then (e.details -> 'duration_ms')::numeric end as ms
           from booking_guard.events e
          where e.xid >= v_from and e.xid < v_to
            and e.kind in ('record_booking', 'validation', 'alert', 'review')
     ),
-    -- (counter series or null, labels, amount, 5-minute window name or null)
+    ev as materialized (
+        select x.kind, x.rule, x.ok, x.reason, x.corrected, s.seconds,
+               date_bin('5 minutes', x.at, timestamptz '2000-01-01 00:00+00') as bucket,
+               -- the histogram bucket: the smallest bound >= seconds (width_bucket counts the bounds <= it)
+               case when s.seconds is not null then
+                   coalesce(case when w.n > 0 and w.bounds[w.n] = s.seconds then w.bounds[w.n] else w.bounds[w.n + 1] end,
+                            'Infinity') end as le
+          from raw x
+         cross join lateral (select case when x.ms between -1e300 and 1e300 then x.ms::double precision / 1000.0 end
+                                    as seconds) s
+         cross join lateral (select y.bounds, width_bucket(s.seconds, y.bounds) as n
+                               from (select case x.kind when 'record_booking' then v_creation else v_validation end
+                                            as bounds) y) w
+    ),
+    grouped as (
+        select g.kind, g.ok, g.corrected, g.bucket, g.le::text as le,
+               -- label values: identifier-like reasons and rule names as they are, never free text or ids
+               case when g.reason is null then 'unknown' when g.reason ~ '^[a-z][a-z0-9_]{0,62}$' then g.reason
+                    else 'other' end as reason,
+               case when g.rule is null then 'unknown' when g.rule ~ '^[a-z][a-z0-9_]{0,62}$' then g.rule
+                    else 'other' end as rule,
+               g.n, g.timed, g.seconds
+          from (select ev.kind, ev.ok, ev.corrected, ev.bucket, ev.le, ev.reason, ev.rule,
+                       count(*)::double precision as n, count(ev.seconds)::double precision as timed,
+                       coalesce(sum(ev.seconds), 0) as seconds
+                  from ev
+                 group by ev.kind, ev.ok, ev.corrected, ev.bucket, ev.le, ev.reason, ev.rule) g
+    ),
+    -- (counter series or null, labels, amount, 5-minute window name or null, bucket)
     contrib as (
-        select c.counter, c.labels, c.amount, c.win, ev.at
-          from ev
+        select c.counter, c.labels, c.amount, c.win, g.bucket
+          from grouped g
          cross join lateral (values
-            (case when ev.kind = 'record_booking' and ev.ok then 'appointment_creation_success_total' end,
-             '{}'::jsonb, 1::double precision, case when ev.kind = 'record_booking' and ev.ok then 'creation_success' end),
-            (case when ev.kind = 'record_booking' and ev.ok is false then 'appointment_creation_failure_total' end,
-             jsonb_build_object('reason', ev.reason), 1, null),
-            (null, null, 1, case when ev.kind = 'record_booking' and ev.ok is not null then 'creation_total' end),
-            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_bucket' end,
-             jsonb_build_object('le', booking_guard.histogram_le(ev.seconds, v_creation)), 1, null),
-            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_sum' end,
-             '{}', coalesce(ev.seconds, 0), case when ev.kind = 'record_booking' and ev.seconds is not null then 'creation_seconds' end),
-            (case when ev.kind = 'record_booking' and ev.seconds is not null then 'appointment_creation_duration_seconds_count' end,
-             '{}', 1, case when ev.kind = 'record_booking' and ev.seconds is not null then 'creation_timed' end),
-            (case when ev.kind = 'validation' and ev.ok is not null then 'appointment_validation_total' end,
-             '{}', 1, case when ev.kind = 'validation' and ev.ok is not null then 'validation_total' end),
-            (null, null, 1, case when ev.kind = 'validation' and ev.ok then 'validation_success' end),
-            (case when ev.kind = 'validation' and ev.ok is false then 'appointment_validation_failure_total' end,
-             jsonb_build_object('type', ev.reason), 1, null),
-            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_bucket' end,
-             jsonb_build_object('le', booking_guard.histogram_le(ev.seconds, v_validation)), 1, null),
-            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_sum' end,
-             '{}', coalesce(ev.seconds, 0), null),
-            (case when ev.kind = 'validation' and ev.seconds is not null then 'appointment_validation_duration_seconds_count' end,
-             '{}', 1, null),
-            (case when ev.kind = 'alert' then 'data_inconsistency_detected_total' end,
-             jsonb_build_object('type', booking_guard.metric_label(ev.rule)), 1, case when ev.kind = 'alert' then 'inconsistencies' end),
-            (case when ev.kind = 'alert' and ev.corrected then 'data_inconsistency_auto_corrected_total' end,
-             '{}', 1, case when ev.kind = 'alert' and ev.corrected then 'auto_corrected' end),
-            (case when ev.kind = 'review' then 'data_inconsistency_manual_review_total' end, '{}', 1, null)
+            (case when g.kind = 'record_booking' and g.ok then 'appointment_creation_success_total' end,
+             '{}'::jsonb, g.n, case when g.kind = 'record_booking' and g.ok then 'creation_success' end),
+            (case when g.kind = 'record_booking' and g.ok is false then 'appointment_creation_failure_total' end,
+             jsonb_build_object('reason', g.reason), g.n, null),
+            (null, null, g.n, case when g.kind = 'record_booking' and g.ok is not null then 'creation_total' end),
+            (case when g.kind = 'record_booking' and g.timed > 0 then 'appointment_creation_duration_seconds_bucket' end,
+             jsonb_build_object('le', g.le), g.timed, null),
+            (case when g.kind = 'record_booking' and g.timed > 0 then 'appointment_creation_duration_seconds_sum' end,
+             '{}', g.seconds, case when g.kind = 'record_booking' and g.timed > 0 then 'creation_seconds' end),
+            (case when g.kind = 'record_booking' and g.timed > 0 then 'appointment_creation_duration_seconds_count' end,
+             '{}', g.timed, case when g.kind = 'record_booking' and g.timed > 0 then 'creation_timed' end),
+            (case when g.kind = 'validation' and g.ok is not null then 'appointment_validation_total' end,
+             '{}', g.n, case when g.kind = 'validation' and g.ok is not null then 'validation_total' end),
+            (null, null, g.n, case when g.kind = 'validation' and g.ok then 'validation_success' end),
+            (case when g.kind = 'validation' and g.ok is false then 'appointment_validation_failure_total' end,
+             jsonb_build_object('type', g.reason), g.n, null),
+            (case when g.kind = 'validation' and g.timed > 0 then 'appointment_validation_duration_seconds_bucket' end,
+             jsonb_build_object('le', g.le), g.timed, null),
+            (case when g.kind = 'validation' and g.timed > 0 then 'appointment_validation_duration_seconds_sum' end,
+             '{}', g.seconds, null),
+            (case when g.kind = 'validation' and g.timed > 0 then 'appointment_validation_duration_seconds_count' end,
+             '{}', g.timed, null),
+            (case when g.kind = 'alert' then 'data_inconsistency_detected_total' end,
+             jsonb_build_object('type', g.rule), g.n, case when g.kind = 'alert' then 'inconsistencies' end),
+            (case when g.kind = 'alert' and g.corrected then 'data_inconsistency_auto_corrected_total' end,
+             '{}', g.n, case when g.kind = 'alert' and g.corrected then 'auto_corrected' end),
+            (case when g.kind = 'review' then 'data_inconsistency_manual_review_total' end, '{}', g.n, null)
          ) as c(counter, labels, amount, win)
          where c.counter is not null or c.win is not null
     ),
@@ -337,8 +328,8 @@ begin
     ),
     windowed as (
         insert into booking_guard.metric_windows as w (name, bucket, value)
-        select c.win, date_bin('5 minutes', c.at, timestamptz '2000-01-01 00:00+00'), sum(c.amount)
-          from contrib c where c.win is not null group by 1, 2
+        select c.win, c.bucket, sum(c.amount)
+          from contrib c where c.win is not null group by c.win, c.bucket
         on conflict (name, bucket) do update set value = w.value + excluded.value
         returning 1
     )
@@ -511,7 +502,6 @@ grant select on booking_guard.metric_definitions, booking_guard.metric_counters,
                 booking_guard.metric_fold_state, booking_guard.metric_circuit_marks
    to booking_guard_monitor;
 grant execute on function booking_guard.metrics(), booking_guard.fold_metrics(integer) to booking_guard_monitor;
-grant execute on function booking_guard.metric_label(text), booking_guard.histogram_le(double precision, double precision[]),
-                          booking_guard.metric_number(jsonb), booking_guard.metric_flag(jsonb),
+grant execute on function booking_guard.histogram_le(double precision, double precision[]),
                           booking_guard.metric_label_seeds()
    to booking_guard_monitor;
