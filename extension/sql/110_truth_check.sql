@@ -70,11 +70,13 @@ begin
         format('Call %s claimed a booking that does not stand (%s): rolled back to creation_failed',
                before.retell_call_id, rollback_on_failure.reason),
         details, true);
-    -- A phantom_booking alert whose correction (appointment_made := true) this rollback undid
-    -- is superseded: one open alert per failed booking, pointing at what was done.
+    -- A phantom_booking or outcome_flag_mismatch alert whose correction (appointment_made or
+    -- session_outcome set to a booking) this rollback undid is superseded: one open alert per
+    -- failed booking, pointing at what was done.
     update booking_guard.alerts a
        set resolved_at = now(), details = a.details || jsonb_build_object('superseded_by', alert_id)
-     where a.fingerprint = concat_ws(':', 'phantom_booking', 'call', rollback_on_failure.call_id::text)
+     where a.fingerprint in (concat_ws(':', 'phantom_booking', 'call', rollback_on_failure.call_id::text),
+                             concat_ws(':', 'outcome_flag_mismatch', 'call', rollback_on_failure.call_id::text))
        and a.resolved_at is null;
     return details || jsonb_build_object('alert_id', alert_id);
 end

@@ -645,3 +645,20 @@ def test_an_appointment_written_before_its_call_links_it(core, mode):
         new_call(core, id=1000)
     assert flags(core, 1000) == BOOKED
     assert alerts(core) == []
+
+
+def test_contradiction_5_record_booking_retried_books_once(core):
+    """The booking path's own answer to the retry (record_booking is idempotent on the booking id),
+    seen from the consistency core: one appointment, a booked call, nothing to alert or review."""
+    call_id = new_call(core)
+    results = [core.execute("select created, success from booking_guard.record_booking(%s, 'cal-once', %s)",
+                            (call_id, '{"company_id": 1}')).fetchone() for _ in range(2)]
+    assert results == [(True, True), (False, True)]
+    assert appointments_count(core, call_id) == 1
+    assert flags(core, call_id) == BOOKED
+    assert alerts(core) == []
+    assert review_items(core, call_id) == []
+
+
+def appointments_count(db: psycopg.Connection, call_id: int) -> int:
+    return db.execute("select count(*) from appointments where call_id = %s", (call_id,)).fetchone()[0]

@@ -71,11 +71,14 @@ def commit_error(db: psycopg.Connection, *writes) -> psycopg.Error:
 
 # -- missing_appointment at COMMIT (grace 0) -------------------------------------------------
 
-@pytest.mark.parametrize("made", [True, False], ids=["flagged", "seed_phantom"])
-def test_a_phantom_committed_alone_is_rolled_back(core, made):
-    """made=False is the seed's phantom (trigger 3 sets the flag first); either way the call ends
-    creation_failed with exactly one open critical alert and one review item."""
-    call_id = claimed_booking(core, appointment_made=made, retell_call_id="retell-phantom")
+@pytest.mark.parametrize(("outcome", "made"), [("appointment_booked", True), ("appointment_booked", False),
+                                               ("no_answer", True)],
+                         ids=["flagged", "seed_phantom", "flag_with_another_outcome"])
+def test_a_phantom_committed_alone_is_rolled_back(core, outcome, made):
+    """The seed's phantom (outcome booked, flag false) and the flag with another outcome are first
+    'corrected' by trigger 3 into a booking; whatever the shape, the call ends creation_failed
+    with exactly one open critical alert (trigger 3's is superseded) and one review item."""
+    call_id = claimed_booking(core, session_outcome=outcome, appointment_made=made, retell_call_id="retell-phantom")
     assert flags(core, call_id) == FAILED
     assert open_alerts(core) == [("missing_appointment", "critical", str(call_id), True)]
     with core.cursor(row_factory=dict_row) as cur:
@@ -90,6 +93,9 @@ def test_a_phantom_committed_alone_is_rolled_back(core, made):
     alert, = [a for a in alerts(core, "missing_appointment")]
     assert item["context"]["alert_id"] == alert["id"]
     assert "retell-phantom" in alert["description"]
+    corrected = [a for a in alerts(core, call_id=call_id) if a["alert_type"] in ("phantom_booking", "outcome_flag_mismatch")]
+    assert [(a["resolved_at"] is not None, a["details"]["superseded_by"]) for a in corrected] == (
+        [] if made and outcome == "appointment_booked" else [(True, alert["id"])])
     kinds = [e for e in events(core) if e[0] in ("rollback", "review")]
     assert kinds == [("rollback", "missing_appointment", str(call_id)),
                      ("review", "appointment_validation_failed", str(call_id))]
