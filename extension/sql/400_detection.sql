@@ -9,7 +9,7 @@
 -- of rows in the window, never with the size of the tables.
 --
 -- run_monitor() turns findings into alerts (one open alert per rule and entity, repeats bump
--- occurrences), repairs what a rule in `correct` mode can repair (auto_corrected), and
+-- occurrences), repairs what a rule in `correct` (or `enforce`) mode can repair (auto_corrected), and
 -- resolves the open alerts of detection rules whose condition no longer holds.
 
 insert into booking_guard.rules (name, severity, mode, description) values
@@ -470,7 +470,7 @@ begin
     end if;
     case f.rule
         when 'missing_direction' then
-            if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+            if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                 return null;
             end if;
             update booking_guard.guarded_calls g
@@ -479,7 +479,7 @@ begin
              where g.id = v_id and g.direction is null;
             return case when found then 'direction set' end;
         when 'customer_link' then
-            if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+            if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                 return null;
             end if;
             update booking_guard.guarded_calls g
@@ -490,14 +490,14 @@ begin
             return case when found then 'customer linked' end;
         when 'phantom_booking', 'outcome_flag_mismatch', 'unlinked_appointment', 'missing_appointment' then
             if (f.details ->> 'appointments')::bigint > 0 then
-                if booking_guard.rule_mode(f.rule, company) <> 'correct' then
+                if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                     return null;
                 end if;
                 return case when booking_guard.sync_call_flags(v_id) then 'flags set from the appointments' end;
             end if;
             -- no appointment behind the claim: the missing_appointment verdict (rollback and review)
-            if booking_guard.rule_mode(f.rule, company) <> 'correct'
-               or booking_guard.rule_mode('missing_appointment', company) <> 'correct'
+            if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce')
+               or booking_guard.rule_mode('missing_appointment', company) not in ('correct', 'enforce')
                or booking_guard.within_grace(v_id, (f.details ->> 'since')::timestamptz) then
                 return null;
             end if;
@@ -509,14 +509,14 @@ begin
              where c.booking_id = f.details ->> 'calcom_v2_booking_id';
             if cardinality(matches) = 1 then
                 if booking_guard.rule_mode(f.rule,
-                       (select c.company_id::text from booking_guard.guarded_calls c where c.id = matches[1])) <> 'correct' then
+                       (select c.company_id::text from booking_guard.guarded_calls c where c.id = matches[1])) not in ('correct', 'enforce') then
                     return null;
                 end if;
                 update booking_guard.guarded_appointments a
                    set call_id = matches[1], updated_at = now()
                  where a.id = v_id;
                 return format('linked to call %s', matches[1]);
-            elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) = 'correct' then
+            elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) in ('correct', 'enforce') then
                 perform booking_guard.queue_ambiguous_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
             end if;
             return null;
@@ -527,7 +527,7 @@ end
 $$;
 
 comment on function booking_guard.repair_finding(booking_guard.finding) is
-    'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct; returns what was done, or null.';
+    'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct or enforce; returns what was done, or null.';
 
 -- An orphan whose booking id matches several calls is never guessed: a person decides. The
 -- review queue is keyed by call, and an orphan has none: the items of ambiguous orphans share
@@ -621,6 +621,12 @@ begin
         fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint
                                                                  and x.resolved_at is null);
         repaired := booking_guard.repair_finding(f);
+        if repaired is null and booking_guard.rule_mode(f.rule, f.details ->> 'company_id') in ('correct', 'enforce')
+           and not booking_guard.finding_holds(f.rule, f.entity_type, f.entity_id, since) then
+            -- repaired with another finding of the same entity in this run (a phantom's flags
+            -- set from its appointment also end its unlinked_appointment)
+            repaired := 'repaired with another finding of this entity';
+        end if;
         if repaired is not null then
             n_repaired := n_repaired + 1;
         end if;

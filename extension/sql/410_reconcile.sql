@@ -2,7 +2,8 @@
 --
 -- reconcile() walks calls and appointments in primary-key order, batch_size rows at a time
 -- (keyset pagination: every batch is one index range scan, whatever the table's size), and
--- repairs what the rules in `correct` mode repair:
+-- repairs what the rules in `correct` mode repair (`enforce` too: rows already written can
+-- no longer be rejected, so they are repaired as in `correct`):
 --   directions       a null direction gets the default_direction setting (missing_direction)
 --   customer_links   a call with a customer gets customer_link_status linked (customer_link)
 --   flags            a call with an appointment gets its flags from it (unlinked_appointment)
@@ -61,21 +62,21 @@ begin
 
     -- one range scan of the batch, joined with the appointments of the same id range
     select array_agg(x.id) filter (where x.direction is null
-                                     and booking_guard.rule_mode('missing_direction', x.company) = 'correct'),
+                                     and booking_guard.rule_mode('missing_direction', x.company) in ('correct', 'enforce')),
            array_agg(x.id) filter (where x.customer_id is not null and x.customer_link_status is distinct from 'linked'
-                                     and booking_guard.rule_mode('customer_link', x.company) = 'correct'),
+                                     and booking_guard.rule_mode('customer_link', x.company) in ('correct', 'enforce')),
            array_agg(x.id) filter (where x.has_one
                                      and not (x.appointment_made is true and x.session_outcome = 'appointment_booked'
                                               and x.appointment_link_status = 'linked')
                                      and booking_guard.rule_mode(case when x.appointment_made is true
                                                                            and x.session_outcome is distinct from 'appointment_booked'
                                                                       then 'outcome_flag_mismatch'
-                                                                      else 'unlinked_appointment' end, x.company) = 'correct'),
+                                                                      else 'unlinked_appointment' end, x.company) in ('correct', 'enforce')),
            array_agg(x.id) filter (where not x.has_one
                                      and (x.appointment_made is true or x.session_outcome = 'appointment_booked'
                                           or x.appointment_link_status = 'linked')
                                      and x.since <= now() - grace
-                                     and booking_guard.rule_mode('missing_appointment', x.company) = 'correct'
+                                     and booking_guard.rule_mode('missing_appointment', x.company) in ('correct', 'enforce')
                                      and not booking_guard.within_grace(x.id, x.since))
       into dirs, custs, syncs, claims
       from (select g.id, g.company_id::text as company, g.direction, g.customer_id, g.customer_link_status,
@@ -179,7 +180,7 @@ begin
            set call_id = o.matches[1], updated_at = now()
           from o
          where a.id = o.id and cardinality(o.matches) = 1
-           and booking_guard.rule_mode('orphaned_appointment', o.company) = 'correct'
+           and booking_guard.rule_mode('orphaned_appointment', o.company) in ('correct', 'enforce')
         returning a.id, a.call_id
     ), ev as (
         insert into booking_guard.events (kind, rule, entity_type, entity_id, details)
@@ -196,7 +197,7 @@ begin
       from o;
 
     for amb in select * from jsonb_array_elements(ambiguous) loop
-        if booking_guard.rule_mode('orphaned_appointment', null) = 'correct'
+        if booking_guard.rule_mode('orphaned_appointment', null) in ('correct', 'enforce')
            and booking_guard.queue_ambiguous_orphan((amb ->> 'id')::bigint, amb ->> 'booking_id',
                    array(select jsonb_array_elements_text(amb -> 'matches')::bigint)) then
             n_ambig := n_ambig + 1;

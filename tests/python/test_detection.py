@@ -330,3 +330,21 @@ def test_detection_reads_through_indexes(attached):
     assert [r[0] for r in findings(attached)] == ["missing_direction"]
     attached.execute("select booking_guard.run_monitor()")
     assert seq_scans() == before
+
+
+def test_one_repair_ends_two_findings(attached):
+    # a phantom whose appointment exists: phantom_booking and unlinked_appointment, one repair
+    for rule in ("phantom_booking", "unlinked_appointment"):
+        attached.execute("select booking_guard.set_rule(%s, 'off')", (rule,))
+    with attached.transaction():
+        call_id = call(attached, company(attached), session_outcome="appointment_booked", appointment_made=False)
+        appointment(attached, call_id)
+    assert sorted(r[0] for r in attached.execute("select rule from booking_guard.check_call(%s)", (call_id,))) == []
+    for rule in ("phantom_booking", "unlinked_appointment"):
+        attached.execute("select booking_guard.set_rule(%s, 'correct')", (rule,))
+    assert sorted(r[0] for r in attached.execute("select rule from booking_guard.check_call(%s)", (call_id,))) == [
+        "phantom_booking", "unlinked_appointment"]
+    result = attached.execute("select booking_guard.run_monitor()").fetchone()[0]
+    assert result["findings"] == 2 and result["repaired"] == 2
+    assert attached.execute("select alert_type, auto_corrected from booking_guard.alerts where resolved_at is null "
+                            "order by alert_type").fetchall() == [("phantom_booking", True), ("unlinked_appointment", True)]

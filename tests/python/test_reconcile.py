@@ -120,17 +120,32 @@ def test_not_attached(db):
 
 def test_failed_run_is_logged_and_changes_nothing(attached):
     c = company(attached)
-    set_rules(attached, "off", ["missing_direction", "missing_appointment"])
+    set_rules(attached, "off", ["missing_direction", "customer_link"])
     no_direction = call(attached, c, direction=None)
-    claims = call(attached, c, session_outcome="appointment_booked", appointment_made=True)
-    attached.execute("select booking_guard.set_rule('missing_direction', 'correct')")
-    # a due verification under an enforced rule cannot be judged after the fact: the run fails
-    attached.execute("select booking_guard.set_rule('missing_appointment', 'enforce')")
-    attached.execute("insert into booking_guard.due_verifications (call_id, due_at) values (%s, now())", (claims,))
+    customer = insert(attached, "customers", company_id=c, name="Ed")
+    call(attached, c, customer_id=customer, customer_link_status="pending")
+    set_rules(attached, "correct", ["missing_direction", "customer_link"])
+    # the application refuses one of the repairs (its own trigger): the run fails as a whole
+    attached.execute("""
+        create function refuse_link() returns trigger language plpgsql as $$
+        begin
+            raise exception 'customer links are set by the CRM sync only' using errcode = 'P0001';
+        end $$""")
+    attached.execute("create trigger refuse_link before update of customer_link_status on calls "
+                     "for each row execute function refuse_link()")
     result = attached.execute("select booking_guard.reconcile()").fetchone()[0]
-    assert result["error"].startswith("BG002")
+    assert result["error"] == "P0001: customer links are set by the CRM sync only"
     run = attached.execute("select finished_at is not null, error from booking_guard.reconciliation_runs").fetchone()
-    assert run[0] and run[1].startswith("BG002")
+    assert run == (True, "P0001: customer links are set by the CRM sync only")
     # the direction the run had fixed before it failed is as it was
     assert attached.execute("select direction from calls where id = %s", (no_direction,)).fetchone() == (None,)
     assert attached.execute("select count(*) from booking_guard.events where kind = 'reconcile'").fetchone()[0] == 0
+
+
+def test_enforce_repairs_rows_already_written(attached):
+    p = plant_mix(attached)
+    set_rules(attached, "enforce", ["missing_direction"])
+    result = attached.execute("select booking_guard.reconcile()").fetchone()[0]
+    assert result["directions"] == 2
+    rows = attached.execute("select direction from calls where id = any(%s)", (p["no_direction"],)).fetchall()
+    assert rows == [("inbound",), ("inbound",)]
