@@ -1,6 +1,6 @@
 -- Detection, reconciliation, reports, KPIs and scheduling: objects, grants, errors, and a small round trip.
 begin;
-select plan(47);
+select plan(51);
 set local client_min_messages = warning;
 
 -- objects
@@ -71,6 +71,16 @@ select is((select (booking_guard.reconcile() ->> 'directions')::int), 1, 'correc
 select is_empty($$select * from booking_guard.inconsistencies$$, 'nothing left');
 select matches(booking_guard.daily_report(), '^DATA CONSISTENCY REPORT - \d{4}-\d\d-\d\d\n=+\n\nSUMMARY\n-------\nTotal Calls: 1\n',
                'the report starts as the seed''s');
+
+-- the roles can do their job
+set local role booking_guard_monitor;
+select lives_ok($$select * from booking_guard.inconsistencies$$, 'monitor reads the inconsistencies');
+select lives_ok($$select * from booking_guard.kpis(), booking_guard.daily_report_json(current_date)$$, 'monitor reads KPIs and the report');
+select throws_ok($$select booking_guard.reconcile()$$, '42501', null, 'monitor may not reconcile');
+reset role;
+set local role booking_guard_admin;
+select lives_ok($$select booking_guard.run_monitor(), booking_guard.reconcile()$$, 'admin runs the monitor and reconciles');
+reset role;
 
 select * from finish();
 rollback;
