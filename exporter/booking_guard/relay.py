@@ -10,6 +10,7 @@ never send the same alert. LISTEN booking_guard_alert wakes the relay at once; i
 polls, so a missed NOTIFY only delays an alert.
 """
 
+import http.client
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import smtplib
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -133,7 +133,7 @@ class Relay:
         ids = [a["id"] for a in alerts]
         try:
             self.post_slack(slack_message(alerts))
-        except (OSError, urllib.error.URLError, ValueError) as error:
+        except (OSError, http.client.HTTPException, ValueError) as error:   # URLError is an OSError
             retry_in = conn.execute(
                 "select extract(epoch from booking_guard.alerts_failed(%s, %s, %s) - clock_timestamp())::float8",
                 (c.name, ids, str(error))).fetchone()[0]
