@@ -218,8 +218,13 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.mark.slow
 def test_database_stopped_then_started_without_restarting_the_exporter(cluster):
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        for call in ("1", "2"):
+            conn.execute("select booking_guard.queue_for_review(%s, 'calcom_booking_failed')", (call,))
     with running(cluster.dsn) as service:
-        assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
+        first = get(service, "/metrics")[1]
+        assert sample(first, "booking_guard_up") == 1
+        assert sample(first, "data_inconsistency_manual_review_total") == 2
         cluster.stop()
         status, text, took = get(service, "/metrics")
         assert status == 200 and took < 2
@@ -228,8 +233,14 @@ def test_database_stopped_then_started_without_restarting_the_exporter(cluster):
         deadline = time.monotonic() + 15
         up = 0.0
         while time.monotonic() < deadline and up != 1:
-            up = sample(get(service, "/metrics")[1], "booking_guard_up")
+            text = get(service, "/metrics")[1]
+            up = sample(text, "booking_guard_up")
         assert up == 1
+        # the counters are rows: they survive PostgreSQL's restart
+        assert sample(text, "data_inconsistency_manual_review_total") == 2
+    # and the exporter's
+    with running(cluster.dsn) as service:
+        assert sample(get(service, "/metrics")[1], "data_inconsistency_manual_review_total") == 2
 
 
 def booking_guard_cli(*args: str, dsn: str) -> subprocess.CompletedProcess:
