@@ -354,8 +354,8 @@ as $$
 declare
     cron  jsonb := '[]';
 begin
-    if booking_guard.cron_state() = 'ready' then
-        begin
+    begin
+        if booking_guard.cron_state() = 'ready' then
             cron := (select r::jsonb from booking_guard.cron_exec(format($q$
                 select coalesce(json_agg(json_build_object('jobname', j.jobname, 'jobid', j.jobid, 'active', j.active,
                                                            'status', d.status, 'start', d.start_time,
@@ -365,10 +365,10 @@ begin
                                       where r.jobid = j.jobid order by r.runid desc limit 1) d on true
                  where j.jobname = any (%L::text[])$q$,
                 (select array_agg(booking_guard.job_name(x.job)) from booking_guard.jobs x))) r);
-        exception when others then
-            cron := '[]';   -- pg_cron unreachable: job_runs still tells the story
-        end;
-    end if;
+        end if;
+    exception when others then
+        cron := '[]';   -- pg_cron unreachable: job_runs still tells the story
+    end;
     return query
     select j.job, j.schedule, r.scheduled_at, r.last_success_at, r.last_failure_at, r.last_error,
            exists (select from booking_guard.stalled_jobs() st where st.job = j.job),
