@@ -441,6 +441,24 @@ def test_moving_one_of_two_appointments_keeps_the_first_call_booked(core):
     assert alerts(core) == []
 
 
+def test_moving_all_appointments_in_one_statement(core):
+    first, _ = booked_call(core, appointments=2)
+    second = new_call(core)
+    core.execute("update appointments set call_id = %s where call_id = %s", (second, first))
+    assert flags(core, first) == CANCELLED
+    assert flags(core, second) == BOOKED
+    assert alerts(core) == []
+
+
+def test_an_appointment_for_a_call_that_does_not_exist_is_left_to_detection(core):
+    """No call row to flag (the orphaned_appointment rule's case): the COMMIT goes through."""
+    appointment_id = new_appointment(core, 999)
+    assert core.execute("select call_id from appointments where id = %s", (appointment_id,)).fetchone()[0] == 999
+    core.execute("delete from appointments where id = %s", (appointment_id,))
+    assert core.execute("select count(*) from appointments").fetchone()[0] == 0
+    assert alerts(core) == []
+
+
 def test_unlinking_an_appointment_cancels_the_booking(core):
     call_id, (appointment_id,) = booked_call(core)
     core.execute("update appointments set call_id = null where id = %s", (appointment_id,))
