@@ -1,5 +1,6 @@
 """The booking_guard circuit breaker from Python.
 
+    from psycopg.types.json import Jsonb
     from booking_guard.client import CircuitOpen, circuit
 
     try:

@@ -394,12 +394,13 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     k          text := circuit_record_result.key;
-    b          booking_guard.circuit_breakers;
+    b          record;   -- the working copy (a record: pgspot's parser cannot follow fields of a named row type)
     stored     booking_guard.circuit_breakers;
     p          booking_guard.circuit_policies := booking_guard.circuit_policy(circuit_record_result.key);
     adv        record;
     v_now      timestamptz;
     v_counts   boolean;
+    v_changed  boolean;
     v_claimed  bigint;
     v_error    text := nullif(left(btrim(circuit_record_result.error), 200), '');
 begin
@@ -408,6 +409,7 @@ begin
     v_now := booking_guard.circuit_now();
     select * into adv from booking_guard.circuit_advance(stored, p, v_now, true);
     b := adv.b;
+    v_changed := adv.steps > 0;
 
     -- Does this result count? Only toward the state its permit was granted in.
     if b.state = 'closed' then
@@ -428,8 +430,10 @@ begin
 
     if v_counts and succeeded then
         if b.state = 'closed' then
+            v_changed := v_changed or b.failure_count <> 0;
             b.failure_count := 0;
         else
+            v_changed := true;
             b.success_count := b.success_count + 1;
             if b.success_count >= p.success_threshold then
                 perform booking_guard.circuit_transition(k, 'half_open', 'closed', v_now,
@@ -441,6 +445,7 @@ begin
             end if;
         end if;
     elsif v_counts then
+        v_changed := true;
         b.failure_count := b.failure_count + 1;
         b.last_failure_at := v_now;
         if b.state = 'half_open' then
@@ -459,7 +464,7 @@ begin
         end if;
     end if;
 
-    if b is distinct from stored then
+    if v_changed then
         update booking_guard.circuit_breakers c
            set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
                last_failure_at = b.last_failure_at, opened_at = b.opened_at, closed_at = b.closed_at,
@@ -565,12 +570,13 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    b       booking_guard.circuit_breakers;
+    stored  booking_guard.circuit_breakers;
+    b       record;   -- the working copy (see circuit_record_result)
     adv     record;
     v_now   timestamptz;
 begin
     perform booking_guard.circuit_check_key(circuit_reset.key);
-    select * into b from booking_guard.circuit_breakers c where c.key = circuit_reset.key for update;
+    select * into stored from booking_guard.circuit_breakers c where c.key = circuit_reset.key for update;
     if not found then
         raise exception 'unknown circuit breaker "%"', circuit_reset.key
             using errcode = 'BG004',
@@ -578,7 +584,7 @@ begin
                   hint = 'select key, state from booking_guard.circuit_status;';
     end if;
     v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_reset.key), v_now, true);
+    select * into adv from booking_guard.circuit_advance(stored, booking_guard.circuit_policy(circuit_reset.key), v_now, true);
     b := adv.b;
     if b.state <> 'closed' then
         perform booking_guard.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
@@ -588,8 +594,8 @@ begin
        set state = 'closed', failure_count = 0, success_count = 0, last_failure_at = b.last_failure_at,
            opened_at = b.opened_at, closed_at = b.closed_at, forced_until = null, updated_at = v_now
      where c.key = b.key
-    returning c.* into b;
-    return b;
+    returning c.* into stored;
+    return stored;
 end
 $$;
 
@@ -603,7 +609,8 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    b        booking_guard.circuit_breakers;
+    stored   booking_guard.circuit_breakers;
+    b        record;   -- the working copy (see circuit_record_result)
     adv      record;
     v_now    timestamptz;
     v_until  timestamptz := coalesce(circuit_force_open.until, 'infinity');
@@ -618,9 +625,9 @@ begin
                   hint = 'Give a time in the future, or omit it to keep the breaker open until circuit_reset().';
     end if;
     insert into booking_guard.circuit_breakers as c (key) values (circuit_force_open.key) on conflict on constraint circuit_breakers_pkey do nothing;
-    select * into b from booking_guard.circuit_breakers c where c.key = circuit_force_open.key for update;
+    select * into stored from booking_guard.circuit_breakers c where c.key = circuit_force_open.key for update;
     v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_force_open.key), v_now, true);
+    select * into adv from booking_guard.circuit_advance(stored, booking_guard.circuit_policy(circuit_force_open.key), v_now, true);
     b := adv.b;
     if b.state <> 'open' then
         perform booking_guard.circuit_transition(b.key, b.state, 'open', v_now,
@@ -631,8 +638,8 @@ begin
        set state = 'open', success_count = 0, failure_count = b.failure_count, last_failure_at = b.last_failure_at,
            opened_at = b.opened_at, closed_at = b.closed_at, forced_until = v_until, updated_at = v_now
      where c.key = b.key
-    returning c.* into b;
-    return b;
+    returning c.* into stored;
+    return stored;
 end
 $$;
 
