@@ -140,44 +140,48 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    k         text;
-    mark      booking_guard.metric_circuit_marks;
-    t         record;
-    v_bounds  double precision[] := (select d.buckets from booking_guard.metric_definitions d
-                                      where d.name = 'circuit_breaker_recovery_time_seconds');
-    v_secs    double precision;
-    n_changes bigint := 0;
+    k             text;
+    v_last_id     bigint;
+    v_open_since  timestamptz;
+    t             record;
+    v_bounds      double precision[] := (select d.buckets from booking_guard.metric_definitions d
+                                          where d.name = 'circuit_breaker_recovery_time_seconds');
+    v_secs        double precision;
+    v_seen        boolean;
+    n_changes     bigint := 0;
 begin
     for k in select b.key from booking_guard.circuit_breakers b loop
-        select * into mark from booking_guard.metric_circuit_marks m where m.key = k;
-        if not found then
-            mark := row(k, 0, null)::booking_guard.metric_circuit_marks;
-        end if;
+        select m.last_id, m.open_since into v_last_id, v_open_since
+          from booking_guard.metric_circuit_marks m where m.key = k;
+        v_last_id := coalesce(v_last_id, 0);
+        v_seen := false;
         for t in select x.id, x.to_state, x.at from booking_guard.circuit_transitions x
-                  where x.key = k and x.id > mark.last_id order by x.id loop
+                  where x.key = k and x.id > v_last_id order by x.id loop
+            v_seen := true;
             n_changes := n_changes + 1;
-            mark.last_id := t.id;
+            v_last_id := t.id;
             if t.to_state = 'open' then
                 insert into booking_guard.metric_counters as m (name, labels, value)
                 values ('circuit_breaker_open_total', jsonb_build_object('key', k), 1)
                 on conflict (name, labels) do update set value = m.value + 1, updated_at = now();
-                mark.open_since := coalesce(mark.open_since, t.at);
-            elsif t.to_state = 'closed' and mark.open_since is not null then
-                v_secs := greatest(extract(epoch from t.at - mark.open_since)::double precision, 0);
+                v_open_since := coalesce(v_open_since, t.at);
+            elsif t.to_state = 'closed' and v_open_since is not null then
+                v_secs := greatest(extract(epoch from t.at - v_open_since)::double precision, 0);
                 insert into booking_guard.metric_counters as m (name, labels, value)
                 values ('circuit_breaker_recovery_time_seconds_bucket',
                         jsonb_build_object('le', booking_guard.histogram_le(v_secs, v_bounds)), 1),
                        ('circuit_breaker_recovery_time_seconds_sum', '{}', v_secs),
                        ('circuit_breaker_recovery_time_seconds_count', '{}', 1)
                 on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now();
-                mark.open_since := null;
+                v_open_since := null;
             end if;
         end loop;
-        if mark.last_id > 0 then
+        if v_seen then
             insert into booking_guard.metric_circuit_marks as m (key, last_id, open_since)
-            values (k, mark.last_id, mark.open_since)
+            values (k, v_last_id, v_open_since)
             on conflict (key) do update set last_id = excluded.last_id, open_since = excluded.open_since;
         end if;
+        v_open_since := null;
     end loop;
     if n_changes > 0 then
         insert into booking_guard.metric_counters as m (name, labels, value)

@@ -270,3 +270,28 @@ def test_report_prints_the_daily_report_as_text_and_json(attached):
     as_json = booking_guard_cli("report", "--day", "2026-01-02", "--json", dsn=dsn_of(attached))
     assert as_json.returncode == 0, as_json.stderr
     assert "2026-01-02" in json.dumps(json.loads(as_json.stdout))
+
+
+def test_the_verification_loop_judges_due_calls_every_second(attached):
+    db = attached
+    db.execute("select booking_guard.set_setting('verification_grace', '1 second')")
+    company = db.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
+    call = db.execute("insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
+                      " values ('due-1', %s, 'inbound', 'appointment_booked', true) returning id", (company,)).fetchone()[0]
+    assert db.execute("select count(*) from booking_guard.due_verifications where call_id = %s", (call,)).fetchone()[0] == 1
+    service = Service(ServeConfig(dsn=dsn_of(db), listen="127.0.0.1:0", verify=True, verify_interval=0.2))
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        outcome = None
+        while time.monotonic() < deadline and outcome != "creation_failed":
+            outcome = db.execute("select session_outcome from calls where id = %s", (call,)).fetchone()[0]
+            time.sleep(0.05)
+        assert outcome == "creation_failed"      # rolled back by verify_due() once the grace had passed
+        assert db.execute("select count(*) from booking_guard.due_verifications").fetchone()[0] == 0
+        status, body, _ = get(service, "/healthz")
+        health = json.loads(body)
+        assert status == 200 and health["threads"]["verify_due"] == "running"
+        assert health["verify_due_last_run_seconds_ago"] is not None and health["verify_due_problem"] is None
+    finally:
+        service.shutdown()
