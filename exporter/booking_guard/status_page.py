@@ -31,7 +31,7 @@ class Snapshot:
 
 def read(conn: psycopg.Connection) -> Snapshot:
     snap = Snapshot(read_at=datetime.now(UTC))
-    conn.execute("select booking_guard.fold_metrics(50000)")
+    conn.execute("select booking_guard.fold_metrics(10000)")
     row = conn.execute("""
         with w as (
             select w.name, sum(w.value) as value from booking_guard.metric_windows w

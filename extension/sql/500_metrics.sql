@@ -390,7 +390,7 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    perform booking_guard.fold_metrics(50000);
+    perform booking_guard.fold_metrics(10000);   -- small batches keep a scrape short after a backlog
 
     return query
     with defs as (
