@@ -131,3 +131,21 @@ def test_retry_exhausted_goes_to_review_with_history(attached):
         "select reason, context -> 'history' from booking_guard.review_queue where call_id = 99").fetchone()
     assert reason == "retry_exhausted"
     assert [(h["attempt"], h["ok"], h["error"]) for h in history] == [(1, False, "boom 1"), (2, False, "boom 2")]
+
+
+def test_the_app_role_books_without_table_privileges(attached, connect):
+    """booking_guard_app has no privilege on the application's tables: the SECURITY DEFINER functions work anyway."""
+    call_id = new_call(attached, "py-role")
+    conn = connect()
+    conn.execute("set role booking_guard_app")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("select count(*) from appointments")
+    result = client.record_booking(conn, call_id, "cal-role", {"status": "confirmed"})
+    assert result.success and result.created
+    assert conn.execute("select reason from booking_guard.validate_appointment_creation(%s)", (call_id,)).fetchone()[0] == "ok"
+    retry_id = conn.execute("select booking_guard.schedule_retry(%s, 'notify', '{}', 2, '0')", (call_id,)).fetchone()[0]
+    assert conn.execute("select id from booking_guard.claim_retries('app-worker')").fetchall() == [(retry_id,)]
+    assert conn.execute("select status from booking_guard.finish_retry(%s, true)", (retry_id,)).fetchone()[0] == "succeeded"
+    assert conn.execute("select booking_guard.backoff_delay(2, draw => 0)").fetchone()[0] == timedelta(seconds=2)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("select * from booking_guard.retries")   # reading the queue is the monitor's
