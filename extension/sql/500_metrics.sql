@@ -231,8 +231,9 @@ begin
                where e.xid >= v_from and e.xid < v_to
                order by e.xid offset max_events limit 1);
     if v_cut is not null then
-        if v_cut = v_from then
-            v_cut := coalesce((select min(e.xid) from booking_guard.events e where e.xid > v_from and e.xid < v_to), v_to);
+        -- the first transaction alone is over the limit: take it whole
+        if v_cut = (select min(e.xid) from booking_guard.events e where e.xid >= v_from and e.xid < v_to) then
+            v_cut := coalesce((select min(e.xid) from booking_guard.events e where e.xid > v_cut and e.xid < v_to), v_to);
         end if;
         v_to := v_cut;
     end if;

@@ -258,3 +258,16 @@ def test_scheduled_jobs_export_their_last_success_and_period(attached):
                            " where job = 'reconcile'").fetchone()[0]
     assert succeeded > scheduled
     assert value(db, "booking_guard_job_last_success_timestamp_seconds", scheduled_job="reconcile") == pytest.approx(succeeded)
+
+
+def test_folds_in_batches_of_whole_transactions(db):
+    with db.transaction():   # one transaction bigger than the batch: folded whole, in one run
+        db.execute("select booking_guard.log_event('review', 'r', 'call', i::text) from generate_series(1, 120) i")
+    for n in range(3):        # then three transactions of 30
+        with db.transaction():
+            db.execute("select booking_guard.log_event('review', 'r', 'call', %s || i) from generate_series(1, 30) i",
+                       (f"t{n}-",))
+    runs = [db.execute("select booking_guard.fold_metrics(50)").fetchone()[0] for _ in range(5)]
+    # whole transactions: the 51st event is in the next transaction, so each run stops before it
+    assert runs == [120, 30, 30, 30, 0]
+    assert value(db, "data_inconsistency_manual_review_total") == 210
