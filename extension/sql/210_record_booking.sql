@@ -49,6 +49,7 @@ declare
     existing     record;
     cols         text;
     stmt         name;
+    prepared     boolean := false;
     the_id       bigint;
     v            booking_guard.validation_result;
     failed       boolean := false;
@@ -126,55 +127,65 @@ begin
                                                   'already_recorded', true),
                    existing.id, false);
     else
-        begin
-            -- flag the call first: the appointment's deferred truth check then finds it consistent
-            update booking_guard.guarded_calls g
-               set appointment_made = true,
-                   session_outcome = 'appointment_booked',
-                   appointment_link_status = 'linked',
-                   appointment_linked_at = coalesce(g.appointment_linked_at, now()),
-                   booking_id = coalesce(g.booking_id, record_booking.calcom_booking_id),
-                   booking_confirmed = true,
-                   call_successful = true,
-                   updated_at = now()
-             where g.id = record_booking.call_id;
-            if existing.id is null then
-                -- The insert is dynamic (the attached table, the jsonb's columns). A prepared
-                -- statement per table and column set keeps its plan for the session: planning it
-                -- on every booking cost more than the insert itself.
-                stmt := 'booking_guard_insert_' || md5(tbl::oid::text || ':' || cols);
-                if not exists (select from pg_catalog.pg_prepared_statements p where p.name = stmt) then
+        stmt := 'booking_guard_insert_' || md5(tbl::oid::text || ':' || cols);
+        <<attempt>>
+        loop
+            begin
+                -- flag the call first: the appointment's deferred truth check then finds it consistent
+                update booking_guard.guarded_calls g
+                   set appointment_made = true,
+                       session_outcome = 'appointment_booked',
+                       appointment_link_status = 'linked',
+                       appointment_linked_at = coalesce(g.appointment_linked_at, now()),
+                       booking_id = coalesce(g.booking_id, record_booking.calcom_booking_id),
+                       booking_confirmed = true,
+                       call_successful = true,
+                       updated_at = now()
+                 where g.id = record_booking.call_id;
+                if existing.id is null then
+                    -- The insert is dynamic (the attached table, the jsonb's columns). A prepared
+                    -- statement per table and column set keeps its plan for the session: planning it
+                    -- on every booking cost more than the insert itself. Prepared on first use
+                    -- (below), also after a DISCARD ALL or DEALLOCATE.
+                    execute format('execute %I(%L)', stmt, payload) into the_id;
+                elsif existing.call_id is null then
+                    -- the calendar's webhook was first: link the orphaned appointment to this call
+                    update booking_guard.guarded_appointments a
+                       set call_id = record_booking.call_id, updated_at = now()
+                     where a.id = existing.id;
+                    the_id := existing.id;
+                else
+                    the_id := existing.id;   -- the booking belongs to another call: validation says so
+                end if;
+                v := booking_guard.validate_appointment_creation(record_booking.call_id, the_id,
+                                                                 record_booking.calcom_booking_id);
+                if not v.success then
+                    -- undo this block's writes (the call's flags, the appointment); caught below
+                    raise exception using errcode = 'BGV01', message = 'validation failed: ' || v.reason;
+                end if;
+            exception
+                when sqlstate 'BGV01' then
+                    failed := true;
+                when invalid_sql_statement_name then
+                    -- the insert is not prepared in this session yet: prepare it, run the block again
+                    if prepared or exists (select from pg_catalog.pg_prepared_statements p where p.name = stmt) then
+                        raise;
+                    end if;
                     execute format('prepare %I (jsonb) as insert into %s as t (%s) select %s '
                                    'from pg_catalog.jsonb_populate_record(null::%s, $1) r returning t.id',
                                    stmt, tbl, cols, cols, tbl);
-                end if;
-                execute format('execute %I(%L)', stmt, payload) into the_id;
-            elsif existing.call_id is null then
-                -- the calendar's webhook was first: link the orphaned appointment to this call
-                update booking_guard.guarded_appointments a
-                   set call_id = record_booking.call_id, updated_at = now()
-                 where a.id = existing.id;
-                the_id := existing.id;
-            else
-                the_id := existing.id;   -- the booking belongs to another call: validation says so
-            end if;
-            v := booking_guard.validate_appointment_creation(record_booking.call_id, the_id,
-                                                             record_booking.calcom_booking_id);
-            if not v.success then
-                -- undo this block's writes (the call's flags, the appointment); caught below
-                raise exception using errcode = 'BGV01', message = 'validation failed: ' || v.reason;
-            end if;
-        exception
-            when sqlstate 'BGV01' then
-                failed := true;
-            when data_exception or integrity_constraint_violation then
-                raise exception 'record_booking(): the appointment for booking % cannot be stored: %',
-                                record_booking.calcom_booking_id, sqlerrm
-                    using errcode = 'BG005',
-                          detail = format('appointment: %s; the server said: %s (SQLSTATE %s)',
-                                          left(payload::text, 500), sqlerrm, sqlstate),
-                          hint = format('Give values that fit the columns and constraints of %s.', tbl);
-        end;
+                    prepared := true;
+                    continue attempt;
+                when data_exception or integrity_constraint_violation then
+                    raise exception 'record_booking(): the appointment for booking % cannot be stored: %',
+                                    record_booking.calcom_booking_id, sqlerrm
+                        using errcode = 'BG005',
+                              detail = format('appointment: %s; the server said: %s (SQLSTATE %s)',
+                                              left(payload::text, 500), sqlerrm, sqlstate),
+                              hint = format('Give values that fit the columns and constraints of %s.', tbl);
+            end;
+            exit attempt;
+        end loop attempt;
 
         if not failed then
             result := (true, v.reason, v.details, the_id, existing.id is null);
