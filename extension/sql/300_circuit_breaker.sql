@@ -117,9 +117,10 @@ select pg_catalog.pg_extension_config_dump('booking_guard.circuit_fast_fails', '
 -- cooldowns and leases by a time older than the state it has just read, and could even store an
 -- opened_at earlier than one already committed. Read after the row lock, clock_timestamp() orders
 -- every change of a key the way it really happened.
--- booking_guard.clock_offset shifts this clock for tests (no test sleeps through a 30 s cooldown).
--- It is honoured for superusers only: a skewed session could otherwise store an opened_at in the
--- future and keep a breaker open for every other session.
+-- booking_guard.clock_offset shifts this clock for tests (no test sleeps through a 30 s cooldown), and
+-- booking_guard.clock_at stops it at a given time (for tests that compare against a model at exact
+-- boundaries). Both are honoured for superusers only: a skewed session could otherwise store an
+-- opened_at in the future and keep a breaker open for every other session.
 create function booking_guard.circuit_now()
 returns timestamptz
 language plpgsql
@@ -128,29 +129,34 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_offset  text := nullif(current_setting('booking_guard.clock_offset', true), '');
+    v_at      text := nullif(current_setting('booking_guard.clock_at', true), '');
 begin
-    if v_offset is null then
+    if v_offset is null and v_at is null then
         return clock_timestamp();
     end if;
     if not coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = session_user), false) then
-        raise exception 'booking_guard.clock_offset is reserved for superusers'
+        raise exception 'booking_guard.clock_offset and booking_guard.clock_at are reserved for superusers'
             using errcode = 'BG005',
-                  detail = format('Session user %s set booking_guard.clock_offset = %s.', session_user, v_offset),
-                  hint = 'RESET booking_guard.clock_offset; it exists to test the circuit breaker without waiting.';
+                  detail = format('Session user %s set booking_guard.clock_offset = %s, booking_guard.clock_at = %s.',
+                                  session_user, coalesce(v_offset, 'unset'), coalesce(v_at, 'unset')),
+                  hint = 'RESET booking_guard.clock_offset; RESET booking_guard.clock_at; they exist to test the circuit breaker without waiting.';
     end if;
     begin
+        if v_at is not null then
+            return v_at::timestamptz;
+        end if;
         return clock_timestamp() + v_offset::interval;
     exception when data_exception then
-        raise exception 'invalid booking_guard.clock_offset: "%"', v_offset
+        raise exception 'invalid booking_guard.clock_offset or booking_guard.clock_at: "%"', coalesce(v_at, v_offset)
             using errcode = 'BG005',
                   detail = format('The server said: %s', sqlerrm),
-                  hint = 'Write an interval, e.g. SET booking_guard.clock_offset = ''31 seconds''.';
+                  hint = 'clock_offset is an interval (''31 seconds''), clock_at a timestamptz.';
     end;
 end
 $$;
 
 comment on function booking_guard.circuit_now() is
-    'The circuit breaker''s clock: clock_timestamp(), shifted by booking_guard.clock_offset for superusers (tests).';
+    'The circuit breaker''s clock: clock_timestamp(); for superusers (tests) shifted by booking_guard.clock_offset or stopped at booking_guard.clock_at.';
 
 create function booking_guard.circuit_check_key(key text)
 returns void

@@ -1,7 +1,8 @@
 """The circuit breaker across real sessions: exact half-open admission and exactly one trip under
 32-way races, no lock held between acquire and record, NOTIFY, the error's fields, roles, dump/restore.
 
-Time is moved with booking_guard.clock_offset (superuser only), never slept through."""
+Time is moved with booking_guard.clock_offset or stopped with booking_guard.clock_at (superuser only),
+never slept through."""
 
 import json
 import shutil
@@ -9,10 +10,13 @@ import subprocess
 import threading
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from conftest import SERVER
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 SESSIONS = 32
 
@@ -293,3 +297,192 @@ def test_dump_and_restore_keep_breakers_history_and_permit_order(db):
     finally:
         admin.execute(f'drop database if exists "{target}" with (force)')
         admin.close()
+
+
+# ---- the state machine against a model, on a stopped clock (exact boundaries included)
+
+BASE = datetime(2030, 1, 1, tzinfo=UTC)
+POLICY = {"failure_threshold": 3, "cooldown": 30, "success_threshold": 2, "half_open_max_calls": 2, "call_timeout": 10}
+
+
+class Model:
+    """The contract of DESIGN.md / issue 5 in plain Python, eager where the SQL is lazy."""
+
+    def __init__(self) -> None:
+        self.exists = False
+        self.state, self.fc, self.sc = "closed", 0, 0
+        self.opened_at: float | None = None
+        self.forced_until: float | None = None
+        self.trials: dict[int, tuple[float, float]] = {}   # permit -> (granted, expires)
+        self.closed_permits: dict[int, int] = {}           # permit -> transitions when granted
+        self.transitions: list[tuple[str, str, float]] = []
+
+    def move(self, to: str, at: float) -> None:
+        self.transitions.append((self.state, to, at))
+        self.state = to
+        self.trials.clear()
+
+    def advance(self, now: float) -> None:
+        while True:
+            if self.state == "open":
+                reopen = max(self.opened_at + POLICY["cooldown"], self.forced_until or float("-inf"))
+                if now < reopen:
+                    return
+                self.move("half_open", reopen)
+                self.sc, self.forced_until = 0, None
+            elif self.state == "half_open":
+                expired = sorted((e, p) for p, (_, e) in self.trials.items() if e < now)
+                if not expired:
+                    return
+                at = expired[0][0]
+                self.move("open", at)
+                self.opened_at, self.sc, self.fc = at, 0, self.fc + 1
+            else:
+                return
+
+    def acquire(self, now: float, permit: int | None) -> str | None:
+        """None when admitted (the permit is the server's), else the state that rejected."""
+        self.exists = True
+        self.advance(now)
+        if self.state == "closed":
+            self.closed_permits[permit] = len(self.transitions)
+            return None
+        if self.state == "open" or len(self.trials) >= POLICY["half_open_max_calls"]:
+            return self.state
+        self.trials[permit] = (now, now + POLICY["call_timeout"])
+        return None
+
+    def record(self, now: float, permit: int | None, ok: bool) -> str:
+        if not self.exists and ok:
+            return "closed"
+        self.exists = True
+        self.advance(now)
+        if self.state == "closed":
+            counts = permit is None or self.closed_permits.get(permit) == len(self.transitions)
+        elif self.state == "half_open":
+            if permit is None and self.trials:
+                permit = min(self.trials, key=lambda p: (self.trials[p][0], p))
+            counts = self.trials.pop(permit, None) is not None
+        else:
+            counts = False
+        if counts and ok:
+            if self.state == "closed":
+                self.fc = 0
+            else:
+                self.sc += 1
+                if self.sc >= POLICY["success_threshold"]:
+                    self.move("closed", now)
+                    self.fc = self.sc = 0
+        elif counts:
+            self.fc += 1
+            if self.state == "half_open" or self.fc >= POLICY["failure_threshold"]:
+                self.move("open", now)
+                self.opened_at, self.sc = now, 0
+        return self.state
+
+    def reset(self, now: float) -> bool:
+        if not self.exists:
+            return False
+        self.advance(now)
+        if self.state != "closed":
+            self.move("closed", now)
+        self.fc = self.sc = 0
+        self.forced_until = None
+        return True
+
+    def force_open(self, now: float, until: float) -> bool:
+        if until <= now:
+            return False
+        self.exists = True
+        self.advance(now)
+        if self.state != "open":
+            self.move("open", now)
+            self.opened_at = now
+        self.sc, self.forced_until = 0, until
+        return True
+
+
+STEPS = st.sampled_from([0, 0, 1, 5, 9, 10, 11, 20, 29, 30, 31, 45])
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("wait"), STEPS),
+    st.tuples(st.just("wait"), st.sampled_from([10, 30])),
+    st.tuples(st.just("acquire"), st.just(0)),
+    st.tuples(st.just("acquire"), st.just(0)),
+    st.tuples(st.just("failure"), st.just(-1)),
+    st.tuples(st.just("success"), st.integers(-1, 6)),     # index of a permit obtained earlier; -1: none
+    st.tuples(st.just("failure"), st.integers(-1, 6)),
+    st.tuples(st.just("reset"), st.just(0)),
+    st.tuples(st.just("force_open"), st.sampled_from([-5, 0, 10, 40, 100])),
+), min_size=5, max_size=40)
+
+
+F, W, A = ("failure", -1), ("wait", 30), ("acquire", 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+@example(ops=[F, F, F, W, A])                                        # the cooldown's end admits
+@example(ops=[F, F, F, ("wait", 29), A, ("wait", 1), A])             # rejected at 29 s, admitted at 30 s
+@example(ops=[F, F, F, ("wait", 31), A, ("wait", 10), A, A, ("wait", 1), A])   # a lease ends after 10 s, not at 10 s
+@example(ops=[A, F, F, F, ("wait", 31), A, ("success", 0), ("success", 1), ("success", -1), A])   # stale and null permits
+@example(ops=[F, F, F, ("wait", 31), A, A, ("success", 0), ("success", 1), A])   # two trial successes close it
+def test_the_breaker_follows_the_model(db, ops):
+    key = f"model:{uuid.uuid4().hex}"
+    db.execute("""insert into booking_guard.circuit_policies
+                  values ('model:%%', %(failure_threshold)s, %(cooldown)s * interval '1 second', %(success_threshold)s,
+                          %(half_open_max_calls)s, %(call_timeout)s * interval '1 second')
+                  on conflict do nothing""", POLICY)
+    model, now, permits = Model(), 0.0, []
+
+    def at(t: float) -> None:
+        db.execute("select set_config('booking_guard.clock_at', %s, false)", ((BASE + timedelta(seconds=t)).isoformat(),))
+
+    def call(sql: str, *args):
+        try:
+            return "ok", db.execute(sql, args).fetchone()[0]
+        except psycopg.Error as error:
+            return error.sqlstate, error
+
+    at(now)
+    try:
+        for op, arg in ops:
+            if op == "wait":
+                now += arg
+                at(now)
+            elif op == "acquire":
+                kind, value = call("select booking_guard.circuit_acquire(%s)", key)
+                if kind == "ok":
+                    permits.append(value)
+                    assert model.acquire(now, value) is None, (op, now)
+                else:
+                    assert kind == "BG001"
+                    assert model.acquire(now, None) == value.diag.message_detail.split(",")[0].removeprefix("state: ")
+            elif op in ("success", "failure"):
+                permit = permits[arg % len(permits)] if permits and arg >= 0 else None
+                if op == "success":
+                    kind, value = call("select booking_guard.circuit_record_success(%s, %s)", key, permit)
+                else:
+                    kind, value = call("select booking_guard.circuit_record_failure(%s, 'x', %s)", key, permit)
+                assert (kind, value) == ("ok", model.record(now, permit, op == "success")), (op, permit, now)
+            elif op == "reset":
+                kind, _ = call("select (booking_guard.circuit_reset(%s)).state", key)
+                assert (kind == "ok") == model.reset(now)
+                assert kind in ("ok", "BG004")
+            else:
+                until = BASE + timedelta(seconds=now + arg)
+                kind, _ = call("select (booking_guard.circuit_force_open(%s, %s)).state", key, until)
+                assert (kind == "ok") == model.force_open(now, now + arg)
+                assert kind in ("ok", "BG005")
+            model.advance(now)
+            assert db.execute("select booking_guard.circuit_state(%s)", (key,)).fetchone()[0] == model.state, (op, now)
+        # the log: what is written is the model's history, the rest is pending (and counted by circuit_status)
+        written = db.execute("""select from_state, to_state, extract(epoch from at - %s)::float8
+                                  from booking_guard.circuit_transitions where key = %s order by id""", (BASE, key)).fetchall()
+        assert written == model.transitions[:len(written)]
+        if model.exists:
+            status = db.execute("""select state_changes_total, opened_total, failure_count, success_count
+                                     from booking_guard.circuit_status where key = %s""", (key,)).fetchone()
+            opens = sum(1 for _, to, _ in model.transitions if to == "open")
+            assert status == (len(model.transitions), opens, model.fc, model.sc)
+    finally:
+        db.execute("reset booking_guard.clock_at")
