@@ -10,7 +10,8 @@
 --
 -- The hot path writes nothing. In the closed state circuit_acquire only reads the breaker row and draws
 -- a permit number from a sequence, and circuit_record_success only reads it (unless there is a failure
--- streak to reset): no transaction id, no WAL, no row lock, so a hot key does not serialise its callers.
+-- streak to reset): no row written, no row lock (and no WAL but nextval's, once per 32 values), so a hot
+-- key does not serialise its callers.
 -- Only what changes the breaker (failures, half-open trials, transitions) locks the row.
 --
 -- Permits. Every permit and every transition id is drawn from the one sequence circuit_seq, so permit
@@ -245,7 +246,7 @@ declare
 begin
     steps := 0;
     opens := 0;
-    -- at most open -> half_open -> open -> half_open: a bound, not a wait
+    -- at most half_open -> open -> half_open (a fresh half-open has no permits): a bound, not a wait
     for i in 1 .. 4 loop
         if b.state = 'open' then
             v_reopen := greatest(b.opened_at + policy.cooldown, b.forced_until);
