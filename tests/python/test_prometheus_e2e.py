@@ -132,6 +132,18 @@ def test_a_phantom_booking_fires_the_consistency_alert_in_prometheus(exporter_an
     up = prometheus.get("/api/v1/query", query="booking_guard_up")["data"]["result"]
     assert [r["value"][1] for r in up] == ["1"]
 
+    # a breaker that opens fires the critical CircuitBreakerOpen, named by its key
+    for _ in range(3):
+        db.execute("select booking_guard.circuit_record_failure('appointment_booking:service:42', 'timeout')")
+
+    def breaker_alert():
+        return [a for a in prometheus.get("/api/v1/alerts")["data"]["alerts"]
+                if a["labels"].get("alertname") == "CircuitBreakerOpen" and a["state"] == "firing"]
+
+    [breaker] = until(breaker_alert, 30, "CircuitBreakerOpen to fire", prometheus.proc)
+    assert breaker["labels"]["key"] == "appointment_booking:service:42"
+    assert breaker["labels"]["severity"] == "critical"
+
 
 @pytest.mark.slow
 def test_every_dashboard_query_runs_in_prometheus(exporter_and_prometheus):
