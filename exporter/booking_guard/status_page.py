@@ -26,6 +26,8 @@ class Snapshot:
     alerts: list[tuple] = field(default_factory=list)
     review: list[tuple] = field(default_factory=list)
     review_counts: dict = field(default_factory=dict)
+    hours: list[tuple] = field(default_factory=list)
+    latency: list[tuple] = field(default_factory=list)
     read_at: datetime | None = None
 
 
@@ -51,6 +53,20 @@ def read(conn: psycopg.Connection) -> Snapshot:
     keys = ("creation_success", "creation_total", "avg_latency", "validation_success", "validation_total",
             "open_inconsistencies", "open_auto_corrected", "open_critical", "detected_24h", "due_verifications")
     snap.overview = dict(zip(keys, row, strict=True))
+    snap.hours = conn.execute("""
+        select h.hour,
+               coalesce(sum(w.value) filter (where w.name = 'creation_success'), 0),
+               coalesce(sum(w.value) filter (where w.name = 'creation_total'), 0),
+               coalesce(sum(w.value) filter (where w.name = 'inconsistencies'), 0)
+          from generate_series(date_trunc('hour', now()) - interval '23 hours', date_trunc('hour', now()),
+                               interval '1 hour') as h(hour)
+          left join booking_guard.metric_windows w
+                 on w.bucket >= h.hour and w.bucket < h.hour + interval '1 hour'
+         group by h.hour order by h.hour""").fetchall()
+    snap.latency = conn.execute("""
+        select (c.labels ->> 'le')::double precision, c.value from booking_guard.metric_counters c
+         where c.name = 'appointment_validation_duration_seconds_bucket' and c.value > 0
+         order by 1""").fetchall()
     snap.failures = conn.execute("""
         select c.labels ->> 'reason', c.value from booking_guard.metric_counters c
          where c.name = 'appointment_creation_failure_total' and c.value > 0
@@ -114,6 +130,10 @@ th{color:#5d6678;font-weight:600}.state{font-weight:600;text-transform:uppercase
 .sev{font-weight:600}.sev.critical{color:#b3261e}.sev.warning{color:#9a6700}.sev.info{color:#4a5368}
 .bar{background:#d9534f;height:10px;border-radius:2px}.empty{color:#5d6678;font-style:italic}
 .down{background:#b3261e;color:#fff;padding:12px 24px}
+.chart{display:flex;align-items:flex-end;gap:3px;height:120px;border-bottom:1px solid #ccd1da;padding-top:6px}
+.chart .col{flex:1;display:flex;flex-direction:column-reverse;min-width:6px}
+.chart .ok{background:#3c9a5f}.chart .fail{background:#d9534f}.legend{font-size:12px;color:#5d6678;margin-top:6px}
+.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
 """
 
 
@@ -160,6 +180,22 @@ def render(snap: Snapshot | None, error: str | None = None) -> str:
         f"{int(o['due_verifications'] or 0)} awaiting verification</div></div>")
     parts.append("</div></section>")
 
+    parts.append("<section class=\"wide\" id=\"trends\"><h2>Success vs failure (last 24 h, per hour)</h2>")
+    if any(total for _, _, total, _ in snap.hours):
+        top = max(total for _, _, total, _ in snap.hours) or 1
+        parts.append("<div class=\"chart\">")
+        for hour, success, total, found in snap.hours:
+            failed = total - success
+            title = f"{hour:%H:00} UTC: {int(success)} booked, {int(failed)} failed, {int(found)} inconsistencies"
+            parts.append(f"<div class=\"col\" title=\"{_e(title)}\">"
+                         f"<div class=\"ok\" style=\"height:{100 * success / top:.1f}px\"></div>"
+                         f"<div class=\"fail\" style=\"height:{100 * failed / top:.1f}px\"></div></div>")
+        parts.append(f"</div><div class=\"legend\">{snap.hours[0][0]:%H:00} to {snap.hours[-1][0]:%H:00}"
+                     "<i style=\"background:#3c9a5f\"></i>recorded<i style=\"background:#d9534f\"></i>failed</div>")
+    else:
+        parts.append("<p class=\"empty\">No bookings recorded in the last 24 hours.</p>")
+    parts.append("</section>")
+
     parts.append("<section id=\"failures\"><h2>Failure breakdown</h2>")
     if snap.failures:
         top = max(v for _, v in snap.failures) or 1
@@ -197,6 +233,19 @@ def render(snap: Snapshot | None, error: str | None = None) -> str:
         parts.append("</table>")
     else:
         parts.append("<p class=\"empty\">No alerts.</p>")
+    parts.append("</section>")
+
+    parts.append("<section class=\"wide\" id=\"validation\"><h2>Validation performance</h2>")
+    if snap.latency:
+        top = max(v for _, v in snap.latency) or 1
+        parts.append("<table><tr><th>latency up to</th><th>validations</th><th></th></tr>")
+        for le, count in snap.latency:
+            bound = "more" if le == float("inf") else f"{le * 1000:g} ms"
+            parts.append(f"<tr><td>{_e(bound)}</td><td>{int(count)}</td><td style=\"width:60%\">"
+                         f"<div class=\"bar\" style=\"background:#4a78c2;width:{100 * count / top:.0f}%\"></div></td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"empty\">No validation has run yet.</p>")
     parts.append("</section>")
 
     parts.append("<section class=\"wide\" id=\"review-queue\"><h2>Manual review queue</h2>")

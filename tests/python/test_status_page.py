@@ -31,6 +31,10 @@ def plant_phantom_booking(db) -> None:
                " values ('phantom-page', %s, 'inbound', 'appointment_booked', false)", (company,))
     for _ in range(3):
         db.execute("select booking_guard.circuit_record_failure('appointment_booking:staff:7', 'timeout')")
+    call = db.execute("insert into calls (retell_call_id, company_id, direction) values ('booked-page', %s, 'inbound')"
+                      " returning id", (company,)).fetchone()[0]
+    db.execute("select booking_guard.record_booking(%s, 'cal-page')", (call,))
+    db.execute("select booking_guard.record_booking(%s, 'cal-page-missing')", (call + 1000,))
 
 
 def test_status_page_in_chromium_shows_the_planted_inconsistency(db, tmp_path):
@@ -55,6 +59,9 @@ def test_status_page_in_chromium_shows_the_planted_inconsistency(db, tmp_path):
         assert "appointment_booking:staff:7" in dom.stdout
         assert "missing_appointment" in dom.stdout            # the recent alerts table
         assert "appointment_validation_failed" in dom.stdout  # the review queue
+        assert "50.0%" in dom.stdout                          # success rate: one booking recorded, one failed
+        assert re.search(r'id="trends">.*?class="col"', dom.stdout, re.S)
+        assert "call_not_found" in dom.stdout                 # failure breakdown
 
         shot = tmp_path / "status-page.png"
         result = chromium(url, profile, f"--screenshot={shot}", "--window-size=1280,1600")
