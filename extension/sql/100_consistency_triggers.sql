@@ -46,6 +46,8 @@ declare
     call_key text := new.id::text;
     mode     text;
     was      jsonb;
+    claims   boolean;
+    has_one  boolean;
 begin
     -- 1. direction
     if new.direction is null then
@@ -140,15 +142,32 @@ begin
         end if;
     end if;
 
-    -- 4, for the application's own booking write: the seed's trackBooking sets appointment_made
-    -- and session_outcome after the appointment is in, never the link. Derive the link here from
-    -- the appointment already there (an index probe, only for a claim without the link), so that
-    -- the truth check at COMMIT finds the call complete and has nothing to write.
-    if new.appointment_made is true and new.appointment_link_status is distinct from 'linked'
-       and exists (select from booking_guard.guarded_appointments a where a.call_id = new.id)
-       and booking_guard.rule_mode('unlinked_appointment', company) in ('correct', 'enforce') then
-        new.appointment_link_status := 'linked';
-        new.appointment_linked_at := coalesce(new.appointment_linked_at, now());
+    -- 4. the claim against the truth, now. The seed's trackBooking sets appointment_made and
+    -- session_outcome after the appointment is in, never the link: derive the link from the
+    -- appointment already there. A call whose flags now agree with its appointments is marked
+    -- verified (booking_guard.verified_claim = its id, transaction-local), and the WHEN clause
+    -- of the commit-time check skips it: the one index probe here replaces a deferred check.
+    -- The mark only ever speaks of the row being written: it is set or cleared on every
+    -- insert and on every update that changes a flag, right before that row's WHEN is read.
+    if tg_op = 'INSERT'
+       or new.appointment_made is distinct from old.appointment_made
+       or new.session_outcome is distinct from old.session_outcome
+       or new.appointment_link_status is distinct from old.appointment_link_status then
+        claims := new.appointment_made is true or new.session_outcome = 'appointment_booked'
+                  or new.appointment_link_status = 'linked';
+        has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = new.id);
+        if has_one and claims and new.appointment_link_status is distinct from 'linked'
+           and booking_guard.rule_mode('unlinked_appointment', company) in ('correct', 'enforce') then
+            new.appointment_link_status := 'linked';
+            new.appointment_linked_at := coalesce(new.appointment_linked_at, now());
+        end if;
+        perform set_config('booking_guard.verified_claim',
+                           case when (has_one and new.appointment_made is true
+                                      and new.session_outcome is not distinct from 'appointment_booked'
+                                      and new.appointment_link_status = 'linked')
+                                     or not (claims or has_one)
+                                then new.id::text else '' end,
+                           true);
     end if;
     return new;
 end

@@ -294,14 +294,16 @@ begin
                     for each row execute function booking_guard.calls_before()', calls);
     execute format('create constraint trigger booking_guard_calls_truth_insert after insert on %s
                     deferrable initially deferred for each row
-                    when (new.appointment_made or new.session_outcome = ''appointment_booked''
-                          or new.appointment_link_status = ''linked'')
+                    when ((new.appointment_made or new.session_outcome = ''appointment_booked''
+                           or new.appointment_link_status = ''linked'')
+                          and current_setting(''booking_guard.verified_claim'', true) is distinct from new.id::text)
                     execute function booking_guard.calls_truth_check()', calls);
     execute format('create constraint trigger booking_guard_calls_truth_update after update on %s
                     deferrable initially deferred for each row
-                    when (new.appointment_made is distinct from old.appointment_made
-                          or new.session_outcome is distinct from old.session_outcome
-                          or new.appointment_link_status is distinct from old.appointment_link_status)
+                    when ((new.appointment_made is distinct from old.appointment_made
+                           or new.session_outcome is distinct from old.session_outcome
+                           or new.appointment_link_status is distinct from old.appointment_link_status)
+                          and current_setting(''booking_guard.verified_claim'', true) is distinct from new.id::text)
                     execute function booking_guard.calls_truth_check()', calls);
     execute format('create trigger booking_guard_appointments_sync after delete or update of call_id on %s
                     for each row execute function booking_guard.appointments_sync()', appointments);
