@@ -131,17 +131,6 @@ begin
         <<attempt>>
         loop
             begin
-                -- flag the call first: the appointment's deferred truth check then finds it consistent
-                update booking_guard.guarded_calls g
-                   set appointment_made = true,
-                       session_outcome = 'appointment_booked',
-                       appointment_link_status = 'linked',
-                       appointment_linked_at = coalesce(g.appointment_linked_at, now()),
-                       booking_id = coalesce(g.booking_id, record_booking.calcom_booking_id),
-                       booking_confirmed = true,
-                       call_successful = true,
-                       updated_at = now()
-                 where g.id = record_booking.call_id;
                 if existing.id is null then
                     -- The insert is dynamic (the attached table, the jsonb's columns). A prepared
                     -- statement per table and column set keeps its plan for the session: planning it
@@ -157,6 +146,18 @@ begin
                 else
                     the_id := existing.id;   -- the booking belongs to another call: validation says so
                 end if;
+                -- then flag the call: with its appointment already there, the calls trigger
+                -- finds the claim true and the commit-time check has nothing left to judge
+                update booking_guard.guarded_calls g
+                   set appointment_made = true,
+                       session_outcome = 'appointment_booked',
+                       appointment_link_status = 'linked',
+                       appointment_linked_at = coalesce(g.appointment_linked_at, now()),
+                       booking_id = coalesce(g.booking_id, record_booking.calcom_booking_id),
+                       booking_confirmed = true,
+                       call_successful = true,
+                       updated_at = now()
+                 where g.id = record_booking.call_id;
                 v := booking_guard.validate_appointment_creation(record_booking.call_id, the_id,
                                                                  record_booking.calcom_booking_id);
                 if not v.success then
