@@ -10,11 +10,15 @@ alternating in one run, on the same attached tables:
   plain 1-stmt    the same insert and update in one statement       (the tightest plain SQL; 1 round trip)
 
 Prints TPS at 1 and 8 clients and the ratios. Target (issue 4): record_booking >= 0.7 x plain insert.
+On a busy machine TPS follows the scheduler as much as the work, so it also prints the server
+CPU time per booking (the backend's utime + stime from /proc, one connection, the server on
+this machine), which the machine's load hardly moves.
 
-usage: bench/record_booking.py [--seconds 5] [--rounds 2] [--clients 1,8] [--calls 600000]
+usage: bench/record_booking.py [--seconds 5] [--rounds 2] [--clients 1,8] [--calls 600000] [--cpu-bookings 3000]
 """
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -63,6 +67,42 @@ def populate(dsn: str, calls: int) -> None:
         conn.execute("vacuum analyze")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_per_booking(dsn: str, bookings: int, rounds: int) -> dict[str, float] | None:
+    """Microseconds of server CPU per booking, each way, alternating; None when the server is not local."""
+    spent: dict[str, list[float]] = {name: [] for name in SCRIPTS}
+    insert = ("insert into appointments (call_id, calcom_v2_booking_id, status, source)"
+              " values (%(cid)s, 'bk-' || %(cid)s, 'confirmed', 'retell_webhook')")
+    update = f"update calls set {FLAGS}, booking_id = 'bk-' || %(cid)s where id = %(cid)s"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        if not Path(f"/proc/{pid}/stat").exists():
+            return None
+
+        def book(name: str) -> None:
+            if name == "plain tx":   # the pgbench script's statements, one round trip each
+                with conn.transaction():
+                    cid = conn.execute("select nextval('bench_call_seq')", prepare=True).fetchone()[0]
+                    conn.execute(insert, {"cid": cid}, prepare=True)
+                    conn.execute(update, {"cid": cid}, prepare=True)
+            else:
+                conn.execute(SCRIPTS[name].strip().rstrip(";"), prepare=True)
+
+        for _ in range(rounds):
+            for name in SCRIPTS:
+                for _ in range(50):
+                    book(name)
+                before = cpu_seconds(pid)
+                for _ in range(bookings):
+                    book(name)
+                spent[name].append((cpu_seconds(pid) - before) / bookings * 1e6)
+    return {name: statistics.median(values) for name, values in spent.items()}
+
+
 def pgbench(body: str, clients: int, seconds: int, workdir: Path) -> float:
     path = workdir / "script.sql"
     path.write_text(body)
@@ -80,6 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--calls", type=int, default=600_000)
+    parser.add_argument("--cpu-bookings", type=int, default=3000)
     args = parser.parse_args()
     results: dict[tuple[str, int], list[float]] = {}
     with scratch_database(DB) as dsn, tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +129,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, body in SCRIPTS.items():
                     results.setdefault((name, clients), []).append(pgbench(body, clients, args.seconds, Path(tmp)))
+        cpu = server_cpu_per_booking(dsn, args.cpu_bookings, args.rounds)
         with psycopg.connect(dsn, autocommit=True) as conn:
             used, appointments, duplicates, inconsistent, failed, alerts = conn.execute("""
                 select (select last_value from bench_call_seq), (select count(*) from appointments),
@@ -106,6 +148,12 @@ def main() -> None:
         tps = {name: statistics.median(results[(name, clients)]) for name in SCRIPTS}
         print(f"{clients:>7} {tps['record_booking']:>15.0f} {tps['plain tx']:>10.0f} {tps['plain 1-stmt']:>13.0f}"
               f" {tps['record_booking'] / tps['plain tx']:>12.2f} {tps['record_booking'] / tps['plain 1-stmt']:>10.2f}")
+    if cpu is not None:
+        print(f"server CPU per booking (us), 1 connection, {args.cpu_bookings} bookings each, median of {args.rounds}:"
+              f" record_booking {cpu['record_booking']:.0f}, plain tx {cpu['plain tx']:.0f},"
+              f" plain 1-stmt {cpu['plain 1-stmt']:.0f}; plain tx / record_booking"
+              f" {cpu['plain tx'] / cpu['record_booking']:.2f}, 1-stmt / record_booking"
+              f" {cpu['plain 1-stmt'] / cpu['record_booking']:.2f}")
     print(f"bookings: {appointments:,} appointments for {used:,} calls; duplicate booking ids: {duplicates}; "
           f"calls flagged without appointment: {inconsistent}; failed record_booking: {failed}; alerts: {alerts}")
     print("target: record_booking >= 0.7 x plain insert")
