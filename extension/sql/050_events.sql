@@ -22,6 +22,10 @@ create index events_kind_at_idx on booking_guard.events (kind, at);
 comment on table booking_guard.events is
     'Append-only log of what booking_guard did: kind (correction, rollback, verdict, alert, review, ...), rule, entity, details.';
 
+-- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
+select pg_catalog.pg_extension_config_dump('booking_guard.events', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.events_id_seq', '');
+
 create function booking_guard.events_append_only()
 returns trigger
 language plpgsql

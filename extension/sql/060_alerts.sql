@@ -31,6 +31,10 @@ create index alerts_undelivered_idx on booking_guard.alerts (id) where delivered
 comment on table booking_guard.alerts is
     'Alerts raised by booking_guard''s rules: one open alert per fingerprint (rule + entity), with occurrences, acknowledgement, resolution and delivery.';
 
+-- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
+select pg_catalog.pg_extension_config_dump('booking_guard.alerts', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.alerts_id_seq', '');
+
 create function booking_guard.raise_alert(alert_type text, severity text, entity_type text, entity_id text,
                                           description text, details jsonb default '{}',
                                           auto_corrected boolean default false)

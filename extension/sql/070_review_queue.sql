@@ -51,6 +51,10 @@ create index review_queue_open_idx on booking_guard.review_queue (priority, crea
 comment on table booking_guard.review_queue is
     'Calls waiting for a person (the seed''s manual_review_queue): one open item per call and reason.';
 
+-- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
+select pg_catalog.pg_extension_config_dump('booking_guard.review_queue', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.review_queue_id_seq', '');
+
 create function booking_guard.queue_for_review(call_id bigint, reason text, context jsonb default '{}')
 returns bigint
 language plpgsql

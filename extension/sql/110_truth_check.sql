@@ -18,6 +18,9 @@ create index due_verifications_due_at_idx on booking_guard.due_verifications (du
 comment on table booking_guard.due_verifications is
     'Calls that claim a booking without an appointment yet, to be judged by verify_due() once verification_grace has passed.';
 
+-- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
+select pg_catalog.pg_extension_config_dump('booking_guard.due_verifications', '');
+
 create function booking_guard.rollback_on_failure(call_id bigint, reason text,
                                                   alert_type text default 'appointment_validation_failed')
 returns jsonb
@@ -274,6 +277,9 @@ begin
          order by d.due_at
            for update skip locked
     loop
+        -- Off the list first: whatever the verdict (ok, repaired, alerted, rule off), the grace
+        -- is over and the call is judged once; a later change of the call queues it anew.
+        delete from booking_guard.due_verifications d where d.call_id = due;
         call_id := due;
         verdict := booking_guard.judge_call(due, true);
         return next;

@@ -26,6 +26,13 @@ def test_dump_and_restore_keeps_configuration(db, connect):
     db.execute("select booking_guard.set_setting('verification_grace', '0')")
     db.execute("select booking_guard.set_rule('missing_direction', 'observe')")
     db.execute("select booking_guard.attach('calls', 'appointments')")
+    # history too: a phantom rolled back leaves an alert, a review item and events
+    db.execute("insert into companies (name) values ('dumped')")
+    db.execute("insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
+               " select 'dump-1', max(id), 'inbound', 'appointment_booked', true from companies")
+    history = db.execute("select (select count(*) from booking_guard.alerts), (select count(*) from booking_guard.review_queue),"
+                         " (select count(*) from booking_guard.events)").fetchone()
+    assert history[0] >= 1 and history[1] == 1
     rules = db.execute("select count(*) from booking_guard.rules").fetchone()[0]
     source = db.info.dbname
     target = f"{source}_restored"
@@ -47,6 +54,12 @@ def test_dump_and_restore_keeps_configuration(db, connect):
             assert restored.execute(
                 "select calls_table::text, appointments_table::text from booking_guard.attachment").fetchone() == (
                 "calls", "appointments")
+            assert restored.execute(
+                "select (select count(*) from booking_guard.alerts), (select count(*) from booking_guard.review_queue),"
+                " (select count(*) from booking_guard.events)").fetchone() == history
+            # the identity sequences came along: a new alert does not collide with a restored one
+            restored.execute("select booking_guard.raise_alert('restore_check', 'info', 'call', '0', 'after restore')")
+            restored.commit()
     finally:
         admin.execute(f'drop database if exists "{target}" with (force)')
         admin.close()

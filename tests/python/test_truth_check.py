@@ -415,3 +415,21 @@ def test_two_verify_due_loops_share_the_work(graced, connect):
     assert [flags(graced, c) for c in calls] == [FAILED] * 3
     assert count(graced, "booking_guard.review_queue") == 3
     assert len(open_alerts(graced)) == 3
+
+
+def test_verify_due_takes_every_judged_call_off_the_list(attached):
+    """Whatever the verdict (here: the rule was switched off, and an observed unlinked call), a
+    call judged by verify_due leaves the due list, so the next run does not judge it again."""
+    db = attached
+    db.execute("insert into companies (name) values ('due list')")
+    company = db.execute("select max(id) from companies").fetchone()[0]
+    booked = db.execute(
+        "insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
+        " values ('due-off', %s, 'inbound', 'appointment_booked', true) returning id", (company,)).fetchone()[0]
+    assert db.execute("select count(*) from booking_guard.due_verifications where call_id = %s",
+                      (booked,)).fetchone()[0] == 1
+    db.execute("select booking_guard.set_rule('missing_appointment', 'off')")
+    first = db.execute("select call_id, verdict from booking_guard.verify_due(now() + interval '1 hour')").fetchall()
+    assert first == [(booked, "off")]
+    assert db.execute("select count(*) from booking_guard.due_verifications").fetchone()[0] == 0
+    assert db.execute("select count(*) from booking_guard.verify_due(now() + interval '1 hour')").fetchone()[0] == 0
