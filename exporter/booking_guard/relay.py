@@ -203,6 +203,11 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 log.warning("relay: database error (%s); reconnecting in %.1f s", str(error).strip(), delay)
                 stop.wait(delay)
+            except Exception:   # a bug must not end delivery for good: log it, back off, go on
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.exception("relay: unexpected error; starting again in %.1f s", delay)
+                stop.wait(delay)
 
     def _wait(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         """Until a NOTIFY, the poll interval, or stop (checked every second)."""
