@@ -91,8 +91,14 @@ insert into booking_guard.settings (name, kind, interval_value, min_value, max_v
 
 insert into booking_guard.review_priorities (reason, priority) values ('retry_exhausted', 2);
 
+-- A sequence of its own (not an identity column), so that pg_dump keeps its position with the
+-- rows: a restored queue must not hand out ids it already holds.
+create sequence booking_guard.retries_id_seq;
+
+comment on sequence booking_guard.retries_id_seq is 'Ids of booking_guard.retries.';
+
 create table booking_guard.retries (
-    id            bigint generated always as identity primary key,
+    id            bigint primary key default nextval('booking_guard.retries_id_seq'),
     call_id       bigint,
     operation     text not null check (operation <> ''),
     payload       jsonb not null default '{}' check (jsonb_typeof(payload) = 'object'),
@@ -118,6 +124,11 @@ create index retries_call_id_idx on booking_guard.retries (call_id);
 
 comment on table booking_guard.retries is
     'Operations to be tried again by a worker: due_at from backoff_delay(), claims that expire, the history of every attempt.';
+
+-- Pending retries are work not yet done: pg_dump keeps them (and the sequence), unlike the
+-- extension's other tables, whose rows it leaves out.
+select pg_catalog.pg_extension_config_dump('booking_guard.retries', '');
+select pg_catalog.pg_extension_config_dump('booking_guard.retries_id_seq', '');
 
 create function booking_guard.schedule_retry(call_id bigint, operation text, payload jsonb default '{}',
                                              max_attempts integer default 3, delay interval default null)

@@ -149,3 +149,39 @@ def test_the_app_role_books_without_table_privileges(attached, connect):
     assert conn.execute("select booking_guard.backoff_delay(2, draw => 0)").fetchone()[0] == timedelta(seconds=2)
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("select * from booking_guard.retries")   # reading the queue is the monitor's
+
+
+def test_pending_retries_survive_dump_and_restore(attached):
+    """pg_dump keeps the retries queue and its sequence: restored ids stay taken."""
+    import shutil
+    import subprocess
+
+    from conftest import SERVER
+
+    first = attached.execute("select booking_guard.schedule_retry(1, 'record_booking', '{\"b\": \"cal-1\"}', 3, '0')"
+                             ).fetchone()[0]
+    second = attached.execute("select booking_guard.schedule_retry(2, 'notify', '{}', 2, '1 hour')").fetchone()[0]
+    source, target = attached.info.dbname, f"{attached.info.dbname}_retries"
+    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432))]
+    if SERVER.get("user"):
+        args += ["-U", SERVER["user"]]
+    tool = lambda name: shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)  # noqa: E731
+    admin = psycopg.connect(host=attached.info.host, port=attached.info.port, user=attached.info.user, dbname="postgres",
+                            autocommit=True)
+    try:
+        admin.execute(f'drop database if exists "{target}"')
+        admin.execute(f'create database "{target}"')
+        dump = subprocess.run([tool("pg_dump"), *args, "-d", source], check=True, capture_output=True, text=True)
+        restore = subprocess.run([tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *args, "-d", target],
+                                 input=dump.stdout, capture_output=True, text=True)
+        assert restore.returncode == 0, restore.stderr
+        with psycopg.connect(host=attached.info.host, port=attached.info.port, user=attached.info.user,
+                             dbname=target, autocommit=True) as restored:
+            assert restored.execute("select id, operation, status from booking_guard.retries order by id").fetchall() == [
+                (first, "record_booking", "pending"), (second, "notify", "pending")]
+            third = restored.execute("select booking_guard.schedule_retry(3, 'notify', '{}')").fetchone()[0]
+            assert third > second
+            assert [r[0] for r in restored.execute("select id from booking_guard.claim_retries('w')")] == [first]
+    finally:
+        admin.execute(f'drop database if exists "{target}" with (force)')
+        admin.close()
