@@ -7,8 +7,8 @@
 --      below) and looks the booking up: the appointments table has no unique constraint on
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
---   4. otherwise, in a subtransaction: flags the call, inserts the appointment (or links the
---      orphaned one that carries the booking id), validates; a failed validation undoes all
+--   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one
+--      that carries the booking id), flags the call, validates; a failed validation undoes all
 --      of that, rolls the call back to creation_failed (rollback_on_failure: critical alert
 --      appointment_validation_failed) and queues it for review, in the caller's transaction.
 --
