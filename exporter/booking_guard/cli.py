@@ -125,6 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     report_cmd = commands.add_parser("report", help="the daily consistency report")
     report_cmd.add_argument("--day", default=None, help="YYYY-MM-DD (default: today)")
     report_cmd.add_argument("--json", action="store_true", help="daily_report_json() instead of the text report")
+    for name, help_text in (("simulate", "run the workload simulator (phone agents, a fake Cal.com, injected faults)"),
+                            ("soak", "the simulator at scale, then the verdict against the ground truth; exit 1 if"
+                                     " anything was missed, lost or flagged without cause")):
+        sim_cmd = commands.add_parser(name, help=help_text)
+        sim_cmd.add_argument("--calls", type=int, default=100_000 if name == "soak" else 1000)
+        sim_cmd.add_argument("--workers", type=int, default=16 if name == "soak" else 4)
+        sim_cmd.add_argument("--fault-rate", type=float, default=0.1, help="share of booking calls given a fault")
+        sim_cmd.add_argument("--grace", type=duration, default=duration("1s"),
+                             help="verification_grace for the run (default 1s; the seed's is 5s)")
+        sim_cmd.add_argument("--cooldown", type=duration, default=duration("2s"),
+                             help="breaker cooldown for appointment_booking:%% (default 2s; the seed's is 30s)")
+        sim_cmd.add_argument("--monitor-every", type=duration, default=duration("1s"),
+                             help="how often run_monitor() runs (pg_cron: every minute; default 1s)")
+        sim_cmd.add_argument("--calcom-latency", type=duration, default=duration("2ms"))
+        sim_cmd.add_argument("--calcom-failure-rate", type=float, default=0.005)
+        sim_cmd.add_argument("--outage", type=str, action="append", default=None, metavar="AT:SECONDS",
+                             help="a Cal.com outage when the fraction AT of the calls is placed (default 0.3:3)")
+        sim_cmd.add_argument("--seed", type=int, default=1)
+        sim_cmd.add_argument("--json", default=None, help="also write the verdict as JSON to this file")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -157,6 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, lambda *_: stop.set())
         Relay(config).run(stop)
         return 0
+    if args.command in ("simulate", "soak"):
+        from booking_guard.simulate import SimConfig
+
+        try:
+            outages = [(float(at), float(sec)) for at, sec in (o.split(":") for o in (args.outage or ["0.3:3"]))]
+        except ValueError:
+            parser.error("--outage takes AT:SECONDS, e.g. 0.3:3")
+        config = SimConfig(calls=args.calls, workers=args.workers, fault_rate=args.fault_rate, grace=args.grace,
+                           cooldown=args.cooldown, monitor_every=args.monitor_every, calcom_latency=args.calcom_latency,
+                           calcom_failure_rate=args.calcom_failure_rate, outages=outages, seed=args.seed)
+        if args.command == "soak":
+            from booking_guard.soak import soak
+
+            return soak(args.dsn, config, progress=sys.stderr.isatty(), json_path=args.json)
+        from booking_guard.soak import simulate_and_report
+
+        return simulate_and_report(args.dsn, config, progress=sys.stderr.isatty())
     if args.command == "check":
         return check(args.dsn, args.since)
     if args.command == "report":
