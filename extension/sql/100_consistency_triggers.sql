@@ -148,13 +148,17 @@ begin
     -- verified (booking_guard.verified_claim = its id, transaction-local), and the WHEN clause
     -- of the commit-time check skips it: the one index probe here replaces a deferred check.
     -- The mark only ever speaks of the row being written: it is set or cleared on every
-    -- insert and on every update that changes a flag, right before that row's WHEN is read.
-    if tg_op = 'INSERT'
-       or new.appointment_made is distinct from old.appointment_made
-       or new.session_outcome is distinct from old.session_outcome
-       or new.appointment_link_status is distinct from old.appointment_link_status then
-        claims := new.appointment_made is true or new.session_outcome = 'appointment_booked'
-                  or new.appointment_link_status = 'linked';
+    -- claiming insert and on every update that changes a flag, right before that row's WHEN
+    -- is read (an insert that claims nothing is not checked at COMMIT at all). The UPDATE that
+    -- verified a claim holds the call's row lock until COMMIT, so no other transaction can
+    -- change its appointments in between: the appointment-side check at COMMIT trusts the mark.
+    claims := new.appointment_made is true or new.session_outcome = 'appointment_booked'
+              or new.appointment_link_status = 'linked';
+    if (tg_op = 'INSERT' and claims)
+       or (tg_op = 'UPDATE'
+           and (new.appointment_made is distinct from old.appointment_made
+                or new.session_outcome is distinct from old.session_outcome
+                or new.appointment_link_status is distinct from old.appointment_link_status)) then
         has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = new.id);
         if has_one and claims and new.appointment_link_status is distinct from 'linked'
            and booking_guard.rule_mode('unlinked_appointment', company) in ('correct', 'enforce') then

@@ -246,7 +246,10 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if tg_op <> 'DELETE' and new.call_id is not null then
+    -- A call whose claim calls_before() verified after this appointment was written is done
+    -- (see the verified_claim mark there): the usual booking, appointment then flags.
+    if tg_op <> 'DELETE' and new.call_id is not null
+       and new.call_id::text is distinct from current_setting('booking_guard.verified_claim', true) then
         perform booking_guard.judge_call(new.call_id, appointments_changed => true);
     end if;
     if tg_op <> 'INSERT' and old.call_id is not null
