@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "soak":
             from booking_guard.soak import soak
 
-            return soak(args.dsn, config, progress=sys.stderr.isatty(), json_path=args.json)
+            return soak(args.dsn, config, json_path=args.json)
         from booking_guard.soak import simulate_and_report
 
-        return simulate_and_report(args.dsn, config, progress=sys.stderr.isatty())
+        return simulate_and_report(args.dsn, config)
     if args.command == "check":
         return check(args.dsn, args.since)
     if args.command == "report":

@@ -107,6 +107,8 @@ class SimConfig:
     #: share of clean bookings written by raw SQL (the seed's createLocalRecord + trackBooking)
     raw_sql_share: float = 0.3
     calcom_latency: float = 0.002
+    #: seconds a worker waits between two calls (0: as fast as it can; the demo paces itself with it)
+    think_time: float = 0.0
     calcom_failure_rate: float = 0.005
     #: Cal.com outages: (fraction of the calls placed when it starts, seconds it lasts)
     outages: list[tuple[float, float]] = field(default_factory=list)
@@ -236,6 +238,8 @@ class Worker:
                         self.conn.close()
                         self.conn = self._connect()
                 self.shared.finished_one()
+                if self.config.think_time:
+                    time.sleep(self.config.think_time * (0.5 + self.rng.random()))
         finally:
             self.close()
 
@@ -382,7 +386,8 @@ class Worker:
             appointment_id = self.raw_booking(self.conn, call_id, uid, appointment)
             self.ledger(call_id, uid, "raw_sql")
         self.conn.execute("delete from appointments where id = %s", (appointment_id,))
-        self.fault("appointment_deleted", "raw_sql", call_id, appointment_id=appointment_id, booking_id=uid)
+        self.fault("appointment_deleted", "raw_sql", call_id, appointment_id=appointment_id, booking_id=uid,
+                   outcome="deleted")
 
     def inject_double_booking(self, call_id: int, uid: str, appointment: dict, service: int, details: dict) -> None:
         # A second worker took the same call and booked it in Cal.com too; both record their booking at once.
@@ -434,7 +439,8 @@ class Worker:
                 self.ledger(call_id, uid, "raw_sql")
             with self.conn.transaction():
                 appointment_id = self.raw_booking(self.conn, call_id, uid, appointment)
-            self.fault("retry_double_booked", "raw_sql", call_id, appointment_id=appointment_id, booking_id=uid)
+            self.fault("retry_double_booked", "raw_sql", call_id, appointment_id=appointment_id, booking_id=uid,
+                       outcome="second appointment committed")
 
 
 class _Driver(threading.Thread):
