@@ -100,6 +100,9 @@ class FakeCalcom:
         """Every booking fails (503) for the next `seconds`."""
         self._outage_until = time.monotonic() + seconds
 
+    def end_outage(self) -> None:
+        self._outage_until = 0.0
+
     def in_outage(self) -> bool:
         return time.monotonic() < self._outage_until
 
