@@ -6,7 +6,8 @@
 #   make test       setup, build, install, then lint + pgTAP + pytest on a throwaway cluster
 #   make demo       setup, build, install, then the demo on a throwaway cluster
 #   make lint       ruff, pgspot on the built script
-#   make bench      every benchmark under bench/ on a throwaway cluster (bench/results/latest.txt)
+#   make bench      every benchmark under bench/ on a throwaway cluster (bench/results/latest.md, .json)
+#   make soak       the fault-injection soak and its verdict (SOAK_CALLS=100000 SOAK_WORKERS=16 SOAK_ARGS=...)
 #
 # With DATABASE_URL set, test and demo use that server instead of the throwaway cluster.
 
@@ -32,7 +33,11 @@ endif
 $(BUILT): scripts/build-extension $(sort $(wildcard extension/sql/*.sql extension/plpython/*.py))
 	scripts/build-extension $@
 
-.PHONY: setup test demo lint bench install-ext
+SOAK_CALLS   ?= 100000
+SOAK_WORKERS ?= 16
+SOAK_ARGS    ?=
+
+.PHONY: setup test demo lint bench soak install-ext
 
 setup:
 	@scripts/bootstrap
@@ -50,6 +55,9 @@ demo: install-ext
 
 bench: install-ext
 	scripts/with-database scripts/run-bench
+
+soak: install-ext
+	scripts/with-database $(VENV)/booking-guard soak --calls $(SOAK_CALLS) --workers $(SOAK_WORKERS) $(SOAK_ARGS)
 
 lint: setup all
 	scripts/lint

@@ -87,36 +87,36 @@ VERDICT_SQL = """
 with f as (
     select * from sim.faults where run_id = %(run)s
 ),""" + SIGNALS_CTE + """,
-alert_hits as (
-    select m.fault_id, a.id, a.alert_type, a.auto_corrected, a.detected_at
+alert_agg as (
+    select m.fault_id, count(*) as alerts, array_agg(distinct a.alert_type) as alert_types,
+           bool_or(a.auto_corrected) as auto_corrected, min(a.detected_at) as first_at
       from matches m join booking_guard.alerts a on a.id = m.alert_id
+     group by m.fault_id
 ),
-review_hits as (
-    select m.fault_id, q.id, q.reason, q.created_at
+review_agg as (
+    select m.fault_id, count(*) as reviews, min(q.created_at) as first_at
       from matches m join booking_guard.review_queue q on q.id = m.review_id
+     group by m.fault_id
 ),
-repair_hits as (
-    select f.id as fault_id, e.at
-      from f
-      join booking_guard.events e
-        on e.kind = 'reconcile'
-       and ((e.entity_type = 'call' and e.entity_id = f.call_id::text)
-            or (e.entity_type = 'appointment' and e.entity_id = f.appointment_id::text))
+repair_agg as (
+    select e.fault_id, count(*) as repairs, min(ev.at) as first_at
+      from entities e
+      join booking_guard.events ev
+        on ev.kind = 'reconcile' and ev.entity_type = e.entity_type and ev.entity_id = e.entity_id
+     where e.entity_type in ('call', 'appointment')
+     group by e.fault_id
 )
 select f.id, f.kind, f.path, f.expected, f.call_id, f.outcome,
-       (select count(*) from alert_hits h where h.fault_id = f.id) as alerts,
-       (select array_agg(distinct h.alert_type) from alert_hits h where h.fault_id = f.id) as alert_types,
-       (select bool_or(h.auto_corrected) from alert_hits h where h.fault_id = f.id) as auto_corrected,
-       (select count(*) from review_hits h where h.fault_id = f.id) as reviews,
-       (select count(*) from repair_hits h where h.fault_id = f.id) as repairs,
-       extract(epoch from least(
-           (select min(h.detected_at) from alert_hits h where h.fault_id = f.id),
-           (select min(h.created_at) from review_hits h where h.fault_id = f.id),
-           (select min(h.at) from repair_hits h where h.fault_id = f.id)) - f.committed_at) as latency,
+       coalesce(aa.alerts, 0) as alerts, aa.alert_types, aa.auto_corrected,
+       coalesce(ra.reviews, 0) as reviews, coalesce(pa.repairs, 0) as repairs,
+       extract(epoch from least(aa.first_at, ra.first_at, pa.first_at) - f.committed_at) as latency,
        -- the call's state now, for "prevented": consistent flags derived from the appointment rows
        c.session_outcome, c.appointment_made,
        (select count(*) from appointments a where a.call_id = f.call_id) as appointments
   from f
+  left join alert_agg aa on aa.fault_id = f.id
+  left join review_agg ra on ra.fault_id = f.id
+  left join repair_agg pa on pa.fault_id = f.id
   left join calls c on c.id = f.call_id
  order by f.id
 """
