@@ -1,6 +1,7 @@
 """Shared plumbing of the benchmarks: a scratch database on the server in DATABASE_URL."""
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -62,3 +63,16 @@ def machine() -> dict[str, str]:
         "postgresql": version,
         "kernel": platform.release(),
     }
+
+
+def figure(name: str, value: float, unit: str, baseline_name: str, baseline: float, target: str | None = None) -> dict:
+    """One figure of a benchmark beside its baseline measured in the same run (for scripts/run-bench's report)."""
+    return {"name": name, "value": value, "unit": unit, "baseline_name": baseline_name, "baseline": baseline,
+            "ratio": value / baseline if baseline else None, "target": target}
+
+
+def emit(bench: str, figures: list[dict]) -> None:
+    """Writes the figures to $BENCH_JSON_DIR/<bench>.json when run by scripts/run-bench; the printed output stays."""
+    out = os.environ.get("BENCH_JSON_DIR")
+    if out:
+        Path(out, f"{bench}.json").write_text(json.dumps(figures, indent=2))

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import psycopg
-from _common import machine, pg_env, scratch_database
+from _common import emit, figure, machine, pg_env, scratch_database
 
 DB = "bg_bench_booking"
 
@@ -102,6 +102,8 @@ def main() -> None:
     for workload, clients, un, at, ratio in results:
         print(f"{workload:<12} {clients:>7} {un:>15.0f} {at:>13.0f} {ratio:>6.2f}")
     print(f"alerts raised by the attached runs (consistent bookings should raise none): {alerts}")
+    emit("booking_tps", [figure(f"{w}, {c} client(s): TPS attached", at, "tps", "not attached", un)
+                         for w, c, un, at, _ in results])
 
 
 if __name__ == "__main__":

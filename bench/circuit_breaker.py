@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 import psycopg
 import pybreaker
 import redis
-from _common import machine, scratch_database
+from _common import emit, figure, machine, scratch_database
 
 DB = "bg_bench_circuit"
 KEYS = 100
@@ -247,6 +247,7 @@ def main() -> None:
             print(f"circuit breaker bench: {env['cpu']}, PostgreSQL {env['postgresql']}, redis-server {server.version} "
                   f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}; "
                   f"load average before: {os.getloadavg()[0]:.1f}")
+            figures: list[dict] = []
             for model in models:
                 print(f"\nacquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
                       f"each client one {model[:-2] if model == 'processes' else model[:-1]} with its own connection")
@@ -263,12 +264,15 @@ def main() -> None:
                             pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n, model))
                         bg, pb = statistics.median(bgs), statistics.median(pbs)
                         ratios.append(bg / pb)
+                        figures.append(figure(f"{label}, {n} client {model}: acquire + record per s", bg, "1/s",
+                                              "pybreaker + redis", pb, ">= 0.5"))
                         print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
                 print(f"ratio booking_guard / pybreaker+redis ({model}): min {min(ratios):.2f}, max {max(ratios):.2f} "
                       "(target >= 0.5)")
 
             print(f"\nhalf-open race: {RACERS} processes, {args.rounds} rounds, 1 trial call allowed, "
                   "each admitted call in progress until all have tried")
+            beyond: dict[str, int] = {}
             for name, target, targs, reopen in (
                     ("booking_guard", bg_racer, (dsn,), lambda: bg_open(dsn)),
                     ("pybreaker+redis", pb_racer, (server.port,), lambda: pb_open(server.port))):
@@ -277,7 +281,11 @@ def main() -> None:
                 print(f"{name:<16} over-admitted in {len(over)}/{len(admitted)} rounds; admitted per round: "
                       f"min {min(admitted)}, max {max(admitted)}, mean {sum(admitted) / len(admitted):.1f}; "
                       f"calls beyond the limit: {sum(a - 1 for a in over)}")
+                beyond[name] = sum(a - 1 for a in over)
+            figures.append(figure(f"half-open race, {RACERS} processes: calls beyond the limit", beyond["booking_guard"],
+                                  "calls", "pybreaker + redis", beyond["pybreaker+redis"], "0"))
             print(f"load average after: {os.getloadavg()[0]:.1f}")
+            emit("circuit_breaker", figures)
     finally:
         server.stop()
 

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-from _common import machine, pg_env, scratch_database
+from _common import emit, figure, machine, pg_env, scratch_database
 from booking_guard.serve import ServeConfig, Service
 
 DB = "bg_bench_exporter"
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    scrapes: dict[tuple[int, int], float] = {}
 
     with scratch_database(DB) as dsn, tempfile.TemporaryDirectory() as tmp, psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("set client_min_messages = warning")
@@ -147,6 +148,7 @@ def main() -> None:
                     times, _ = scrape_times(url, conn, args.scrapes, backlog)
                     times.sort()
                     p95 = times[min(len(times) - 1, int(len(times) * 0.95))]
+                    scrapes[(size, backlog)] = statistics.median(times)
                     print(f"{size:>9} {events:>9} {n_series:>7} {backlog:>8} {statistics.median(times):>10.1f}"
                           f" {p95:>7.1f} {times[-1]:>7.1f}")
         finally:
@@ -190,6 +192,13 @@ def main() -> None:
                               " where name = 'booking_guard_metrics_events_folded_total'").fetchone()[0]
         events = conn.execute("select count(*) from booking_guard.events").fetchone()[0]
         print(f"events folded {folded:.0f} of {events} in the table (each exactly once)")
+    small, big = min(s for s, _ in scrapes), max(s for s, _ in scrapes)
+    figures = [figure(f"booking path TPS with metrics() every second, {args.clients} clients", ma, "tps",
+                      "no fold, no scrape", un, ">= 0.9")]
+    if big != small:
+        figures += [figure(f"/metrics scrape median at {big:,} calls, backlog {b:,}", scrapes[(big, b)], "ms",
+                           f"same at {small:,} calls", scrapes[(small, b)]) for b in (0, args.backlog)]
+    emit("exporter", figures)
 
 
 if __name__ == "__main__":

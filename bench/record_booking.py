@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import psycopg
-from _common import machine, pg_env, scratch_database
+from _common import emit, figure, machine, pg_env, scratch_database
 
 DB = "bg_bench_record_booking"
 
@@ -157,6 +157,16 @@ def main() -> None:
     print(f"bookings: {appointments:,} appointments for {used:,} calls; duplicate booking ids: {duplicates}; "
           f"calls flagged without appointment: {inconsistent}; failed record_booking: {failed}; alerts: {alerts}")
     print("target: record_booking >= 0.7 x plain insert")
+    figures = []
+    for clients in sorted({c for _, c in results}):
+        tps = {name: statistics.median(results[(name, clients)]) for name in SCRIPTS}
+        figures += [figure(f"record_booking TPS, {clients} client(s)", tps["record_booking"], "tps", base,
+                           tps[base], ">= 0.7" if base == "plain tx" else None) for base in ("plain tx", "plain 1-stmt")]
+    if cpu is not None:
+        # CPU per booking: lower is better, so the baseline is the numerator (plain / record_booking, as printed)
+        figures.append(figure("server CPU per booking, plain tx / record_booking", cpu["plain tx"], "us",
+                              "record_booking", cpu["record_booking"]))
+    emit("record_booking", figures)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import psycopg
-from _common import machine, scratch_database
+from _common import emit, figure, machine, scratch_database
 
 DB = "bg_bench_validation"
 
@@ -78,6 +78,11 @@ def main() -> None:
         print(f"{label:<40} {p50:>7.3f} {p95:>7.3f} {p99:>7.3f}")
     p95 = percentiles(server)[1]
     print(f"target p95 <= 1 ms (seed: <= 100 ms): {'met' if p95 <= 1 else 'NOT met'} ({p95:.3f} ms)")
+    emit("validation_latency", [
+        figure("validation p95 in the function", p95, "ms", "client round trip p95 of the same validations",
+               percentiles(round_trips)[1], "p95 <= 1 ms"),
+        figure("validation p50 in the function", percentiles(server)[0], "ms", "client round trip p50",
+               percentiles(round_trips)[0])])
 
 
 if __name__ == "__main__":
