@@ -244,8 +244,9 @@ def _prevented(kind: str, row: dict) -> bool:
     if kind == "retry_double_booked":
         return outcome == "idempotent"
     if kind == "double_booking":
-        # record_booking refused the second booking (rolled back to creation_failed, queued)
-        return "second ok" not in outcome and "error" not in outcome
+        # record_booking recorded one of the two bookings and refused the other (queued with its booking id)
+        first, _, second = outcome.partition(", ")
+        return "error" not in outcome and (first.split()[-1] == "ok") != (second.split()[-1] == "ok")
     if kind == "appointment_deleted":
         # trigger 4: the call lost its only appointment and its flags were derived from that at once
         return row["appointments"] == 0 and row["appointment_made"] is False \
