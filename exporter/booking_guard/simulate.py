@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -368,9 +367,6 @@ class Worker:
         self.conn.close()
         self.conn = self._connect()
 
-    def inject_null_direction(self, *args: object) -> None:   # injected at the call's insert (place_call)
-        raise AssertionError("null_direction is injected when the call is inserted")
-
     def inject_orphan_appointment(self, call_id: int, uid: str, appointment: dict, service: int, details: dict) -> None:
         # the calendar's webhook wrote the appointment before (and without) its call; the call knows the booking id
         with self.conn.transaction():
@@ -502,8 +498,7 @@ def settle(dsn: str, grace: float) -> dict:
     return {"verified": verified, "monitor": first, "reconcile": reconciled, "monitor_after": second}
 
 
-def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None = None,
-        during: Callable[[FakeCalcom], None] | None = None) -> tuple[SimResult, dict]:
+def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> tuple[SimResult, dict]:
     """Prepares the database, runs the workload, settles it; returns the result and what settle() did."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.add_notice_handler(lambda notice: None)
@@ -523,8 +518,6 @@ def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None
         threads = [threading.Thread(target=w.run, name=f"worker-{w.number}") for w in workers]
         for t in [listener, *drivers, *threads]:
             t.start()
-        if during is not None:
-            during(calcom)
         for t in threads:
             t.join()
         seconds = time.monotonic() - started
@@ -544,7 +537,3 @@ def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None
                        driver_errors=driver_errors, breaker_rejections=shared.rejections,
                        verify_runs=drivers[0].runs, monitor_runs=drivers[1].runs)
     return result, settled
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
