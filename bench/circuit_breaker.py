@@ -264,7 +264,7 @@ def main() -> None:
                             pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n, model))
                         bg, pb = statistics.median(bgs), statistics.median(pbs)
                         ratios.append(bg / pb)
-                        figures.append(figure(f"{label}, {n} client {model}: acquire + record per s", bg, "1/s",
+                        figures.append(figure(f"{label}, {n} client(s) as {model}: acquire + record per s", bg, "1/s",
                                               "pybreaker + redis", pb, ">= 0.5"))
                         print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
                 print(f"ratio booking_guard / pybreaker+redis ({model}): min {min(ratios):.2f}, max {max(ratios):.2f} "
