@@ -10,7 +10,9 @@
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one
 --      that carries the booking id), flags the call, validates; a failed validation undoes all
 --      of that, rolls the call back to creation_failed (rollback_on_failure: critical alert
---      appointment_validation_failed) and queues it for review, in the caller's transaction.
+--      appointment_validation_failed) and queues it for review, in the caller's transaction;
+--      a call that still has an appointment (a second booking refused) keeps it: alert and
+--      review, no rollback.
 --
 -- The appointment's INSERT is prepared once per session, table and set of jsonb keys, as a
 -- prepared statement named booking_guard_insert_<md5> (visible in pg_prepared_statements; a
@@ -200,6 +202,15 @@ begin
                     record_booking.call_id::text,
                     format('Booking %s was made for call %s, which does not exist: not recorded',
                            record_booking.calcom_booking_id, record_booking.call_id),
+                    jsonb_build_object('reason', v.reason, 'calcom_booking_id', record_booking.calcom_booking_id));
+            elsif exists (select from booking_guard.guarded_appointments a where a.call_id = record_booking.call_id) then
+                -- The call keeps the booking it already has (a second one was refused): rolling it
+                -- back to creation_failed would be false, and the truth check would only undo it.
+                alert_id := booking_guard.raise_alert('appointment_validation_failed', 'critical', 'call',
+                    record_booking.call_id::text,
+                    format('Booking %s for call %s was refused (%s); the call keeps its existing appointment. '
+                           'Cancel the extra booking in the calendar.',
+                           record_booking.calcom_booking_id, record_booking.call_id, v.reason),
                     jsonb_build_object('reason', v.reason, 'calcom_booking_id', record_booking.calcom_booking_id));
             else
                 rolled_back := booking_guard.rollback_on_failure(record_booking.call_id, v.reason);
