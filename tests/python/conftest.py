@@ -3,6 +3,7 @@ reference application schema and the extension (pytest-postgresql against the se
 DATABASE_URL, which `make test` points at its throwaway cluster)."""
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,22 @@ APP_SCHEMA = ROOT / "examples" / "app_schema.sql"
 if "DATABASE_URL" not in os.environ:
     raise pytest.UsageError("DATABASE_URL is not set: run the tests with `make test` (or scripts/with-database)")
 SERVER = conninfo_to_dict(os.environ["DATABASE_URL"])
+
+
+def pg_tool(name: str) -> str:
+    """A PostgreSQL 15 client program (pg_dump, psql), for dump and restore tests."""
+    path = shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found")
+    return path
+
+
+def tool_args(dbname: str) -> list[str]:
+    """Connection arguments of a client program for `dbname` on the test server."""
+    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432)), "-d", dbname]
+    if SERVER.get("user"):
+        args += ["-U", SERVER["user"]]
+    return args
 
 
 def load_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: object) -> None:

@@ -5,7 +5,6 @@ Time is moved with booking_guard.clock_offset or stopped with booking_guard.cloc
 never slept through."""
 
 import json
-import shutil
 import subprocess
 import threading
 import uuid
@@ -14,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import SERVER
+from conftest import pg_tool, tool_args
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -244,20 +243,6 @@ def test_monitor_role_reads_status_without_writing(db, login_role):
     # ... and the superuser's skewed clock sees it half-open, without anything written
     assert db.execute("select state from booking_guard.circuit_status").fetchone()[0] == "half_open"
     assert db.execute("select count(*) from booking_guard.circuit_transitions").fetchone()[0] == 1
-
-
-def pg_tool(name: str) -> str:
-    path = shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found")
-    return path
-
-
-def tool_args(dbname: str) -> list[str]:
-    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432)), "-d", dbname]
-    if SERVER.get("user"):
-        args += ["-U", SERVER["user"]]
-    return args
 
 
 def test_dump_and_restore_keep_breakers_history_and_permit_order(db):

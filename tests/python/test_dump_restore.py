@@ -1,25 +1,9 @@
 """pg_dump keeps the user's settings, rules and attachment; a restore does not fail on the seeds."""
 
-import shutil
 import subprocess
 
 import psycopg
-import pytest
-from conftest import SERVER
-
-
-def pg_tool(name: str) -> str:
-    path = shutil.which(name, path="/usr/lib/postgresql/15/bin") or shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found")
-    return path
-
-
-def tool_args(dbname: str) -> list[str]:
-    args = ["-h", SERVER.get("host", "localhost"), "-p", str(SERVER.get("port", 5432)), "-d", dbname]
-    if SERVER.get("user"):
-        args += ["-U", SERVER["user"]]
-    return args
+from conftest import pg_tool, tool_args
 
 
 def test_dump_and_restore_keeps_configuration(db, connect):
