@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,19 @@ def pg_env(dbname: str) -> dict[str, str]:
             env[var] = str(info[key])
     env["PGDATABASE"] = dbname
     return env
+
+
+def pgbench(dbname: str, scripts: list[tuple[str, int]], clients: int, seconds: int, workdir: Path) -> float:
+    """TPS of pgbench (prepared statements) running the weighted scripts [(body, weight)] on `dbname`."""
+    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds)]
+    for i, (body, weight) in enumerate(scripts):
+        path = workdir / f"script{i}.sql"
+        path.write_text(body)
+        args += ["-f", f"{path}@{weight}"]
+    out = subprocess.run(args, env=pg_env(dbname), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
+    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
 
 
 def machine() -> dict[str, str]:

@@ -10,14 +10,12 @@ usage: bench/booking_tps.py [--seconds 8] [--rounds 2] [--clients 1,8]
 """
 
 import argparse
-import re
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
-from _common import emit, figure, machine, pg_env, scratch_database
+from _common import emit, figure, machine, pgbench, scratch_database
 
 DB = "bg_bench_booking"
 
@@ -60,18 +58,6 @@ def populate(dsn: str) -> None:
         conn.execute("vacuum analyze")
 
 
-def pgbench(scripts: list[str], clients: int, seconds: int, workdir: Path) -> float:
-    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds)]
-    for i, (body, weight) in enumerate(scripts):
-        path = workdir / f"script{i}.sql"
-        path.write_text(body)
-        args += ["-f", f"{path}@{weight}"]
-    out = subprocess.run(args, env=pg_env(DB), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"pgbench failed:\n{out.stderr}")
-    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
@@ -91,7 +77,7 @@ def main() -> None:
                         for side in ("unattached", "attached"):
                             if side == "attached":
                                 conn.execute("select booking_guard.attach('calls', 'appointments')")
-                            tps[side].append(pgbench(scripts, clients, args.seconds, Path(tmp)))
+                            tps[side].append(pgbench(DB, scripts, clients, args.seconds, Path(tmp)))
                             if side == "attached":
                                 conn.execute("select booking_guard.detach()")
                     un, at = statistics.median(tps["unattached"]), statistics.median(tps["attached"])

@@ -15,9 +15,7 @@ usage: bench/exporter.py [--sizes 100000,1000000] [--scrapes 40] [--seconds 10] 
 """
 
 import argparse
-import re
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -25,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-from _common import emit, figure, machine, pg_env, scratch_database
+from _common import emit, figure, machine, pgbench, scratch_database
 from booking_guard.serve import ServeConfig, Service
 
 DB = "bg_bench_exporter"
@@ -101,16 +99,6 @@ def scrape_times(url: str, conn: psycopg.Connection, scrapes: int, backlog: int)
     return times, size
 
 
-def pgbench(dsn_db: str, clients: int, seconds: int, workdir: Path) -> float:
-    script = workdir / "booking.sql"
-    script.write_text(BOOKING)
-    out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)),
-                          "-T", str(seconds), "-f", str(script)], env=pg_env(dsn_db), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"pgbench failed:\n{out.stderr}")
-    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
@@ -174,7 +162,7 @@ def main() -> None:
                     stop.clear()
                     thread = threading.Thread(target=scrape_every_second)
                     thread.start()
-                tps[side].append(pgbench(DB, args.clients, args.seconds, Path(tmp)))
+                tps[side].append(pgbench(DB, [(BOOKING, 1)], args.clients, args.seconds, Path(tmp)))
                 if thread is not None:
                     stop.set()
                     thread.join()

@@ -19,14 +19,12 @@ usage: bench/record_booking.py [--seconds 5] [--rounds 2] [--clients 1,8] [--cal
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
-from _common import emit, figure, machine, pg_env, scratch_database
+from _common import emit, figure, machine, pgbench, scratch_database
 
 DB = "bg_bench_record_booking"
 
@@ -103,17 +101,6 @@ def server_cpu_per_booking(dsn: str, bookings: int, rounds: int) -> dict[str, fl
     return {name: statistics.median(values) for name, values in spent.items()}
 
 
-def pgbench(body: str, clients: int, seconds: int, workdir: Path) -> float:
-    path = workdir / "script.sql"
-    path.write_text(body)
-    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)), "-T", str(seconds),
-            "-f", str(path)]
-    out = subprocess.run(args, env=pg_env(DB), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
-    return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
@@ -128,7 +115,7 @@ def main() -> None:
         for clients in (int(c) for c in args.clients.split(",")):
             for _ in range(args.rounds):
                 for name, body in SCRIPTS.items():
-                    results.setdefault((name, clients), []).append(pgbench(body, clients, args.seconds, Path(tmp)))
+                    results.setdefault((name, clients), []).append(pgbench(DB, [(body, 1)], clients, args.seconds, Path(tmp)))
         cpu = server_cpu_per_booking(dsn, args.cpu_bookings, args.rounds)
         with psycopg.connect(dsn, autocommit=True) as conn:
             used, appointments, duplicates, inconsistent, failed, alerts = conn.execute("""
