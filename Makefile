@@ -1,6 +1,8 @@
 # booking_guard — build with PGXS, plus the project's everyday targets.
 #
-#   make            build build/booking_guard--<version>.sql
+#   make            build build/booking_guard--<version>.sql and the C module booking_guard_c.so
+#                   (not booking_guard.so: Python run from the repository root would import that
+#                   in place of the booking_guard package)
 #   make install    install the extension into the server (PGXS; needs write access there)
 #   make setup      install OS packages and the .venv (scripts/bootstrap)
 #   make test       setup, build, install, then lint + pgTAP + pytest on a throwaway cluster
@@ -15,6 +17,8 @@ EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" extension/bo
 BUILT      := build/booking_guard--$(EXTVERSION).sql
 
 MODULEDIR  = extension
+MODULE_big = booking_guard_c
+OBJS       = extension/src/booking_path.o
 DATA       = extension/booking_guard.control $(wildcard extension/updates/*.sql)
 DATA_built = $(BUILT)
 EXTRA_CLEAN = build

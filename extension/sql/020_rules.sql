@@ -60,31 +60,29 @@ $$;
 comment on function booking_guard.rollout_bucket(text) is
     'The stable bucket 0..99 of a company for rule rollouts: a rule at N percent applies its mode to buckets below N.';
 
--- PL/pgSQL rather than SQL: triggers call this on the booking path, and a PL/pgSQL body keeps
--- its plan for the session where a non-inlinable SQL function is planned again in every
--- transaction.
+-- C (extension/src/booking_path.c), like the triggers that call it on the booking path: it
+-- reads the rules once per transaction and again after this session changes them (the
+-- trigger below). A rule changed by another session applies from the next transaction on.
 create function booking_guard.rule_mode(rule_name text, company_id text default null)
 returns text
-language plpgsql
+language c
 stable
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    r  record;
-begin
-    select rr.mode, rr.rollout_percent, rr.fallback_mode into r from booking_guard.rules rr where rr.name = rule_name;
-    if not found then
-        return null;
-    end if;
-    if r.rollout_percent >= 100 or booking_guard.rollout_bucket(company_id) < r.rollout_percent then
-        return r.mode;
-    end if;
-    return r.fallback_mode;
-end
-$$;
+as 'MODULE_PATHNAME', 'rule_mode';
 
 comment on function booking_guard.rule_mode(text, text) is
     'The mode a rule applies to one company: its mode inside the rollout percentage, its fallback_mode outside; null for an unknown rule.';
+
+create function booking_guard.rules_changed()
+returns trigger
+language c
+as 'MODULE_PATHNAME', 'rules_changed';
+
+comment on function booking_guard.rules_changed() is
+    'Statement trigger on rules: this session reads the rules again at its next rule_mode().';
+
+create trigger rules_changed
+    after insert or update or delete or truncate on booking_guard.rules
+    for each statement execute function booking_guard.rules_changed();
 
 create function booking_guard.set_rule(rule_name text, new_mode text, new_rollout_percent integer default null,
                                        new_fallback_mode text default null)

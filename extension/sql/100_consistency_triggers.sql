@@ -17,6 +17,8 @@
 -- enforce rejects the statement with BG002. Deriving a flag from the truth is not a
 -- correction: trigger 4 and the plain case of trigger 2 (no link status given) are silent.
 -- Rule modes are looked up only when a condition holds, so a consistent row costs no query.
+-- The booking path runs in C (extension/src/booking_path.c, see calls_before below); the
+-- rules' actions stay here in PL/pgSQL.
 
 create function booking_guard.reject(rule_name text, call_id text, what text)
 returns void
@@ -35,7 +37,7 @@ $$;
 comment on function booking_guard.reject(text, text, text) is
     'Raises BG002 for a rule in enforce mode, naming the rule and the call.';
 
-create function booking_guard.calls_before()
+create function booking_guard.calls_rules()
 returns trigger
 language plpgsql
 security definer
@@ -46,8 +48,6 @@ declare
     call_key text := new.id::text;
     mode     text;
     was      jsonb;
-    claims   boolean;
-    has_one  boolean;
 begin
     -- 1. direction
     if new.direction is null then
@@ -142,43 +142,34 @@ begin
         end if;
     end if;
 
-    -- 4. the claim against the truth, now. The seed's trackBooking sets appointment_made and
-    -- session_outcome after the appointment is in, never the link: derive the link from the
-    -- appointment already there. A call whose flags now agree with its appointments is marked
-    -- verified (booking_guard.verified_claim = its id, transaction-local), and the WHEN clause
-    -- of the commit-time check skips it: the one index probe here replaces a deferred check.
-    -- The mark only ever speaks of the row being written: it is set or cleared on every
-    -- claiming insert and on every update that changes a flag, right before that row's WHEN
-    -- is read (an insert that claims nothing is not checked at COMMIT at all). The UPDATE that
-    -- verified a claim holds the call's row lock until COMMIT, so no other transaction can
-    -- change its appointments in between: the appointment-side check at COMMIT trusts the mark.
-    claims := new.appointment_made is true or new.session_outcome = 'appointment_booked'
-              or new.appointment_link_status = 'linked';
-    if (tg_op = 'INSERT' and claims)
-       or (tg_op = 'UPDATE'
-           and (new.appointment_made is distinct from old.appointment_made
-                or new.session_outcome is distinct from old.session_outcome
-                or new.appointment_link_status is distinct from old.appointment_link_status)) then
-        has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = new.id);
-        if has_one and claims and new.appointment_link_status is distinct from 'linked'
-           and booking_guard.rule_mode('unlinked_appointment', company) in ('correct', 'enforce') then
-            new.appointment_link_status := 'linked';
-            new.appointment_linked_at := coalesce(new.appointment_linked_at, now());
-        end if;
-        perform set_config('booking_guard.verified_claim',
-                           case when (has_one and new.appointment_made is true
-                                      and new.session_outcome is not distinct from 'appointment_booked'
-                                      and new.appointment_link_status = 'linked')
-                                     or not (claims or has_one)
-                                then new.id::text else '' end,
-                           true);
-    end if;
     return new;
 end
 $$;
 
+comment on function booking_guard.calls_rules() is
+    'The seed''s triggers 1-3 (direction, customer link, outcome vs flag), each by its rule''s mode: run by calls_before() for a row a rule has something to do with.';
+
+-- The trigger itself is C (extension/src/booking_path.c): it runs calls_rules() above only
+-- for a row one of those rules acts on, and does the rest, the plain customer link and step
+-- 4, itself:
+--
+-- 4. The claim against the truth, now. The seed's trackBooking sets appointment_made and
+-- session_outcome after the appointment is in, never the link: the link is derived from the
+-- appointment already there (rule unlinked_appointment). A call whose flags now agree with
+-- its appointments is marked verified (a transaction-local mark in the C module), and the
+-- commit-time check skips it: the one index probe here replaces a deferred check. The mark
+-- is set or cleared on every claiming insert and on every update that changes a flag. The
+-- UPDATE that verified a claim holds the call's row lock until COMMIT, so no other
+-- transaction can change its appointments in between: the appointment-side check at COMMIT
+-- trusts the mark. A second mark tells the WHEN clause of the calls-side constraint triggers
+-- whether the row just written needs the check at COMMIT at all (a claim not verified).
+create function booking_guard.calls_before()
+returns trigger
+language c
+as 'MODULE_PATHNAME', 'calls_before';
+
 comment on function booking_guard.calls_before() is
-    'Trigger on the attached calls table: the seed''s triggers 1-3 (direction, customer link, outcome vs flag), each by its rule''s mode.';
+    'Trigger on the attached calls table (C): the seed''s triggers 1-3 through calls_rules() when a rule acts, the plain customer link, and the claim checked against the appointments.';
 
 -- Recomputes a call's flags from the appointments linked to it (trigger 4, reconciliation).
 -- The call row is locked before the appointments are counted, and the count is a statement

@@ -239,29 +239,28 @@ $$;
 comment on function booking_guard.calls_truth_check() is
     'Deferred constraint trigger on the attached calls table: judges the call at COMMIT.';
 
+-- C (extension/src/booking_path.c): it runs at COMMIT for every appointment a booking
+-- writes, and almost always finds the call verified by calls_before() after the appointment
+-- was written (the usual booking: appointment, then flags); otherwise it runs judge_call().
 create function booking_guard.appointments_truth_check()
 returns trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    -- A call whose claim calls_before() verified after this appointment was written is done
-    -- (see the verified_claim mark there): the usual booking, appointment then flags.
-    if tg_op <> 'DELETE' and new.call_id is not null
-       and new.call_id::text is distinct from current_setting('booking_guard.verified_claim', true) then
-        perform booking_guard.judge_call(new.call_id, appointments_changed => true);
-    end if;
-    if tg_op <> 'INSERT' and old.call_id is not null
-       and (tg_op = 'DELETE' or old.call_id is distinct from new.call_id) then
-        perform booking_guard.judge_call(old.call_id, appointments_changed => true);
-    end if;
-    return null;
-end
-$$;
+language c
+as 'MODULE_PATHNAME', 'appointments_truth_check';
 
 comment on function booking_guard.appointments_truth_check() is
-    'Deferred constraint trigger on the attached appointments table: judges, at COMMIT, the calls whose appointments changed.';
+    'Deferred constraint trigger on the attached appointments table (C): judges, at COMMIT, the calls whose appointments changed, unless calls_before() verified the call after this appointment was written.';
+
+-- The WHEN clause of the calls-side constraint triggers: a row whose claim calls_before()
+-- verified, or that claims nothing new, queues no check at all. It reads (and clears) a mark
+-- of the current transaction only, so any role may run it.
+create function booking_guard.claim_check_needed(call_id bigint)
+returns boolean
+language c
+volatile
+as 'MODULE_PATHNAME', 'claim_check_needed';
+
+comment on function booking_guard.claim_check_needed(bigint) is
+    'WHEN clause of the calls-side truth check: false when calls_before() found the row just written needs no check at COMMIT (its claim verified, or nothing claimed).';
 
 create function booking_guard.verify_due(as_of timestamptz default clock_timestamp())
 returns table (call_id bigint, verdict text)
@@ -303,16 +302,11 @@ begin
                     for each row execute function booking_guard.calls_before()', calls);
     execute format('create constraint trigger booking_guard_calls_truth_insert after insert on %s
                     deferrable initially deferred for each row
-                    when ((new.appointment_made or new.session_outcome = ''appointment_booked''
-                           or new.appointment_link_status = ''linked'')
-                          and current_setting(''booking_guard.verified_claim'', true) is distinct from new.id::text)
+                    when (booking_guard.claim_check_needed(new.id))
                     execute function booking_guard.calls_truth_check()', calls);
     execute format('create constraint trigger booking_guard_calls_truth_update after update on %s
                     deferrable initially deferred for each row
-                    when ((new.appointment_made is distinct from old.appointment_made
-                           or new.session_outcome is distinct from old.session_outcome
-                           or new.appointment_link_status is distinct from old.appointment_link_status)
-                          and current_setting(''booking_guard.verified_claim'', true) is distinct from new.id::text)
+                    when (booking_guard.claim_check_needed(new.id))
                     execute function booking_guard.calls_truth_check()', calls);
     execute format('create trigger booking_guard_appointments_sync after delete or update of call_id on %s
                     for each row execute function booking_guard.appointments_sync()', appointments);

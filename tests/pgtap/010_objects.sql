@@ -1,6 +1,6 @@
 -- Every object the extension creates, its column types, comments and privileges.
 begin;
-select plan(60);
+select plan(62);
 
 select has_schema('booking_guard');
 select has_extension('booking_guard');
@@ -72,16 +72,28 @@ select is_empty($$select p.oid::regprocedure::text from pg_proc p
                 'every function has a COMMENT ON');
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
                    where p.pronamespace = 'booking_guard'::regnamespace
-                     and (p.proacl is null or exists (select from aclexplode(p.proacl) a where a.grantee = 0))$$,
-                'no function is executable by PUBLIC');
+                     and (p.proacl is null or exists (select from aclexplode(p.proacl) a where a.grantee = 0))
+                     and p.oid <> 'booking_guard.claim_check_needed(bigint)'::regprocedure$$,
+                'no function but the truth check''s WHEN clause is executable by PUBLIC');
+select ok(has_function_privilege('public', 'booking_guard.claim_check_needed(bigint)', 'execute'),
+          'the WHEN clause of the calls-side truth check runs as any role that writes calls');
 select is_empty($$select c.oid::regclass::text from pg_class c
                    where c.relnamespace = 'booking_guard'::regnamespace and c.relkind in ('r', 'v')
                      and exists (select from aclexplode(c.relacl) a where a.grantee = 0)$$,
                 'no table or view is granted to PUBLIC');
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
                    where p.pronamespace = 'booking_guard'::regnamespace
+                     and p.prolang <> (select oid from pg_language where lanname = 'c')
                      and not exists (select from unnest(p.proconfig) c where c = 'search_path=pg_catalog, pg_temp')$$,
-                'every function pins search_path = pg_catalog, pg_temp');
+                'every SQL, PL/pgSQL and PL/Python function pins search_path = pg_catalog, pg_temp');
+-- C functions resolve no name through search_path: every query they run is schema-qualified
+-- down to its operators. None is SECURITY DEFINER: they take the owner's rights only around
+-- those queries.
+select is(array_agg(p.proname::text order by p.proname), array['appointments_truth_check', 'calls_before',
+          'claim_check_needed', 'rule_mode', 'rules_changed'],
+          'the C functions, none of them SECURITY DEFINER')
+  from pg_proc p join pg_language l on l.oid = p.prolang and l.lanname = 'c'
+ where p.pronamespace = 'booking_guard'::regnamespace and not p.prosecdef;
 
 -- grants per role
 select ok(has_function_privilege('booking_guard_admin', 'booking_guard.set_setting(text, text)', 'execute'),
