@@ -1,7 +1,8 @@
 """Throughput of record_booking() beside the same booking written by plain SQL, with pgbench.
 
-Each transaction books one fresh call (calls are created beforehand; a sequence hands each
-transaction its own): the appointment is inserted and the call linked and flagged. Three ways,
+Each transaction books one fresh call (calls are created beforehand, beside a history of
+100,000 booked calls; a sequence hands each transaction its own): the appointment is inserted
+and the call linked and flagged. Three ways,
 alternating in one run, on the same attached tables:
 
   record_booking  select booking_guard.record_booking(call, booking, '{"status": ..., "source": ...}')
@@ -27,6 +28,7 @@ import psycopg
 from _common import emit, figure, machine, pgbench, scratch_database
 
 DB = "bg_bench_record_booking"
+HISTORY = 100_000   # booked calls with their appointments before the run
 
 FLAGS = ("appointment_made = true, session_outcome = 'appointment_booked', appointment_link_status = 'linked',"
          " appointment_linked_at = now(), booking_confirmed = true, call_successful = true, updated_at = now()")
@@ -59,6 +61,16 @@ def populate(dsn: str, calls: int) -> None:
         conn.execute("""
             insert into calls (retell_call_id, company_id, direction)
             select 'call-' || i, 1 + i %% 100, 'inbound' from generate_series(1, %s) i""", (calls,))
+        # A history of booked calls, as any running system has: with empty appointments the
+        # plans the booking path keeps for the session would be planned for an empty table.
+        conn.execute("""
+            insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made,
+                               appointment_link_status, booking_id)
+            select 'booked-' || i, 1 + i %% 100, 'inbound', 'appointment_booked', true, 'linked', 'booked-' || i
+              from generate_series(1, %s) i""", (HISTORY,))
+        conn.execute("""
+            insert into appointments (call_id, calcom_v2_booking_id, company_id, status, source)
+            select id, booking_id, company_id, 'confirmed', 'retell_webhook' from calls where booking_id is not null""")
         conn.execute("create sequence bench_call_seq")
         conn.execute("select booking_guard.attach('calls', 'appointments')")
         conn.execute("select booking_guard.set_setting('verification_grace', '0')")
@@ -119,13 +131,14 @@ def main() -> None:
         cpu = server_cpu_per_booking(dsn, args.cpu_bookings, args.rounds)
         with psycopg.connect(dsn, autocommit=True) as conn:
             used, appointments, duplicates, inconsistent, failed, alerts = conn.execute("""
-                select (select last_value from bench_call_seq), (select count(*) from appointments),
+                select (select last_value from bench_call_seq), (select count(*) - %s from appointments),
                        (select count(*) from (select from appointments group by calcom_v2_booking_id having count(*) > 1) d),
                        (select count(*) from calls c where c.appointment_made
                            and not exists (select from appointments a where a.call_id = c.id)),
                        (select count(*) from booking_guard.events where kind = 'record_booking'
                            and not (details ->> 'success')::boolean),
-                       (select count(*) from booking_guard.alerts where alert_type <> 'missing_direction')""").fetchone()
+                       (select count(*) from booking_guard.alerts where alert_type <> 'missing_direction')""",
+                (HISTORY,)).fetchone()
     if used > args.calls:
         raise SystemExit(f"ran out of prepared calls ({used} > {args.calls}): raise --calls")
     print(f"machine: {machine()}")

@@ -23,11 +23,12 @@ kept in SD; PostgreSQL replans them by itself when the attached tables change.
 import json
 import time
 
-# One query per validation: the call, the validation window and the appointment, which is the
-# given one, or (without an id) the call's, preferring the one with the expected booking id
-# (the given one, else the call's), else the newest; failing that, an appointment that carries
-# the expected booking id but is not linked. $1 call id, $2 appointment id, $3 booking id.
-LOOKUP_SQL = """
+# One query per validation: the call, the validation window and the appointment. With an
+# appointment id (record_booking() always gives one) it is that appointment, a plain lookup
+# by primary key; without, the call's, preferring the one with the expected booking id (the
+# given one, else the call's), else the newest; failing that, an appointment that carries the
+# expected booking id but is not linked. $1 call id, $2 appointment id, $3 booking id.
+_CALL_COLUMNS = """
 select c.id::bigint as call_id, c.retell_call_id::text as retell_call_id, c.booking_id::text as call_booking_id,
        extract(epoch from s.interval_value)::float8 as window_seconds,
        coalesce($3, c.booking_id::text) as expected_booking_id,
@@ -35,24 +36,29 @@ select c.id::bigint as call_id, c.retell_call_id::text as retell_call_id, c.book
        a.created_at::text as created_at, extract(epoch from now() - a.created_at)::float8 as age_seconds
   from booking_guard.settings s
   left join booking_guard.guarded_calls c on c.id = $1
-  left join lateral (
-        select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
-          from booking_guard.guarded_appointments g
-         where g.id = $2
-        union all
-        (select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
-           from booking_guard.guarded_appointments g
-          where $2 is null and (g.call_id = $1 or g.calcom_v2_booking_id = coalesce($3, c.booking_id::text))
-          order by coalesce(g.call_id = $1 and g.calcom_v2_booking_id = coalesce($3, c.booking_id::text), false) desc,
-                   coalesce(g.call_id = $1, false) desc, g.created_at desc nulls last, g.id desc
-          limit 1)) a on c.id is not null
+"""
+
+LOOKUP_BY_ID_SQL = _CALL_COLUMNS + """
+  left join booking_guard.guarded_appointments a on a.id = $2 and c.id is not null
  where s.name = 'validation_recent_window'
 """
 
+LOOKUP_SQL = _CALL_COLUMNS + """
+  left join lateral (
+        select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
+          from booking_guard.guarded_appointments g
+         where g.call_id = $1 or g.calcom_v2_booking_id = coalesce($3, c.booking_id::text)
+         order by coalesce(g.call_id = $1 and g.calcom_v2_booking_id = coalesce($3, c.booking_id::text), false) desc,
+                  coalesce(g.call_id = $1, false) desc, g.created_at desc nulls last, g.id desc
+         limit 1) a on c.id is not null
+ where s.name = 'validation_recent_window'
+"""
+
+# log_event()'s insert, without the second function call: this runs on every booking.
 LOG_SQL = """
-select booking_guard.log_event('validation', null, 'call', $1,
-                               jsonb_build_object('success', $2, 'reason', $3, 'duration_ms', $4,
-                                                  'appointment_id', $5))
+insert into booking_guard.events (kind, entity_type, entity_id, details)
+values ('validation', 'call', $1,
+        jsonb_build_object('success', $2, 'reason', $3, 'duration_ms', $4, 'appointment_id', $5))
 """
 
 
@@ -66,6 +72,7 @@ def _plans(plpy, SD):
         try:
             plans = {
                 "lookup": plpy.prepare(LOOKUP_SQL, ["bigint", "bigint", "text"]),
+                "lookup_by_id": plpy.prepare(LOOKUP_BY_ID_SQL, ["bigint", "bigint", "text"]),
                 "log": plpy.prepare(LOG_SQL, ["text", "boolean", "text", "float8", "bigint"]),
             }
         except plpy.SPIError:
@@ -85,7 +92,8 @@ def _verdict(plpy, plans, call_id, appointment_id, calcom_booking_id):
         details["given_booking_id"] = calcom_booking_id
 
     try:
-        rows = plpy.execute(plans["lookup"], [call_id, appointment_id, calcom_booking_id])
+        lookup = plans["lookup" if appointment_id is None else "lookup_by_id"]
+        rows = plpy.execute(lookup, [call_id, appointment_id, calcom_booking_id])
     except plpy.SPIError:
         plpy.execute("select booking_guard.attached()")   # detached since the plans were made: BG003
         raise

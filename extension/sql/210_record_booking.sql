@@ -82,15 +82,23 @@ begin
                   hint = 'Use READ COMMITTED (the default) or SERIALIZABLE.';
     end if;
 
-    tbl := (booking_guard.attached()).appointments_table;
+    select a.appointments_table into tbl from booking_guard.attached_tables a;
+    if not found then
+        perform booking_guard.attached();   -- raises BG003
+    end if;
     payload := payload || jsonb_build_object('call_id', record_booking.call_id,
                                              'calcom_v2_booking_id', record_booking.calcom_booking_id);
-    -- one catalog query: the keys the table does not have, and the column list of the insert
-    select array_agg(k order by k) filter (where a.attnum is null), string_agg(quote_ident(k), ', ' order by k)
-      into unknown, cols
-      from jsonb_object_keys(payload) k
-      left join pg_catalog.pg_attribute a
-             on a.attrelid = tbl and a.attname = k and a.attnum > 0 and not a.attisdropped;
+    -- The insert's prepared statement is named after the table and the payload's keys (a jsonb
+    -- object keeps its keys in one fixed order). Its keys were checked when it was prepared in
+    -- this session: the catalog is read only for a set of keys not seen yet.
+    stmt := 'booking_guard_insert_' || md5(tbl::oid::text || ':' || jsonb_path_query_array(payload, '$.keyvalue().key')::text);
+    if current_setting('booking_guard.insert_' || stmt, true) is distinct from 'prepared' then
+        select array_agg(k order by k) filter (where a.attnum is null), string_agg(quote_ident(k), ', ' order by k)
+          into unknown, cols
+          from jsonb_object_keys(payload) k
+          left join pg_catalog.pg_attribute a
+                 on a.attrelid = tbl and a.attname = k and a.attnum > 0 and not a.attisdropped;
+    end if;
     if unknown is not null then
         raise exception 'record_booking(): unknown appointment field(s): %', array_to_string(unknown, ', ')
             using errcode = 'BG005',
@@ -129,7 +137,6 @@ begin
                                                   'already_recorded', true),
                    existing.id, false);
     else
-        stmt := 'booking_guard_insert_' || md5(tbl::oid::text || ':' || cols);
         <<attempt>>
         loop
             begin
@@ -174,9 +181,14 @@ begin
                     if prepared or exists (select from pg_catalog.pg_prepared_statements p where p.name = stmt) then
                         raise;
                     end if;
+                    if cols is null then   -- checked before, but the statement is gone (DISCARD, DEALLOCATE)
+                        select string_agg(quote_ident(k), ', ' order by k) into cols from jsonb_object_keys(payload) k;
+                    end if;
                     execute format('prepare %I (jsonb) as insert into %s as t (%s) select %s '
                                    'from pg_catalog.jsonb_populate_record(null::%s, $1) r returning t.id',
                                    stmt, tbl, cols, cols, tbl);
+                    -- a session-level mark, so that DISCARD ALL (RESET ALL) forgets it with the statement
+                    perform set_config('booking_guard.insert_' || stmt, 'prepared', false);
                     prepared := true;
                     continue attempt;
                 when data_exception or integrity_constraint_violation then
