@@ -113,6 +113,22 @@ def server_cpu_per_booking(dsn: str, bookings: int, rounds: int) -> dict[str, fl
     return {name: statistics.median(values) for name, values in spent.items()}
 
 
+def inside_record_booking(dsn: str, bookings: int) -> list[tuple[str, float, float]]:
+    """Where a record_booking() call spends its time: (function, total us, self us) per booking,
+    from the server's function statistics (track_functions = all, this connection only)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("set track_functions = 'all'")
+        conn.execute("select pg_stat_reset()")
+        for _ in range(bookings):
+            conn.execute(SCRIPTS["record_booking"].strip().rstrip(";"), prepare=True)
+        conn.execute("select pg_stat_force_next_flush()")   # flushed as this backend goes idle
+        with psycopg.connect(dsn, autocommit=True) as reader:
+            return reader.execute("""
+                select funcname, total_time * 1000 / %(n)s, self_time * 1000 / %(n)s
+                  from pg_stat_user_functions where schemaname = 'booking_guard'
+                 order by total_time desc""", {"n": bookings}).fetchall()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
@@ -129,6 +145,7 @@ def main() -> None:
                 for name, body in SCRIPTS.items():
                     results.setdefault((name, clients), []).append(pgbench(DB, [(body, 1)], clients, args.seconds, Path(tmp)))
         cpu = server_cpu_per_booking(dsn, args.cpu_bookings, args.rounds)
+        inside = inside_record_booking(dsn, args.cpu_bookings)
         with psycopg.connect(dsn, autocommit=True) as conn:
             used, appointments, duplicates, inconsistent, failed, alerts = conn.execute("""
                 select (select last_value from bench_call_seq), (select count(*) - %s from appointments),
@@ -154,6 +171,9 @@ def main() -> None:
               f" plain 1-stmt {cpu['plain 1-stmt']:.0f}; plain tx / record_booking"
               f" {cpu['plain tx'] / cpu['record_booking']:.2f}, 1-stmt / record_booking"
               f" {cpu['plain 1-stmt'] / cpu['record_booking']:.2f}")
+    print("inside one record_booking() call (us per booking; total includes the functions it calls):")
+    for function, total, own in inside:
+        print(f"  {function:<32} total {total:7.1f}   self {own:7.1f}")
     print(f"bookings: {appointments:,} appointments for {used:,} calls; duplicate booking ids: {duplicates}; "
           f"calls flagged without appointment: {inconsistent}; failed record_booking: {failed}; alerts: {alerts}")
     print("target: record_booking >= 0.7 x plain insert")
@@ -166,6 +186,9 @@ def main() -> None:
         # CPU per booking: lower is better, so the baseline is the numerator (plain / record_booking, as printed)
         figures.append(figure("server CPU per booking, plain tx / record_booking", cpu["plain tx"], "us",
                               "record_booking", cpu["record_booking"]))
+    # each function's share of a record_booking() call: the first row is record_booking itself
+    figures += [figure(f"inside record_booking: {function}", total, "us", "record_booking", inside[0][1])
+                for function, total, _ in inside[1:4]]
     emit("record_booking", figures)
 
 
