@@ -188,6 +188,20 @@ spi_end(AsOwner *as)
 	SPI_finish();
 }
 
+/* Runs a query with at most one bigint argument, preparing it on first use in the session. */
+static void
+run_kept(SPIPlanPtr *plan, const char *query, Datum *arg, bool read_only, long count, const char *what)
+{
+	Oid			argtypes[1] = {INT8OID};
+	int			rc;
+
+	if (*plan == NULL)
+		*plan = prepare_kept(query, arg ? 1 : 0, argtypes);
+	rc = SPI_execute_plan(*plan, arg, NULL, read_only, count);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "booking_guard: %s failed: %s", what, SPI_result_code_string(rc));
+}
+
 static void
 load_rules(Oid fn)
 {
@@ -195,11 +209,8 @@ load_rules(Oid fn)
 	AsOwner		as;
 
 	spi_begin_as_owner(fn, &as);
-	if (rules_plan == NULL)
-		rules_plan = prepare_kept("select r.name, r.mode, r.rollout_percent, r.fallback_mode "
-								  "from booking_guard.rules r", 0, NULL);
-	if (SPI_execute_plan(rules_plan, NULL, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "booking_guard: reading booking_guard.rules failed");
+	run_kept(&rules_plan, "select r.name, r.mode, r.rollout_percent, r.fallback_mode from booking_guard.rules r",
+			 NULL, true, 0, "reading booking_guard.rules");
 
 	oldcxt = MemoryContextSwitchTo(TopMemoryContext);
 	if (rules != NULL)
@@ -439,18 +450,13 @@ apply_rules_in_plpgsql(FunctionCallInfo fcinfo, CallsTrigger *st)
 static bool
 has_linked_appointment(int64 call_id, Oid fn)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1];
+	Datum		arg = Int64GetDatum(call_id);
 	bool		found;
 	AsOwner		as;
 
 	spi_begin_as_owner(fn, &as);
-	if (probe_plan == NULL)
-		probe_plan = prepare_kept("select from booking_guard.guarded_appointments a "
-								  "where a.call_id operator(pg_catalog.=) $1 limit 1", 1, argtypes);
-	args[0] = Int64GetDatum(call_id);
-	if (SPI_execute_plan(probe_plan, args, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "booking_guard: probing the appointments of call " INT64_FORMAT " failed", call_id);
+	run_kept(&probe_plan, "select from booking_guard.guarded_appointments a "
+			 "where a.call_id operator(pg_catalog.=) $1 limit 1", &arg, false, 1, "probing a call's appointments");
 	found = SPI_processed > 0;
 	spi_end(&as);
 	return found;
@@ -647,16 +653,11 @@ claim_check_needed(PG_FUNCTION_ARGS)
 static void
 judge_call(int64 call_id, Oid fn)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1];
+	Datum		arg = Int64GetDatum(call_id);
 	AsOwner		as;
 
 	spi_begin_as_owner(fn, &as);
-	if (judge_plan == NULL)
-		judge_plan = prepare_kept("select booking_guard.judge_call($1, false, true)", 1, argtypes);
-	args[0] = Int64GetDatum(call_id);
-	if (SPI_execute_plan(judge_plan, args, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "booking_guard: judging call " INT64_FORMAT " failed", call_id);
+	run_kept(&judge_plan, "select booking_guard.judge_call($1, false, true)", &arg, false, 0, "judging a call");
 	spi_end(&as);
 }
 
