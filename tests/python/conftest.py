@@ -93,3 +93,12 @@ def attached(db: psycopg.Connection) -> psycopg.Connection:
     """The per-test database with booking_guard attached to the reference tables."""
     db.execute("select booking_guard.attach('public.calls', 'public.appointments')")
     return db
+
+
+@pytest.fixture
+def core(attached: psycopg.Connection) -> psycopg.Connection:
+    """Attached, claims judged at COMMIT (verification_grace 0), one company (id 1), customers 1 and 2."""
+    attached.execute("select booking_guard.set_setting('verification_grace', '0')")
+    attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
+    attached.execute("insert into customers (id, company_id, name) values (1, 1, 'Ada'), (2, 1, 'Bob')")
+    return attached

@@ -16,15 +16,6 @@ from test_consistency_triggers import BOOKED, FAILED, alerts, call_row, flags, l
 UNFLAGGED = (None, False, None)
 
 
-@pytest.fixture
-def core(attached: psycopg.Connection) -> psycopg.Connection:
-    """Attached, judged at COMMIT, one company (id 1) and one customer (id 1)."""
-    attached.execute("select booking_guard.set_setting('verification_grace', '0')")
-    attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
-    attached.execute("insert into customers (id, company_id, name) values (1, 1, 'Ada')")
-    return attached
-
-
 def open_alerts(db: psycopg.Connection) -> list[tuple]:
     return [(a["alert_type"], a["severity"], a["entity_id"]) for a in alerts(db) if a["resolved_at"] is None]
 

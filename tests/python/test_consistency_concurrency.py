@@ -20,13 +20,6 @@ RACES = 25
 
 
 @pytest.fixture
-def core(attached: psycopg.Connection) -> psycopg.Connection:
-    attached.execute("select booking_guard.set_setting('verification_grace', '0')")
-    attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
-    return attached
-
-
-@pytest.fixture
 def pool():
     with ThreadPoolExecutor(max_workers=4) as executor:
         yield executor

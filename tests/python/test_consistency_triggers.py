@@ -19,15 +19,6 @@ _serial = itertools.count(1)
 
 # -- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def core(attached: psycopg.Connection) -> psycopg.Connection:
-    """Attached, verification judged at COMMIT, one company (id 1) and one customer (id 1, 2)."""
-    attached.execute("select booking_guard.set_setting('verification_grace', '0')")
-    attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
-    attached.execute("insert into customers (id, company_id, name) values (1, 1, 'Ada'), (2, 1, 'Bob')")
-    return attached
-
-
 def set_rule(db: psycopg.Connection, rule: str, mode: str) -> None:
     db.execute("select booking_guard.set_rule(%s, %s)", (rule, mode))
 

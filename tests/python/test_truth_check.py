@@ -13,14 +13,6 @@ MODES = ["off", "observe", "correct", "enforce"]
 
 
 @pytest.fixture
-def core(attached: psycopg.Connection) -> psycopg.Connection:
-    """Attached, judged at COMMIT (verification_grace 0), one company (id 1)."""
-    attached.execute("select booking_guard.set_setting('verification_grace', '0')")
-    attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
-    return attached
-
-
-@pytest.fixture
 def graced(core: psycopg.Connection) -> psycopg.Connection:
     """As core, with the seed's grace of 5 seconds."""
     core.execute("select booking_guard.set_setting('verification_grace', '5 seconds')")
