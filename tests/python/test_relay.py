@@ -216,5 +216,11 @@ def test_the_email_digest_lists_each_alert_of_its_period_once(db, smtp, relays):
     assert message["To"] == "ops@example.com"
     assert message["Subject"].startswith("booking_guard digest:")
     assert "phantom_booking" in message.get_payload()
-    sent = db.execute("select count(*) from booking_guard.alert_digests where sent_at is not null and alerts > 0").fetchone()[0]
-    assert sent == len(mailbox.messages)
+
+    def sent() -> int:
+        return db.execute("select count(*) from booking_guard.alert_digests"
+                          " where sent_at is not null and alerts > 0").fetchone()[0]
+
+    # The mailbox has the message before the relay records it as sent (digest_sent runs after SMTP).
+    wait_for(lambda: sent() >= len(mailbox.messages), 10, "the relay to record the digest as sent")
+    assert sent() == len(mailbox.messages)
