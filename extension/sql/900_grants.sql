@@ -1,8 +1,7 @@
--- Privileges of the foundation objects. Nothing is granted to PUBLIC; each role gets what its job needs:
+-- Privileges of the foundation objects. PUBLIC gets one function (below); each role gets what its job needs:
 -- booking_guard_app      the booking path and the circuit breaker
 -- booking_guard_monitor  read-only: views, metrics, reports (the exporter's role)
 -- booking_guard_admin    settings, rules, review queue, attachment; also a monitor
--- (PUBLIC keeps one function, below.)
 -- This file runs last: it takes from PUBLIC what PostgreSQL grants it by default on every
 -- function (EXECUTE). Each concern's file grants its own objects to the roles above.
 
