@@ -1,8 +1,7 @@
 # booking_guard — build with PGXS, plus the project's everyday targets.
 #
-#   make            build build/booking_guard--<version>.sql and the C module booking_guard_c.so
-#                   (not booking_guard.so: Python run from the repository root would import that
-#                   in place of the booking_guard package)
+#   make            build build/booking_guard--<version>.sql, the update scripts from every released
+#                   version, and the C library booking_guard-<version>.so
 #   make install    install the extension into the server (PGXS; needs write access there)
 #   make setup      install OS packages and the .venv (scripts/bootstrap)
 #   make test       setup, build, install, then lint + pgTAP + pytest on a throwaway cluster
@@ -14,12 +13,19 @@
 # With DATABASE_URL set, test and demo use that server instead of the throwaway cluster.
 
 EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" extension/booking_guard.control)
-BUILT      := build/booking_guard--$(EXTVERSION).sql
+# Every released version an update script starts from (released/booking_guard--<v>.sql).
+RELEASED   := $(patsubst released/booking_guard--%.sql,%,$(filter-out released/booking_guard--%--%.sql,$(wildcard released/booking_guard--*.sql)))
+BUILT      := build/booking_guard--$(EXTVERSION).sql \
+              $(foreach v,$(RELEASED),build/booking_guard--$(v)--$(EXTVERSION).sql)
 
+# The C library carries the version: an old version's library stays installed beside the new one
+# (a session still running the old one keeps working while the extension is updated). The 0.1.0
+# library, built from its released source, is what 0.1.0's script names.
 MODULEDIR  = extension
-MODULE_big = booking_guard_c
-OBJS       = extension/src/booking_path.o
-DATA       = extension/booking_guard.control $(wildcard extension/updates/*.sql)
+MODULE_big = booking_guard-$(EXTVERSION)
+OBJS       = extension/src/booking_guard.o
+MODULES    = released/booking_guard_c
+DATA       = extension/booking_guard.control $(wildcard released/booking_guard--*.sql)
 DATA_built = $(BUILT)
 EXTRA_CLEAN = build
 
@@ -27,15 +33,26 @@ PG_CONFIG ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin/pg_config) $(shel
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 VENV := .venv/bin
 
-all: $(BUILT)
+all: check-released $(BUILT)
 
 ifneq ($(PG_CONFIG),)
+# no JIT bitcode: nothing here is worth inlining, and it keeps the build to gcc
+override with_llvm := no
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 endif
 
-$(BUILT): scripts/build-extension $(sort $(wildcard extension/sql/*.sql extension/plpython/*.py))
-	scripts/build-extension $@
+SCRIPT_SOURCES := scripts/build-extension $(sort $(wildcard extension/sql/*.sql extension/sql/schema/*.sql extension/plpython/*.py))
+
+build/booking_guard--$(EXTVERSION).sql: $(SCRIPT_SOURCES)
+	scripts/build-extension --version $(EXTVERSION) $@
+
+build/booking_guard--%--$(EXTVERSION).sql: $(SCRIPT_SOURCES)
+	scripts/build-extension --version $(EXTVERSION) --from $* $@
+
+.PHONY: check-released
+check-released:
+	@scripts/build-extension --check
 
 SOAK_CALLS   ?= 100000
 SOAK_WORKERS ?= 16

@@ -1,4 +1,4 @@
-"""Body of booking_guard.validate_appointment_creation(): the seed's post-booking validation.
+"""Body of booking_guard.validate_appointment_creation(): the post-booking validation.
 
 Checks, in this order, and stops at the first that fails:
 
@@ -54,12 +54,9 @@ LOOKUP_SQL = _CALL_COLUMNS + """
  where s.name = 'validation_recent_window'
 """
 
-# log_event()'s insert, without the second function call: this runs on every booking.
-LOG_SQL = """
-insert into booking_guard.events (kind, entity_type, entity_id, details)
-values ('validation', 'call', $1,
-        jsonb_build_object('success', $2, 'reason', $3, 'duration_ms', $4, 'appointment_id', $5))
-"""
+# The event is written by a SECURITY DEFINER function: the caller may not write booking_guard's
+# tables. $1 call id, $2 success, $3 reason, $4 duration, $5 appointment id.
+LOG_SQL = "select booking_guard_internal.log_validation($1, $2, $3, $4, $5)"
 
 
 def _text(value):
@@ -73,11 +70,11 @@ def _plans(plpy, SD):
             plans = {
                 "lookup": plpy.prepare(LOOKUP_SQL, ["bigint", "bigint", "text"]),
                 "lookup_by_id": plpy.prepare(LOOKUP_BY_ID_SQL, ["bigint", "bigint", "text"]),
-                "log": plpy.prepare(LOG_SQL, ["text", "boolean", "text", "float8", "bigint"]),
+                "log": plpy.prepare(LOG_SQL, ["bigint", "boolean", "text", "float8", "bigint"]),
             }
         except plpy.SPIError:
             # Most likely not attached (the guarded views do not exist): say so with BG003.
-            plpy.execute("select booking_guard.attached()")
+            plpy.execute("select booking_guard_internal.attached()")
             raise
         SD["plans"] = plans
     return plans
@@ -95,7 +92,7 @@ def _verdict(plpy, plans, call_id, appointment_id, calcom_booking_id):
         lookup = plans["lookup" if appointment_id is None else "lookup_by_id"]
         rows = plpy.execute(lookup, [call_id, appointment_id, calcom_booking_id])
     except plpy.SPIError:
-        plpy.execute("select booking_guard.attached()")   # detached since the plans were made: BG003
+        plpy.execute("select booking_guard_internal.attached()")   # detached since the plans were made: BG003
         raise
     if not rows:
         plpy.error("setting validation_recent_window is missing", sqlstate="BG004",
@@ -142,5 +139,5 @@ def validate_appointment_creation(plpy, SD, call_id, appointment_id, calcom_book
     success = reason == "ok"
     duration_ms = round((time.perf_counter() - started) * 1000.0, 3)
     details["duration_ms"] = duration_ms
-    plpy.execute(plans["log"], [str(call_id), success, reason, duration_ms, examined])
+    plpy.execute(plans["log"], [call_id, success, reason, duration_ms, examined])
     return {"success": success, "reason": reason, "details": json.dumps(details)}

@@ -1,57 +1,32 @@
--- Settings: one typed, range-checked row per knob.
+-- Settings: one typed, range-checked row per knob (table booking_guard.settings).
 --
--- Each row holds its value in the column of its kind, so the hot paths (triggers) read a
--- real interval or boolean without casting text, and CHECK constraints keep even a direct
--- UPDATE from storing a value out of range. set_setting() is the friendly way in.
+-- Each row holds its value in the column of its kind, so the hot paths (triggers) read a real
+-- interval or boolean without casting text, and CHECK constraints keep even a direct UPDATE from
+-- storing a value out of range. set_setting() is the way in.
 
-create table booking_guard.settings (
-    name            text primary key,
-    kind            text not null check (kind in ('interval', 'integer', 'numeric', 'text', 'boolean')),
-    interval_value  interval,
-    integer_value   bigint,
-    numeric_value   numeric,
-    text_value      text,
-    boolean_value   boolean,
-    -- bounds of integer and numeric values; of interval values, in seconds
-    min_value       numeric,
-    max_value       numeric,
-    allowed_values  text[],
-    description     text not null,
-    updated_at      timestamptz not null default now(),
-    updated_by      name,
-    constraint settings_value_of_its_kind check (
-        num_nonnulls(interval_value, integer_value, numeric_value, text_value, boolean_value) = 1
-        and case kind
-                when 'interval' then interval_value is not null
-                when 'integer' then integer_value is not null
-                when 'numeric' then numeric_value is not null
-                when 'text' then text_value is not null
-                else boolean_value is not null
-            end),
-    constraint settings_value_in_range check (
-        coalesce(extract(epoch from interval_value), integer_value, numeric_value)
-            between coalesce(min_value, '-Infinity') and coalesce(max_value, 'Infinity')),
-    constraint settings_value_allowed check (
-        allowed_values is null or text_value = any (allowed_values))
-);
+-- Seeded configuration tables (settings, rules, ...) are dumped by pg_dump and restored with COPY
+-- after CREATE EXTENSION has seeded them again. A restored row would then collide with its freshly
+-- seeded twin; this trigger lets the restored (user's) row replace the seed.
+create function booking_guard_internal.replace_seeded_row()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key_column text := tg_argv[0];
+begin
+    execute format('delete from %I.%I where %I::text = $1', tg_table_schema, tg_table_name, key_column)
+        using to_jsonb(new) ->> key_column;
+    return new;
+end
+$$;
 
-comment on table booking_guard.settings is
-    'booking_guard configuration: one typed, range-checked value per setting. Change with booking_guard.set_setting(name, value).';
+comment on function booking_guard_internal.replace_seeded_row() is
+    'Trigger: an INSERT of an existing key replaces the row, so that pg_restore of a seeded config table keeps the dumped values.';
 
 create trigger settings_replace_seeded_row
     before insert on booking_guard.settings
-    for each row execute function booking_guard.replace_seeded_row('name');
-
-insert into booking_guard.settings (name, kind, interval_value, text_value, min_value, max_value, allowed_values, description)
-values
-    ('verification_grace', 'interval', '5 seconds', null, 0, 3600, null,
-     'How long a call may claim a booking before its appointment row must exist. 0: judged at COMMIT. The seed waited 5 s.'),
-    ('validation_recent_window', 'interval', '5 minutes', null, 1, 86400, null,
-     'validate_appointment_creation() reports appointment_stale for an appointment created longer ago than this.'),
-    ('default_direction', 'text', null, 'inbound', null, null, array['inbound', 'outbound'],
-     'Direction given to a call written without one (rule missing_direction).');
-
-select pg_catalog.pg_extension_config_dump('booking_guard.settings', '');
+    for each row execute function booking_guard_internal.replace_seeded_row('name');
 
 create function booking_guard.setting(setting_name text)
 returns text
@@ -71,6 +46,7 @@ comment on function booking_guard.setting(text) is
 create function booking_guard.set_setting(setting_name text, new_value text)
 returns text
 language plpgsql
+security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -148,7 +124,7 @@ begin
            text_value = case when s.kind = 'text' then new_value end,
            boolean_value = v_boolean,
            updated_at = now(),
-           updated_by = current_user
+           updated_by = session_user
      where name = setting_name;
     return booking_guard.setting(setting_name);
 end

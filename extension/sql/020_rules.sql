@@ -1,49 +1,13 @@
--- Rules: what booking_guard checks, how loudly, and what it does about it.
+-- Rules: what booking_guard checks, how loudly, and what it does about it (table booking_guard.rules).
 --
--- mode: off (not checked), observe (alert only), correct (alert and repair),
--- enforce (reject the offending transaction). rollout_percent applies `mode` to a stable
--- share of companies (a hash of company_id), the others get `fallback_mode`: the seed's
--- canary rollout is enforce at 10 %, then 50 %, then 100 %.
-
-create table booking_guard.rules (
-    name             text primary key,
-    severity         text not null check (severity in ('critical', 'warning', 'info')),
-    mode             text not null check (mode in ('off', 'observe', 'correct', 'enforce')),
-    rollout_percent  integer not null default 100 check (rollout_percent between 0 and 100),
-    fallback_mode    text not null default 'observe' check (fallback_mode in ('off', 'observe', 'correct', 'enforce')),
-    description      text not null,
-    updated_at       timestamptz not null default now(),
-    updated_by       name
-);
-
-comment on table booking_guard.rules is
-    'One row per consistency rule: severity, mode (off/observe/correct/enforce) and the share of companies the mode applies to.';
+-- mode: off (not checked), observe (alert only), correct (alert and repair), enforce (reject the
+-- offending transaction). rollout_percent applies `mode` to a stable share of companies (a hash of
+-- company_id), the others get `fallback_mode`: a canary rollout is enforce at 10 %, then 50 %,
+-- then 100 %.
 
 create trigger rules_replace_seeded_row
     before insert on booking_guard.rules
-    for each row execute function booking_guard.replace_seeded_row('name');
-
-insert into booking_guard.rules (name, severity, mode, description) values
-    ('phantom_booking', 'critical', 'correct',
-     'session_outcome = ''appointment_booked'' but appointment_made = false (seed rule 1, trigger 3)'),
-    ('missing_appointment', 'critical', 'correct',
-     'the call claims a booking but no appointment is linked to it once the verification grace has passed (seed rule 2); correct rolls the call back to creation_failed and queues it for review'),
-    ('missing_direction', 'warning', 'correct',
-     'direction is null (seed rule 3, trigger 1); correct sets the default_direction setting'),
-    ('orphaned_appointment', 'warning', 'correct',
-     'an appointment from retell_webhook whose call_id is null or points at no call (seed rule 4); correct links it by calls.booking_id when exactly one call matches'),
-    ('outcome_flag_mismatch', 'critical', 'correct',
-     'appointment_made = true but session_outcome is another non-null outcome (seed trigger 3, second half)'),
-    ('unlinked_appointment', 'critical', 'correct',
-     'an appointment is linked to the call but the call says appointment_made = false'),
-    ('booking_id_mismatch', 'warning', 'observe',
-     'the call''s booking_id differs from its appointment''s calcom_v2_booking_id (validation check 3)'),
-    ('duplicate_booking', 'critical', 'observe',
-     'two appointments share one calcom_v2_booking_id (a retry that booked twice)'),
-    ('customer_link', 'info', 'correct',
-     'customer_id is set but customer_link_status is not linked (seed trigger 2)');
-
-select pg_catalog.pg_extension_config_dump('booking_guard.rules', '');
+    for each row execute function booking_guard_internal.replace_seeded_row('name');
 
 create function booking_guard.rollout_bucket(company_id text)
 returns integer
@@ -60,7 +24,7 @@ $$;
 comment on function booking_guard.rollout_bucket(text) is
     'The stable bucket 0..99 of a company for rule rollouts: a rule at N percent applies its mode to buckets below N.';
 
--- C (extension/src/booking_path.c), like the triggers that call it on the booking path: it
+-- C (extension/src/booking_guard.c), like the triggers that call it on the booking path: it
 -- reads the rules once per transaction and again after this session changes them (the
 -- trigger below). A rule changed by another session applies from the next transaction on.
 create function booking_guard.rule_mode(rule_name text, company_id text default null)
@@ -72,22 +36,23 @@ as 'MODULE_PATHNAME', 'rule_mode';
 comment on function booking_guard.rule_mode(text, text) is
     'The mode a rule applies to one company: its mode inside the rollout percentage, its fallback_mode outside; null for an unknown rule.';
 
-create function booking_guard.rules_changed()
+create function booking_guard_internal.rules_changed()
 returns trigger
 language c
 as 'MODULE_PATHNAME', 'rules_changed';
 
-comment on function booking_guard.rules_changed() is
+comment on function booking_guard_internal.rules_changed() is
     'Statement trigger on rules: this session reads the rules again at its next rule_mode().';
 
 create trigger rules_changed
     after insert or update or delete or truncate on booking_guard.rules
-    for each statement execute function booking_guard.rules_changed();
+    for each statement execute function booking_guard_internal.rules_changed();
 
 create function booking_guard.set_rule(rule_name text, new_mode text, new_rollout_percent integer default null,
                                        new_fallback_mode text default null)
 returns booking_guard.rules
 language plpgsql
+security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -118,7 +83,7 @@ begin
            rollout_percent = coalesce(new_rollout_percent, rollout_percent),
            fallback_mode = coalesce(new_fallback_mode, fallback_mode),
            updated_at = now(),
-           updated_by = current_user
+           updated_by = session_user
      where name = rule_name
     returning * into r;
     return r;

@@ -1,84 +1,15 @@
 -- Attachment: which application tables booking_guard guards.
 --
 -- booking_guard never owns the application's tables. attach() checks their shape against
--- required_columns, creates the indexes detection needs when absent, installs the triggers
--- (see the consistency files) and records the pair here; detach() removes the triggers and
--- leaves every row and index alone.
-
-create table booking_guard.required_columns (
-    table_role      text not null check (table_role in ('calls', 'appointments')),
-    column_name     name not null,
-    accepted_types  text[] not null,
-    primary key (table_role, column_name)
-);
-
-comment on table booking_guard.required_columns is
-    'The columns attach() requires on the calls and appointments tables, with the types it accepts (format_type spelling).';
-
-insert into booking_guard.required_columns (table_role, column_name, accepted_types)
-select t.table_role, t.column_name, t.accepted_types::text[]
-  from (values
-    ('calls', 'id', '{integer,bigint}'),
-    ('calls', 'retell_call_id', '{text,"character varying"}'),
-    ('calls', 'company_id', '{integer,bigint,uuid,text,"character varying"}'),
-    ('calls', 'direction', '{text,"character varying"}'),
-    ('calls', 'session_outcome', '{text,"character varying"}'),
-    ('calls', 'appointment_made', '{boolean}'),
-    ('calls', 'appointment_link_status', '{text,"character varying"}'),
-    ('calls', 'appointment_linked_at', '{"timestamp with time zone","timestamp without time zone"}'),
-    ('calls', 'booking_id', '{text,"character varying"}'),
-    ('calls', 'booking_details', '{jsonb}'),
-    ('calls', 'booking_confirmed', '{boolean}'),
-    ('calls', 'call_successful', '{boolean}'),
-    ('calls', 'customer_id', '{integer,bigint}'),
-    ('calls', 'customer_link_status', '{text,"character varying"}'),
-    ('calls', 'customer_linked_at', '{"timestamp with time zone","timestamp without time zone"}'),
-    ('calls', 'customer_link_method', '{text,"character varying"}'),
-    ('calls', 'customer_link_confidence', '{numeric}'),
-    ('calls', 'created_at', '{"timestamp with time zone","timestamp without time zone"}'),
-    ('calls', 'updated_at', '{"timestamp with time zone","timestamp without time zone"}'),
-    ('appointments', 'id', '{integer,bigint}'),
-    ('appointments', 'call_id', '{integer,bigint}'),
-    ('appointments', 'calcom_v2_booking_id', '{text,"character varying"}'),
-    ('appointments', 'customer_id', '{integer,bigint}'),
-    ('appointments', 'service_id', '{integer,bigint}'),
-    ('appointments', 'staff_id', '{integer,bigint}'),
-    ('appointments', 'source', '{text,"character varying"}'),
-    ('appointments', 'created_at', '{"timestamp with time zone","timestamp without time zone"}'),
-    ('appointments', 'updated_at', '{"timestamp with time zone","timestamp without time zone"}')
-  ) as t (table_role, column_name, accepted_types);
-
--- The indexes detection and the triggers read through: (table role, column).
-create table booking_guard.required_indexes (
-    table_role   text not null check (table_role in ('calls', 'appointments')),
-    column_name  name not null,
-    why          text not null,
-    primary key (table_role, column_name)
-);
-
-comment on table booking_guard.required_indexes is
-    'The single-column indexes attach() creates when no index leads with that column.';
-
-insert into booking_guard.required_indexes (table_role, column_name, why) values
-    ('calls', 'created_at', 'detection windows over recent calls'),
-    ('calls', 'booking_id', 'linking orphaned appointments by booking id'),
-    ('appointments', 'call_id', 'the truth of a call: its linked appointments'),
-    ('appointments', 'calcom_v2_booking_id', 'idempotent record_booking and duplicate detection'),
-    ('appointments', 'created_at', 'detection windows over recent appointments');
-
-create table booking_guard.attached_tables (
-    singleton           boolean primary key default true check (singleton),
-    calls_table         regclass not null,
-    appointments_table  regclass not null,
-    attached_at         timestamptz not null default now(),
-    attached_by         name not null default current_user,
-    created_indexes     text[] not null default '{}'
-);
-
-comment on table booking_guard.attached_tables is
-    'The one attached (calls, appointments) pair; read it through the attachment view.';
-
-select pg_catalog.pg_extension_config_dump('booking_guard.attached_tables', '');
+-- required_columns, creates the indexes detection needs when absent, grants booking_guard_worker
+-- and booking_guard_monitor the columns they read (and the worker the columns it writes), installs
+-- the triggers and records the pair; detach() undoes all of that and leaves every row and index
+-- alone. Both run with the caller's rights: creating triggers and indexes and granting on a table is
+-- for its owner, so the caller must own the tables (or be a superuser).
+--
+-- While attached, DDL that would break the attachment (renaming, dropping or retyping a column
+-- booking_guard reads, disabling or dropping its triggers, dropping its views) is refused with
+-- BG003 by the event triggers at the end of this file.
 
 create view booking_guard.attachment as
 select a.calls_table,
@@ -96,7 +27,7 @@ comment on view booking_guard.attachment is
     'The attached calls and appointments tables, when and by whom, the indexes attach() created and the triggers installed.';
 
 -- The shape problems of one table, one line each; empty when it fits.
-create function booking_guard.attachment_problems(table_role text, tbl regclass)
+create function booking_guard_internal.attachment_problems(table_role text, tbl regclass)
 returns setof text
 language sql
 stable
@@ -123,8 +54,259 @@ as $$
                 where i.indrelid = tbl and i.indisunique and i.indnkeyatts = 1 and a.attname = 'id')
 $$;
 
-comment on function booking_guard.attachment_problems(text, regclass) is
+comment on function booking_guard_internal.attachment_problems(text, regclass) is
     'What keeps a table from being attached in a role (calls or appointments): one line per missing or mistyped column.';
+
+-- What is wrong with the current attachment, one line each: the shape of both tables, and
+-- booking_guard's triggers and views, present and enabled. Empty when all is well.
+create function booking_guard_internal.attachment_health(a booking_guard.attached_tables)
+returns setof text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select p from booking_guard_internal.attachment_problems('calls', a.calls_table) p
+    union all
+    select p from booking_guard_internal.attachment_problems('appointments', a.appointments_table) p
+    union all
+    select format('trigger %s on %s is %s', t.name, t.tbl, case when g.tgenabled = 'D' then 'disabled' else 'missing' end)
+      from (values ('booking_guard_calls_before', a.calls_table), ('booking_guard_calls_truth_insert', a.calls_table),
+                   ('booking_guard_calls_truth_update', a.calls_table),
+                   ('booking_guard_appointments_sync', a.appointments_table),
+                   ('booking_guard_appointments_truth', a.appointments_table)) t (name, tbl)
+      left join pg_catalog.pg_trigger g on g.tgrelid = t.tbl and g.tgname = t.name
+     where g.oid is null or g.tgenabled = 'D'
+    union all
+    select format('view booking_guard.%s is missing', v.name)
+      from (values ('guarded_calls'), ('guarded_appointments')) v (name)
+     where to_regclass('booking_guard.' || v.name) is null
+$$;
+
+comment on function booking_guard_internal.attachment_health(booking_guard.attached_tables) is
+    'What is wrong with an attachment: the tables'' shape, booking_guard''s triggers (present and enabled) and views; empty when all is well.';
+
+-- PostgreSQL cuts identifiers at 63 bytes, not characters: a name built from a long or multibyte
+-- table name is cut here, on a character boundary, so that the column and suffix survive and two
+-- indexes of one table never get the same name.
+create function booking_guard_internal.index_name(tbl regclass, column_name name)
+returns name
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    suffix  text := format('_%s_bg_idx', column_name);
+    base    text := (select c.relname from pg_catalog.pg_class c where c.oid = tbl);
+    nsp     oid := (select c.relnamespace from pg_catalog.pg_class c where c.oid = tbl);
+    result  text;
+    n       integer := 0;
+begin
+    loop
+        result := base || suffix || case when n > 0 then n::text else '' end;
+        while octet_length(result) > 63 loop
+            base := left(base, -1);
+            result := base || suffix || case when n > 0 then n::text else '' end;
+        end loop;
+        exit when not exists (select from pg_catalog.pg_class c where c.relname = result and c.relnamespace = nsp);
+        n := n + 1;
+    end loop;
+    return result;
+end
+$$;
+
+comment on function booking_guard_internal.index_name(regclass, name) is
+    'A name of at most 63 bytes, unused in the table''s schema, for the index attach() creates on one column.';
+
+-- Superuser, or a member of the role that owns the table: what CREATE TRIGGER and CREATE INDEX need.
+create function booking_guard_internal.check_owner(what text, tbl regclass)
+returns void
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    owner  regrole := (select c.relowner::regrole from pg_catalog.pg_class c where c.oid = tbl);
+begin
+    if not pg_has_role(current_user, owner, 'USAGE')
+       and not coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = current_user), false) then
+        raise exception '%() must be run by the owner of %', what, tbl
+            using errcode = 'BG003',
+                  detail = format('%s is owned by %s; %s installs triggers and indexes on it and grants on its columns, '
+                                  'which only its owner (or a superuser) may do. You are %s.', tbl, owner, what, current_user),
+                  hint = format('Run it as %s (grant it booking_guard_admin), or as a superuser.', owner);
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.check_owner(text, regclass) is
+    'BG003 unless the current user owns the table (is a member of its owner role) or is a superuser.';
+
+-- The pair as it stands, locked for the rest of the transaction; null when not attached.
+create function booking_guard_internal.attachment_lock()
+returns booking_guard.attached_tables
+language sql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select a.* from booking_guard.attached_tables a for update
+$$;
+
+comment on function booking_guard_internal.attachment_lock() is
+    'The attached pair (null when none), row-locked: attach() and detach() of concurrent sessions run one after the other.';
+
+create function booking_guard_internal.attachment_record(calls regclass, appointments regclass, created text[])
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    insert into booking_guard.attached_tables (calls_table, appointments_table, created_indexes, attached_by)
+    values (calls, appointments, created, session_user);
+    perform booking_guard_internal.create_guarded_views(calls, appointments);
+end
+$$;
+
+comment on function booking_guard_internal.attachment_record(regclass, regclass, text[]) is
+    'attach(): records the pair and creates the guarded views (owned by booking_guard_owner, in schema booking_guard).';
+
+create function booking_guard_internal.attachment_forget()
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- the attachment goes first: the DDL guard then lets the views and triggers go
+    delete from booking_guard.attached_tables;
+    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+end
+$$;
+
+comment on function booking_guard_internal.attachment_forget() is
+    'detach(): forgets the pair and drops the guarded views.';
+
+-- booking_guard reads and writes the application's tables through two views with fixed names, so
+-- that its functions use static SQL (planned once per session and cached) instead of EXECUTE with
+-- a table name. They are simple, hence auto-updatable, views over the required columns only, and
+-- security_invoker: whoever reads or writes through them needs the rights on the table itself, so
+-- that the views never lend their owner's rights to anyone.
+create function booking_guard_internal.create_guarded_views(calls regclass, appointments regclass)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if to_regclass('booking_guard.guarded_calls') is not null or to_regclass('booking_guard.guarded_appointments') is not null then
+        drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    end if;
+    execute format('create view booking_guard.guarded_calls with (security_invoker = true) as select %s from %s',
+                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
+                      from booking_guard.required_columns where table_role = 'calls'), calls);
+    execute format('create view booking_guard.guarded_appointments with (security_invoker = true) as select %s from %s',
+                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
+                      from booking_guard.required_columns where table_role = 'appointments'), appointments);
+    comment on view booking_guard.guarded_calls is
+        'The attached calls table, as booking_guard reads and writes it (created by attach()).';
+    comment on view booking_guard.guarded_appointments is
+        'The attached appointments table, as booking_guard reads and writes it (created by attach()).';
+    grant select, update on booking_guard.guarded_calls, booking_guard.guarded_appointments
+       to booking_guard_worker, booking_guard_app;
+    grant select on booking_guard.guarded_calls, booking_guard.guarded_appointments to booking_guard_monitor;
+end
+$$;
+
+comment on function booking_guard_internal.create_guarded_views(regclass, regclass) is
+    'Creates the views guarded_calls and guarded_appointments (security_invoker) over the attached tables.';
+
+-- The columns booking_guard_worker and booking_guard_monitor get on the application's tables.
+create function booking_guard_internal.grant_columns(calls regclass, appointments regclass, granting boolean)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t  record;
+begin
+    for t in
+        select r.table_role, case r.table_role when 'calls' then calls else appointments end as tbl,
+               string_agg(quote_ident(r.column_name), ', ' order by r.column_name) as readable,
+               string_agg(quote_ident(r.column_name), ', ' order by r.column_name) filter (where r.written) as writable
+          from booking_guard.required_columns r
+         group by r.table_role
+    loop
+        if granting then
+            execute format('grant select (%s) on %s to booking_guard_worker, booking_guard_monitor', t.readable, t.tbl);
+            execute format('grant update (%s) on %s to booking_guard_worker', t.writable, t.tbl);
+        else
+            -- revoking on the table revokes on each of its columns too
+            execute format('revoke all on %s from booking_guard_worker, booking_guard_monitor', t.tbl);
+        end if;
+    end loop;
+end
+$$;
+
+comment on function booking_guard_internal.grant_columns(regclass, regclass, boolean) is
+    'Grants (or revokes) booking_guard_worker and booking_guard_monitor the required columns they read, and the worker the columns it writes (required_columns.written).';
+
+create function booking_guard_internal.install_triggers(calls regclass, appointments regclass)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    execute format('create trigger booking_guard_calls_before before insert or update on %s
+                    for each row execute function booking_guard_internal.calls_before()', calls);
+    execute format('create constraint trigger booking_guard_calls_truth_insert after insert on %s
+                    deferrable initially deferred for each row
+                    when (booking_guard_internal.claim_check_needed(new.id))
+                    execute function booking_guard_internal.calls_truth_check()', calls);
+    execute format('create constraint trigger booking_guard_calls_truth_update after update on %s
+                    deferrable initially deferred for each row
+                    when (booking_guard_internal.claim_check_needed(new.id))
+                    execute function booking_guard_internal.calls_truth_check()', calls);
+    execute format('create trigger booking_guard_appointments_sync after delete or update of call_id on %s
+                    for each row execute function booking_guard_internal.appointments_sync()', appointments);
+    execute format('create constraint trigger booking_guard_appointments_truth after insert or delete or update of call_id on %s
+                    deferrable initially deferred for each row
+                    execute function booking_guard_internal.appointments_truth_check()', appointments);
+end
+$$;
+
+comment on function booking_guard_internal.install_triggers(regclass, regclass) is
+    'Creates booking_guard''s triggers on the attached tables (attach()).';
+
+-- booking_guard's triggers on any table: those whose function lives in booking_guard_internal,
+-- whether an attachment records them or not (after a partial restore, none does).
+create function booking_guard_internal.drop_triggers(only_on regclass[] default null)
+returns integer
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t  record;
+    n  integer := 0;
+begin
+    for t in
+        select g.tgname, g.tgrelid::regclass as tbl
+          from pg_catalog.pg_trigger g
+          join pg_catalog.pg_proc p on p.oid = g.tgfoid
+         where p.pronamespace = 'booking_guard_internal'::regnamespace
+           and g.tgname like 'booking\_guard\_%'
+           and (only_on is null or g.tgrelid = any (only_on))
+         order by 2, 1
+    loop
+        perform booking_guard_internal.check_owner('detach', t.tbl);
+        execute format('drop trigger %I on %s', t.tgname, t.tbl);
+        n := n + 1;
+    end loop;
+    return n;
+end
+$$;
+
+comment on function booking_guard_internal.drop_triggers(regclass[]) is
+    'Drops booking_guard''s triggers (functions in booking_guard_internal) from the given tables, or from every table; returns how many.';
 
 create function booking_guard.attach(calls regclass, appointments regclass)
 returns setof booking_guard.attachment
@@ -136,7 +318,7 @@ declare
     problems  text[];
     created   text[] := '{}';
     ix        record;
-    ix_name   text;
+    ix_name   name;
 begin
     if calls is null or appointments is null then
         raise exception 'attach() needs both tables'
@@ -145,8 +327,8 @@ begin
                   hint = 'select booking_guard.attach(''public.calls'', ''public.appointments'');';
     end if;
 
-    select * into current from booking_guard.attached_tables for update;
-    if found then
+    current := booking_guard_internal.attachment_lock();
+    if current.calls_table is not null then
         if current.calls_table = calls and current.appointments_table = appointments then
             raise notice 'booking_guard is already attached to % and %', calls, appointments;
             return query select * from booking_guard.attachment;
@@ -160,9 +342,9 @@ begin
     end if;
 
     select array_agg(p) into problems
-      from (select p from booking_guard.attachment_problems('calls', calls) p
+      from (select p from booking_guard_internal.attachment_problems('calls', calls) p
             union all
-            select p from booking_guard.attachment_problems('appointments', appointments) p) s;
+            select p from booking_guard_internal.attachment_problems('appointments', appointments) p) s;
     if calls = appointments then
         problems := array_prepend(format('the same table %s was given for calls and appointments', calls), problems);
     end if;
@@ -175,6 +357,8 @@ begin
                   detail = array_to_string(problems, E'\n'),
                   hint = 'The tables need the columns of examples/app_schema.sql (calls and appointments); see booking_guard.required_columns.';
     end if;
+    perform booking_guard_internal.check_owner('attach', calls);
+    perform booking_guard_internal.check_owner('attach', appointments);
 
     for ix in
         select r.table_role, r.column_name, case r.table_role when 'calls' then calls else appointments end as tbl
@@ -185,23 +369,25 @@ begin
             select from pg_catalog.pg_index i
               join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
              where i.indrelid = ix.tbl and a.attname = ix.column_name and i.indisvalid and i.indpred is null);
-        ix_name := left(format('%s_%s_bg_idx', (select relname from pg_catalog.pg_class where oid = ix.tbl), ix.column_name), 63);
+        ix_name := booking_guard_internal.index_name(ix.tbl, ix.column_name);
         execute format('create index %I on %s (%I)', ix_name, ix.tbl, ix.column_name);
-        created := created || format('%I.%I', (select nspname from pg_catalog.pg_namespace n
+        created := created || format('%I.%I', (select n.nspname from pg_catalog.pg_namespace n
                                                   join pg_catalog.pg_class c on c.relnamespace = n.oid
                                                  where c.oid = ix.tbl), ix_name);
     end loop;
 
-    insert into booking_guard.attached_tables (calls_table, appointments_table, created_indexes)
-    values (calls, appointments, created);
-    perform booking_guard.create_guarded_views(calls, appointments);
-    perform booking_guard.install_triggers(calls, appointments);
+    perform booking_guard_internal.grant_columns(calls, appointments, true);
+    -- triggers left by an earlier attachment (a partial restore brings them back without it) are
+    -- booking_guard's own: replaced, not a reason to fail
+    perform booking_guard_internal.drop_triggers(array[calls, appointments]);
+    perform booking_guard_internal.attachment_record(calls, appointments, created);
+    perform booking_guard_internal.install_triggers(calls, appointments);
     return query select * from booking_guard.attachment;
 end
 $$;
 
 comment on function booking_guard.attach(regclass, regclass) is
-    'Guards the given calls and appointments tables: checks their columns (BG003 lists every problem), creates missing indexes, installs the triggers, records the attachment.';
+    'Guards the given calls and appointments tables: checks their columns (BG003 lists every problem), creates missing indexes, grants booking_guard''s roles the columns they use, installs the triggers, records the attachment. Run it as the tables'' owner.';
 
 create function booking_guard.detach()
 returns void
@@ -209,60 +395,32 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    current  booking_guard.attached_tables;
-    trg      record;
+    current  booking_guard.attached_tables := booking_guard_internal.attachment_lock();
+    n        integer;
 begin
-    select * into current from booking_guard.attached_tables for update;
-    if not found then
-        raise notice 'booking_guard is not attached';
+    if current.calls_table is null then
+        -- nothing recorded, but a partial restore may have brought booking_guard's triggers back
+        n := booking_guard_internal.drop_triggers();
+        if n > 0 then
+            raise notice 'booking_guard was not attached; dropped % leftover trigger(s)', n;
+        else
+            raise notice 'booking_guard is not attached';
+        end if;
         return;
     end if;
-    for trg in
-        select t.tgname, t.tgrelid::regclass as tbl
-          from pg_catalog.pg_trigger t
-         where t.tgrelid in (current.calls_table, current.appointments_table)
-           and t.tgname like 'booking\_guard\_%'
-    loop
-        execute format('drop trigger %I on %s', trg.tgname, trg.tbl);
-    end loop;
-    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
-    delete from booking_guard.attached_tables;
+    perform booking_guard_internal.check_owner('detach', current.calls_table);
+    perform booking_guard_internal.check_owner('detach', current.appointments_table);
+    perform booking_guard_internal.attachment_forget();
+    perform booking_guard_internal.drop_triggers(array[current.calls_table, current.appointments_table]);
+    perform booking_guard_internal.grant_columns(current.calls_table, current.appointments_table, false);
 end
 $$;
 
 comment on function booking_guard.detach() is
-    'Removes booking_guard''s triggers and views of the attached tables and forgets the attachment; data and indexes stay.';
-
--- booking_guard reads and writes the application's tables through two views with fixed
--- names, so that its functions use static SQL (planned once per session and cached)
--- instead of EXECUTE with a table name (parsed and planned on every row of every booking).
--- They are simple, hence auto-updatable, views over the required columns only; while they
--- exist PostgreSQL refuses to drop or retype a column booking_guard relies on.
-create function booking_guard.create_guarded_views(calls regclass, appointments regclass)
-returns void
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
-    execute format('create view booking_guard.guarded_calls as select %s from %s',
-                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
-                      from booking_guard.required_columns where table_role = 'calls'), calls);
-    execute format('create view booking_guard.guarded_appointments as select %s from %s',
-                   (select string_agg(quote_ident(column_name), ', ' order by column_name)
-                      from booking_guard.required_columns where table_role = 'appointments'), appointments);
-    comment on view booking_guard.guarded_calls is
-        'The attached calls table, as booking_guard reads and writes it (created by attach()).';
-    comment on view booking_guard.guarded_appointments is
-        'The attached appointments table, as booking_guard reads and writes it (created by attach()).';
-end
-$$;
-
-comment on function booking_guard.create_guarded_views(regclass, regclass) is
-    'Creates the views guarded_calls and guarded_appointments over the attached tables (used by attach()).';
+    'Removes booking_guard''s triggers, views and grants from the attached tables and forgets the attachment; data and indexes stay. Without an attachment, drops booking_guard triggers left on any table (after a partial restore). Run it as the tables'' owner.';
 
 -- The attached pair, or BG003: every function that reads the application tables starts here.
-create function booking_guard.attached()
+create function booking_guard_internal.attached()
 returns booking_guard.attached_tables
 language plpgsql
 stable
@@ -282,5 +440,61 @@ begin
 end
 $$;
 
-comment on function booking_guard.attached() is
+comment on function booking_guard_internal.attached() is
     'The attached tables; raises BG003 when booking_guard is not attached.';
+
+-- The DDL guard. It runs after every DDL command in the database, as booking_guard_owner (it only
+-- reads the catalogs and booking_guard's own tables), and costs one lookup while nothing is
+-- attached. A command that leaves the attachment unhealthy is refused: its transaction aborts.
+create function booking_guard_internal.guard_ddl()
+returns event_trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    a          booking_guard.attached_tables;
+    problems   text[];
+    touched    boolean;
+begin
+    select * into a from booking_guard.attached_tables;
+    if not found then
+        return;
+    end if;
+    if tg_event = 'sql_drop' then
+        select array_agg(format('%s %s was dropped', d.object_type, d.object_identity) order by d.object_identity)
+          into problems
+          from pg_catalog.pg_event_trigger_dropped_objects() d
+         where (d.classid = 'pg_catalog.pg_class'::regclass
+                and (d.objid in (a.calls_table, a.appointments_table)
+                     or d.object_identity in ('booking_guard.guarded_calls', 'booking_guard.guarded_appointments')))
+            or (d.object_type = 'trigger' and d.object_identity like 'booking\_guard\_%');
+    else
+        touched := exists (select from pg_catalog.pg_event_trigger_ddl_commands() c
+                            where c.classid = 'pg_catalog.pg_class'::regclass
+                              and c.objid in (a.calls_table, a.appointments_table));
+        if touched then
+            select array_agg(h) into problems from booking_guard_internal.attachment_health(a) h;
+        end if;
+    end if;
+    if problems is not null then
+        raise exception 'this change would break booking_guard''s attachment to % and %', a.calls_table, a.appointments_table
+            using errcode = 'BG003',
+                  detail = array_to_string(problems, E'\n'),
+                  hint = format('booking_guard reads and writes these columns, triggers and views on every booking. To change '
+                                'them, run select booking_guard.detach(); first, then select booking_guard.attach(%L, %L); '
+                                'again once the tables fit.', a.calls_table, a.appointments_table);
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.guard_ddl() is
+    'Event trigger: refuses (BG003) a DDL command that leaves the attachment unhealthy: a required column renamed, dropped or retyped, a booking_guard trigger disabled or dropped, a guarded view dropped.';
+
+drop event trigger if exists booking_guard_ddl_end;
+create event trigger booking_guard_ddl_end on ddl_command_end
+    execute function booking_guard_internal.guard_ddl();
+
+drop event trigger if exists booking_guard_ddl_drop;
+create event trigger booking_guard_ddl_drop on sql_drop
+    execute function booking_guard_internal.guard_ddl();

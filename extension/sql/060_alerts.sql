@@ -1,41 +1,11 @@
--- Alerts: the seed's data_consistency_alerts, deduplicated.
+-- Alerts (table booking_guard.alerts), deduplicated.
 --
--- One open alert per fingerprint (rule + entity): a repeat bumps occurrences and
--- last_seen_at instead of adding a row, so a flapping entity cannot flood the table or
--- the pager. Each new alert sends NOTIFY booking_guard_alert with its id (NOTIFY is
+-- One open alert per fingerprint (rule + entity): a repeat bumps occurrences and last_seen_at
+-- instead of adding a row, so a flapping entity cannot flood the table or the pager. Each new alert
+-- sends NOTIFY booking_guard_alert with its id only (any role may LISTEN on any channel; NOTIFY is
 -- delivered at COMMIT and not replayed: the relay reads the table, the id only wakes it).
 
-create table booking_guard.alerts (
-    id               bigint generated always as identity primary key,
-    alert_type       text not null,
-    severity         text not null check (severity in ('critical', 'warning', 'info')),
-    entity_type      text,
-    entity_id        text,
-    description      text not null,
-    details          jsonb not null default '{}',
-    fingerprint      text not null,
-    occurrences      integer not null default 1 check (occurrences > 0),
-    auto_corrected   boolean not null default false,
-    detected_at      timestamptz not null default now(),
-    last_seen_at     timestamptz not null default now(),
-    acknowledged_at  timestamptz,
-    acknowledged_by  name,
-    resolved_at      timestamptz,
-    delivered_at     timestamptz
-);
-
-create unique index alerts_one_open_per_fingerprint on booking_guard.alerts (fingerprint) where resolved_at is null;
-create index alerts_detected_at_idx on booking_guard.alerts (detected_at);
-create index alerts_undelivered_idx on booking_guard.alerts (id) where delivered_at is null;
-
-comment on table booking_guard.alerts is
-    'Alerts raised by booking_guard''s rules: one open alert per fingerprint (rule + entity), with occurrences, acknowledgement, resolution and delivery.';
-
--- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
-select pg_catalog.pg_extension_config_dump('booking_guard.alerts', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.alerts_id_seq', '');
-
-create function booking_guard.raise_alert(alert_type text, severity text, entity_type text, entity_id text,
+create function booking_guard_internal.raise_alert(alert_type text, severity text, entity_type text, entity_id text,
                                           description text, details jsonb default '{}',
                                           auto_corrected boolean default false)
 returns bigint
@@ -45,22 +15,55 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    v_id        bigint;
-    v_inserted  boolean;
+    v_fingerprint  text;
+    v_id           bigint;
+    v_inserted     boolean;
+    v_threshold    bigint;
 begin
-    if raise_alert.alert_type is null or raise_alert.description is null or raise_alert.severity is null
-       or raise_alert.severity not in ('critical', 'warning', 'info') then
-        raise exception 'invalid alert: type %, severity %', coalesce(raise_alert.alert_type, 'null'),
+    if raise_alert.alert_type is null or raise_alert.alert_type !~ '^[a-z][a-z0-9_]{0,62}$'
+       or raise_alert.description is null or raise_alert.severity is null
+       or raise_alert.severity not in ('critical', 'warning', 'info')
+       or length(raise_alert.entity_id) > 255 or length(raise_alert.entity_type) > 63
+       or pg_column_size(raise_alert.details) > 65536 then
+        raise exception 'invalid alert: type %, severity %', coalesce(left(raise_alert.alert_type, 100), 'null'),
                         coalesce(raise_alert.severity, 'null')
             using errcode = 'BG005',
-                  detail = 'An alert needs a type, a description and a severity of critical, warning or info.',
-                  hint = 'select booking_guard.raise_alert(''phantom_booking'', ''critical'', ''call'', ''42'', ''...'');';
+                  detail = 'An alert needs a type (a lower-case identifier), a description, a severity of critical, '
+                           'warning or info, an entity of at most 255 characters and details of at most 64 kB.',
+                  hint = 'select booking_guard_internal.raise_alert(''phantom_booking'', ''critical'', ''call'', ''42'', ''...'');';
     end if;
+    v_fingerprint := concat_ws(':', raise_alert.alert_type, raise_alert.entity_type, raise_alert.entity_id);
+
+    -- a repeat of an open alert: one more occurrence, never a new row or a notification
+    update booking_guard.alerts a
+       set occurrences = a.occurrences + 1, last_seen_at = now(), details = coalesce(raise_alert.details, '{}'),
+           description = left(raise_alert.description, 2000),
+           auto_corrected = a.auto_corrected or coalesce(raise_alert.auto_corrected, false)
+     where a.fingerprint = v_fingerprint and a.resolved_at is null
+    returning a.id into v_id;
+    if found then
+        return v_id;
+    end if;
+
+    -- A storm: more new alerts of one type in the last minute than alert_storm_threshold. The rest
+    -- of the minute's alerts of that type become occurrences of one alert_storm alert, so that
+    -- whoever floods (a broken client, a hostile role) cannot page once per row.
+    v_threshold := (select s.integer_value from booking_guard.settings s where s.name = 'alert_storm_threshold');
+    if raise_alert.alert_type <> 'alert_storm'
+       and (select count(*) from (select from booking_guard.alerts a
+                                   where a.alert_type = raise_alert.alert_type and a.detected_at > now() - interval '1 minute'
+                                   limit v_threshold) recent) >= v_threshold then
+        return booking_guard_internal.raise_alert('alert_storm', raise_alert.severity, 'rule', raise_alert.alert_type,
+            format('More than %s new %s alerts within a minute: the rest are counted here', v_threshold, raise_alert.alert_type),
+            jsonb_build_object('rule', raise_alert.alert_type, 'threshold', v_threshold,
+                               'last_entity', concat_ws(':', raise_alert.entity_type, raise_alert.entity_id)),
+            false);
+    end if;
+
     insert into booking_guard.alerts as a
            (alert_type, severity, entity_type, entity_id, description, details, fingerprint, auto_corrected)
     values (raise_alert.alert_type, raise_alert.severity, raise_alert.entity_type, raise_alert.entity_id,
-            raise_alert.description, coalesce(raise_alert.details, '{}'),
-            concat_ws(':', raise_alert.alert_type, raise_alert.entity_type, raise_alert.entity_id),
+            left(raise_alert.description, 2000), coalesce(raise_alert.details, '{}'), v_fingerprint,
             coalesce(raise_alert.auto_corrected, false))
     on conflict (fingerprint) where resolved_at is null do update
        set occurrences = a.occurrences + 1,
@@ -72,7 +75,7 @@ begin
 
     if v_inserted then
         perform pg_notify('booking_guard_alert', v_id::text);
-        perform booking_guard.log_event('alert', raise_alert.alert_type, raise_alert.entity_type, raise_alert.entity_id,
+        perform booking_guard_internal.log_event('alert', raise_alert.alert_type, raise_alert.entity_type, raise_alert.entity_id,
                                         jsonb_build_object('alert_id', v_id, 'severity', raise_alert.severity,
                                                            'auto_corrected', coalesce(raise_alert.auto_corrected, false)));
     end if;
@@ -80,11 +83,11 @@ begin
 end
 $$;
 
-comment on function booking_guard.raise_alert(text, text, text, text, text, jsonb, boolean) is
-    'Raises an alert, or bumps the open one with the same fingerprint (type + entity); a new alert sends NOTIFY booking_guard_alert with its id.';
+comment on function booking_guard_internal.raise_alert(text, text, text, text, text, jsonb, boolean) is
+    'Raises an alert, or bumps the open one with the same fingerprint (type + entity); a new alert sends NOTIFY booking_guard_alert with its id. Past alert_storm_threshold new alerts of a type per minute, the rest count as occurrences of one alert_storm alert. Bad input is BG005.';
 
 -- The row of an alert, or BG004 when there is none (shared by acknowledge and resolve).
-create function booking_guard.alert_for_update(alert_id bigint)
+create function booking_guard_internal.alert_for_update(alert_id bigint)
 returns booking_guard.alerts
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -103,7 +106,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.alert_for_update(bigint) is
+comment on function booking_guard_internal.alert_for_update(bigint) is
     'The alert with this id, row-locked; BG004 if there is none.';
 
 create function booking_guard.acknowledge_alert(alert_id bigint, acknowledged_by name default current_user)
@@ -114,7 +117,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    a  booking_guard.alerts := booking_guard.alert_for_update(alert_id);
+    a  booking_guard.alerts := booking_guard_internal.alert_for_update(alert_id);
 begin
     if a.acknowledged_at is not null then
         return a;   -- acknowledging twice keeps the first acknowledgement (alert response time)
@@ -137,7 +140,7 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    a  booking_guard.alerts := booking_guard.alert_for_update(alert_id);
+    a  booking_guard.alerts := booking_guard_internal.alert_for_update(alert_id);
 begin
     if a.resolved_at is not null then
         return a;
@@ -149,7 +152,3 @@ $$;
 
 comment on function booking_guard.resolve_alert(bigint) is
     'Closes an alert; the next occurrence of its fingerprint opens a new one.';
-
-grant select on booking_guard.alerts to booking_guard_monitor;
-grant execute on function booking_guard.acknowledge_alert(bigint, name), booking_guard.resolve_alert(bigint)
-   to booking_guard_admin;

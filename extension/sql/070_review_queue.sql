@@ -1,61 +1,16 @@
--- The manual review queue: what booking_guard could not or should not fix by itself.
+-- The manual review queue (table booking_guard.review_queue): what booking_guard could not or
+-- should not fix by itself.
 --
--- One open item (pending or in review) per call and reason; reviewers claim items with
--- FOR UPDATE SKIP LOCKED so that several can work the queue without taking the same item,
--- and a claim left unresolved for review_claim_timeout goes back to the queue.
-
-create table booking_guard.review_priorities (
-    reason    text primary key,
-    priority  integer not null check (priority between 1 and 100)
-);
-
-comment on table booking_guard.review_priorities is
-    'Priority of a review reason (1 = most urgent); reasons not listed get 5, as in the seed.';
+-- One open item (pending or in review) per call and reason; reviewers claim items with FOR UPDATE
+-- SKIP LOCKED so that several can work the queue without taking the same item, and a claim left
+-- unresolved for review_claim_timeout goes back to the queue.
 
 create trigger review_priorities_replace_seeded_row
     before insert on booking_guard.review_priorities
-    for each row execute function booking_guard.replace_seeded_row('reason');
+    for each row execute function booking_guard_internal.replace_seeded_row('reason');
 
-insert into booking_guard.review_priorities (reason, priority) values
-    ('appointment_validation_failed', 1),
-    ('calcom_booking_failed', 2),
-    ('customer_creation_failed', 3),
-    ('service_not_found', 4);
-
-select pg_catalog.pg_extension_config_dump('booking_guard.review_priorities', '');
-
-insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
-    ('review_claim_timeout', 'interval', '30 minutes', 60, 86400,
-     'A review item claimed this long ago and not resolved goes back to the queue.');
-
-create table booking_guard.review_queue (
-    id          bigint generated always as identity primary key,
-    call_id     bigint,
-    reason      text not null,
-    context     jsonb not null default '{}',
-    priority    integer not null,
-    status      text not null default 'pending' check (status in ('pending', 'in_review', 'resolved')),
-    claimed_by  name,
-    claimed_at  timestamptz,
-    resolution  text check (resolution in ('fixed', 'dismissed', 'false_positive')),
-    note        text,
-    created_at  timestamptz not null default now(),
-    updated_at  timestamptz not null default now(),
-    check ((status = 'resolved') = (resolution is not null))
-);
-
-create unique index review_queue_one_open_per_call_reason
-    on booking_guard.review_queue (coalesce(call_id, -1), reason) where status <> 'resolved';
-create index review_queue_open_idx on booking_guard.review_queue (priority, created_at) where status <> 'resolved';
-
-comment on table booking_guard.review_queue is
-    'Calls waiting for a person (the seed''s manual_review_queue): one open item per call and reason.';
-
--- History, not configuration, but it must survive pg_dump / pg_restore like the rest.
-select pg_catalog.pg_extension_config_dump('booking_guard.review_queue', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.review_queue_id_seq', '');
-
-create function booking_guard.queue_for_review(call_id bigint, reason text, context jsonb default '{}')
+-- booking_guard's own findings reach the queue through here, full or not: a rollback is never lost.
+create function booking_guard_internal.queue_review(call_id bigint, reason text, context jsonb default '{}')
 returns bigint
 language plpgsql
 security definer
@@ -66,30 +21,75 @@ declare
     v_id        bigint;
     v_inserted  boolean;
 begin
-    if queue_for_review.reason is null or queue_for_review.context is null
-       or jsonb_typeof(queue_for_review.context) <> 'object' then
-        raise exception 'invalid review item for call %', coalesce(queue_for_review.call_id::text, 'null')
+    if queue_review.reason is null or queue_review.reason !~ '^[a-z][a-z0-9_]{0,62}$'
+       or queue_review.context is null or jsonb_typeof(queue_review.context) <> 'object'
+       or pg_column_size(queue_review.context) > 1048576 then
+        raise exception 'invalid review item for call %', coalesce(queue_review.call_id::text, 'null')
             using errcode = 'BG005',
-                  detail = format('reason: %s, context: %s', coalesce(queue_for_review.reason, 'null'),
-                                  coalesce(queue_for_review.context::text, 'null')),
-                  hint = 'Give a reason and a jsonb object as context.';
+                  detail = format('reason: %s, context: %s (%s bytes)', coalesce(left(queue_review.reason, 100), 'null'),
+                                  coalesce(left(queue_review.context::text, 200), 'null'),
+                                  coalesce(pg_column_size(queue_review.context), 0)),
+                  hint = 'Give a reason (a lower-case identifier such as calcom_booking_failed) and a jsonb object as context.';
     end if;
     insert into booking_guard.review_queue as q (call_id, reason, context, priority)
-    values (queue_for_review.call_id, queue_for_review.reason, queue_for_review.context,
-            coalesce((select p.priority from booking_guard.review_priorities p where p.reason = queue_for_review.reason), 5))
+    values (queue_review.call_id, queue_review.reason, queue_review.context,
+            coalesce((select p.priority from booking_guard.review_priorities p where p.reason = queue_review.reason), 5))
     on conflict (coalesce(call_id, -1), reason) where status <> 'resolved' do update
        set context = q.context || excluded.context, updated_at = now()
     returning q.id, q.xmax = 0 into v_id, v_inserted;   -- xmax 0: a new row, not the conflict update
     if v_inserted then
-        perform booking_guard.log_event('review', queue_for_review.reason, 'call', queue_for_review.call_id::text,
-                                        jsonb_build_object('review_id', v_id));
+        perform booking_guard_internal.log_event('review', queue_review.reason, 'call', queue_review.call_id::text,
+                                                 jsonb_build_object('review_id', v_id));
     end if;
     return v_id;
 end
 $$;
 
+comment on function booking_guard_internal.queue_review(bigint, text, jsonb) is
+    'Queues a call for a person (booking_guard''s own findings; no cap); a call already queued for the same reason keeps its one open item (context merged).';
+
+-- What an application queues: bounded, so that one role cannot flood the people reading the queue.
+create function booking_guard.queue_for_review(call_id bigint, reason text, context jsonb default '{}')
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_max   bigint := (select s.integer_value from booking_guard.settings s where s.name = 'review_queue_max_open');
+    v_open  bigint;
+begin
+    if pg_column_size(queue_for_review.context) > 65536 then
+        raise exception 'review context too large: % bytes', pg_column_size(queue_for_review.context)
+            using errcode = 'BG005',
+                  detail = 'A review item''s context holds what a person needs to act: at most 64 kB.',
+                  hint = 'Keep ids and a short summary in the context, not whole documents.';
+    end if;
+    if queue_for_review.reason is null or queue_for_review.reason !~ '^[a-z][a-z0-9_]{0,62}$' then
+        raise exception 'invalid review reason: %', coalesce(quote_literal(left(queue_for_review.reason, 100)), 'null')
+            using errcode = 'BG005',
+                  detail = 'A reason is a lower-case identifier of at most 63 characters.',
+                  hint = 'select reason, priority from booking_guard.review_priorities;';
+    end if;
+    if not exists (select from booking_guard.review_queue q
+                    where coalesce(q.call_id, -1) = coalesce(queue_for_review.call_id, -1)
+                      and q.reason = queue_for_review.reason and q.status <> 'resolved') then
+        v_open := (select count(*) from (select from booking_guard.review_queue q where q.status <> 'resolved' limit v_max) o);
+        if v_open >= v_max then
+            raise exception 'the review queue is full: % open items', v_open
+                using errcode = 'BG005',
+                      detail = format('review_queue_max_open is %s; booking_guard''s own findings are still queued.', v_max),
+                      hint = 'Work the queue (booking_guard.claim_review()), or raise the limit: '
+                             'select booking_guard.set_setting(''review_queue_max_open'', ''20000'');';
+        end if;
+    end if;
+    return booking_guard_internal.queue_review(queue_for_review.call_id, queue_for_review.reason, queue_for_review.context);
+end
+$$;
+
 comment on function booking_guard.queue_for_review(bigint, text, jsonb) is
-    'Queues a call for a person; a call already queued for the same reason keeps its one open item (context merged).';
+    'Queues a call for a person; a call already queued for the same reason keeps its one open item (context merged). At most review_queue_max_open open items; the context at most 64 kB (BG005).';
 
 create function booking_guard.claim_review(reviewer name default current_user)
 returns setof booking_guard.review_queue
@@ -124,6 +124,12 @@ as $$
 declare
     r  booking_guard.review_queue;
 begin
+    if length(resolve_review.note) > 10000 then
+        raise exception 'review note too long: % characters', length(resolve_review.note)
+            using errcode = 'BG005',
+                  detail = 'A note says what was done: at most 10,000 characters.',
+                  hint = 'Keep the note short; link to a ticket for the rest.';
+    end if;
     if resolve_review.resolution is null or resolve_review.resolution not in ('fixed', 'dismissed', 'false_positive') then
         raise exception 'invalid resolution "%"', coalesce(resolve_review.resolution, 'null')
             using errcode = 'BG005',
@@ -148,7 +154,7 @@ begin
            claimed_by = coalesce(claimed_by, session_user)
      where id = review_id
     returning * into r;
-    perform booking_guard.log_event('review_resolved', r.reason, 'call', r.call_id::text,
+    perform booking_guard_internal.log_event('review_resolved', r.reason, 'call', r.call_id::text,
                                     jsonb_build_object('review_id', r.id, 'resolution', r.resolution));
     return r;
 end
@@ -156,9 +162,3 @@ $$;
 
 comment on function booking_guard.resolve_review(bigint, text, text) is
     'Closes a review item as fixed, dismissed or false_positive (the false positive rate KPI reads these).';
-
-grant select on booking_guard.review_queue, booking_guard.review_priorities to booking_guard_monitor;
-grant execute on function booking_guard.queue_for_review(bigint, text, jsonb) to booking_guard_app, booking_guard_admin;
-grant execute on function booking_guard.claim_review(name), booking_guard.resolve_review(bigint, text, text)
-   to booking_guard_admin;
-grant insert, update, delete on booking_guard.review_priorities to booking_guard_admin;

@@ -1,26 +1,34 @@
--- The seed's four triggers, each governed by its rule's mode and rollout.
+-- The consistency triggers, each governed by its rule's mode and rollout.
 --
---   calls, BEFORE INSERT OR UPDATE (one trigger, three seed triggers):
+--   calls, BEFORE INSERT OR UPDATE (calls_before, C):
 --     1. direction          rule missing_direction
 --     2. customer link      rule customer_link
 --     3. outcome vs flag    rules phantom_booking and outcome_flag_mismatch
---   appointments, AFTER DELETE OR UPDATE OF call_id, and at COMMIT after INSERT:
---     4. link sync          rule unlinked_appointment: the call's flags are recomputed from
---                           the appointments that remain linked (DESIGN.md, contradictions 2, 3)
+--   appointments, AFTER DELETE OR UPDATE OF call_id (appointments_sync, C), and at COMMIT after
+--   INSERT (the truth check, 110_truth_check.sql):
+--     4. link sync          rule unlinked_appointment: the call's flags are recomputed from the
+--                           appointments that remain linked
 --
--- Trigger 4 runs at once when an appointment is deleted or moved (the seed's case), but for
--- a new appointment the flags are derived at COMMIT by the truth check (110_truth_check.sql):
--- the application's own next statement usually sets them anyway (the seed's trackBooking),
--- and deriving them once at COMMIT saves every booking a second UPDATE of its call.
+-- Setting appointment_made whenever the outcome says booked would, on its own, turn every phantom
+-- booking into a call that looks booked: the flag is harmonised here, and the commit-time check
+-- then decides whether an appointment stands behind it (a call claiming a booking without one is
+-- rolled back to creation_failed). Deleting an appointment recomputes the call's flags from the
+-- appointments that remain (a call may hold several): with none left it is unlinked and a booked
+-- outcome becomes appointment_cancelled, instead of the flag flipping straight back.
+--
+-- Link sync runs at once when an appointment is deleted or moved, but for a new appointment the
+-- flags are derived at COMMIT by the truth check: the application's own next statement usually
+-- sets them anyway, and deriving them once at COMMIT saves every booking a second UPDATE of its
+-- call.
 --
 -- Modes: observe alerts, correct repairs and alerts (auto_corrected, before/after in details),
--- enforce rejects the statement with BG002. Deriving a flag from the truth is not a
--- correction: trigger 4 and the plain case of trigger 2 (no link status given) are silent.
--- Rule modes are looked up only when a condition holds, so a consistent row costs no query.
--- The booking path runs in C (extension/src/booking_path.c, see calls_before below); the
--- rules' actions stay here in PL/pgSQL.
+-- enforce rejects the statement with BG002. Deriving a flag from the truth is not a correction:
+-- link sync and the plain customer link (no link status given) are silent. Rule modes are looked
+-- up only when a condition holds, so a consistent row costs no query. The triggers are C
+-- (extension/src/booking_guard.c); the rules' actions stay here in PL/pgSQL, run as
+-- booking_guard_worker.
 
-create function booking_guard.reject(rule_name text, call_id text, what text)
+create function booking_guard_internal.reject(rule_name text, call_id text, what text)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -34,13 +42,12 @@ begin
 end
 $$;
 
-comment on function booking_guard.reject(text, text, text) is
+comment on function booking_guard_internal.reject(text, text, text) is
     'Raises BG002 for a rule in enforce mode, naming the rule and the call.';
 
-create function booking_guard.calls_rules()
+create function booking_guard_internal.calls_rules()
 returns trigger
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -53,15 +60,15 @@ begin
     if new.direction is null then
         mode := booking_guard.rule_mode('missing_direction', company);
         if mode = 'enforce' then
-            perform booking_guard.reject('missing_direction', call_key, 'direction is null');
+            perform booking_guard_internal.reject('missing_direction', call_key, 'direction is null');
         elsif mode = 'correct' then
             new.direction := (select s.text_value from booking_guard.settings s where s.name = 'default_direction');
-            perform booking_guard.raise_alert('missing_direction', 'warning', 'call', call_key,
+            perform booking_guard_internal.raise_alert('missing_direction', 'warning', 'call', call_key,
                 format('Call %s had no direction: set to %s', new.retell_call_id, new.direction),
                 jsonb_build_object('before', jsonb_build_object('direction', null),
                                    'after', jsonb_build_object('direction', new.direction)), true);
         elsif mode = 'observe' then
-            perform booking_guard.raise_alert('missing_direction', 'warning', 'call', call_key,
+            perform booking_guard_internal.raise_alert('missing_direction', 'warning', 'call', call_key,
                 format('Call %s has no direction', new.retell_call_id), '{}', false);
         end if;
     end if;
@@ -76,11 +83,11 @@ begin
             if new.customer_link_status is not null
                and (tg_op = 'INSERT' or new.customer_link_status is distinct from old.customer_link_status) then
                 if mode = 'enforce' then
-                    perform booking_guard.reject('customer_link', call_key,
+                    perform booking_guard_internal.reject('customer_link', call_key,
                         format('customer_id %s is set but customer_link_status is %s', new.customer_id,
                                new.customer_link_status));
                 end if;
-                perform booking_guard.raise_alert('customer_link', 'info', 'call', call_key,
+                perform booking_guard_internal.raise_alert('customer_link', 'info', 'call', call_key,
                     format('Call %s has a customer but link status %s: set to linked', new.retell_call_id,
                            new.customer_link_status),
                     jsonb_build_object('before', jsonb_build_object('customer_link_status', new.customer_link_status),
@@ -93,28 +100,28 @@ begin
             new.customer_link_method := coalesce(new.customer_link_method, 'phone_match');
             new.customer_link_confidence := coalesce(new.customer_link_confidence, 100.00);
         elsif mode = 'observe' and new.customer_link_status is distinct from 'linked' then
-            perform booking_guard.raise_alert('customer_link', 'info', 'call', call_key,
+            perform booking_guard_internal.raise_alert('customer_link', 'info', 'call', call_key,
                 format('Call %s has a customer but link status %s', new.retell_call_id,
                        coalesce(new.customer_link_status, 'null')), '{}', false);
         end if;
     end if;
 
-    -- 3a. phantom booking: the outcome claims a booking the flag denies. The seed sets the
-    -- flag; the commit-time truth check then decides whether an appointment stands behind it.
+    -- 3a. phantom booking: the outcome claims a booking the flag denies. The flag is set; the
+    -- commit-time truth check then decides whether an appointment stands behind it.
     if new.session_outcome = 'appointment_booked' and not coalesce(new.appointment_made, false) then
         mode := booking_guard.rule_mode('phantom_booking', company);
         was := jsonb_build_object('session_outcome', new.session_outcome, 'appointment_made', new.appointment_made);
         if mode = 'enforce' then
-            perform booking_guard.reject('phantom_booking', call_key,
+            perform booking_guard_internal.reject('phantom_booking', call_key,
                 'session_outcome is appointment_booked but appointment_made is false');
         elsif mode = 'correct' then
             new.appointment_made := true;
-            perform booking_guard.raise_alert('phantom_booking', 'critical', 'call', call_key,
+            perform booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', call_key,
                 format('Call %s said appointment_booked with appointment_made false: flag set, appointment to be verified',
                        new.retell_call_id),
                 jsonb_build_object('before', was, 'after', was || jsonb_build_object('appointment_made', true)), true);
         elsif mode = 'observe' then
-            perform booking_guard.raise_alert('phantom_booking', 'critical', 'call', call_key,
+            perform booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', call_key,
                 format('Call %s says appointment_booked but appointment_made is false', new.retell_call_id),
                 jsonb_build_object('state', was), false);
         end if;
@@ -126,17 +133,17 @@ begin
         mode := booking_guard.rule_mode('outcome_flag_mismatch', company);
         was := jsonb_build_object('session_outcome', new.session_outcome, 'appointment_made', new.appointment_made);
         if mode = 'enforce' then
-            perform booking_guard.reject('outcome_flag_mismatch', call_key,
+            perform booking_guard_internal.reject('outcome_flag_mismatch', call_key,
                 format('appointment_made is true but session_outcome is %s', new.session_outcome));
         elsif mode = 'correct' then
             new.session_outcome := 'appointment_booked';
-            perform booking_guard.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
+            perform booking_guard_internal.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
                 format('Call %s had appointment_made true with outcome %s: outcome set to appointment_booked',
                        new.retell_call_id, was ->> 'session_outcome'),
                 jsonb_build_object('before', was, 'after', was || jsonb_build_object('session_outcome', 'appointment_booked')),
                 true);
         elsif mode = 'observe' then
-            perform booking_guard.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
+            perform booking_guard_internal.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
                 format('Call %s has appointment_made true but outcome %s', new.retell_call_id, new.session_outcome),
                 jsonb_build_object('state', was), false);
         end if;
@@ -146,40 +153,28 @@ begin
 end
 $$;
 
-comment on function booking_guard.calls_rules() is
-    'The seed''s triggers 1-3 (direction, customer link, outcome vs flag), each by its rule''s mode: run by calls_before() for a row a rule has something to do with.';
+comment on function booking_guard_internal.calls_rules() is
+    'Steps 1-3 of the calls trigger (direction, customer link, outcome vs flag), each by its rule''s mode: run by calls_before() for a row a rule has something to do with.';
 
--- The trigger itself is C (extension/src/booking_path.c): it runs calls_rules() above only
--- for a row one of those rules acts on, and does the rest, the plain customer link and step
--- 4, itself:
---
--- 4. The claim against the truth, now. The seed's trackBooking sets appointment_made and
--- session_outcome after the appointment is in, never the link: the link is derived from the
--- appointment already there (rule unlinked_appointment). A call whose flags now agree with
--- its appointments is marked verified (a transaction-local mark in the C module), and the
--- commit-time check skips it: the one index probe here replaces a deferred check. The mark
--- is set or cleared on every claiming insert and on every update that changes a flag. The
--- UPDATE that verified a claim holds the call's row lock until COMMIT, so no other
--- transaction can change its appointments in between: the appointment-side check at COMMIT
--- trusts the mark. A second mark tells the WHEN clause of the calls-side constraint triggers
--- whether the row just written needs the check at COMMIT at all (a claim not verified).
-create function booking_guard.calls_before()
+-- The trigger itself: see calls_before() in extension/src/booking_guard.c. It runs calls_rules()
+-- above only for a row one of those rules acts on, and does the plain customer link and the claim
+-- check (step 4, against the appointments, now) itself.
+create function booking_guard_internal.calls_before()
 returns trigger
 language c
 as 'MODULE_PATHNAME', 'calls_before';
 
-comment on function booking_guard.calls_before() is
-    'Trigger on the attached calls table (C): the seed''s triggers 1-3 through calls_rules() when a rule acts, the plain customer link, and the claim checked against the appointments.';
+comment on function booking_guard_internal.calls_before() is
+    'Trigger on the attached calls table (C): steps 1-3 through calls_rules() when a rule acts, the plain customer link, and the claim checked against the appointments.';
 
--- Recomputes a call's flags from the appointments linked to it (trigger 4, reconciliation).
+-- Recomputes a call's flags from the appointments linked to it (link sync, reconciliation).
 -- The call row is locked before the appointments are counted, and the count is a statement
 -- of its own: under READ COMMITTED it then sees every appointment committed by a
 -- transaction that held the lock before us. Two sessions changing the appointments of one
 -- call are thereby serialised on the call row and the last one computes from the truth.
-create function booking_guard.sync_call_flags(call_id bigint, governing_rule text default null)
+create function booking_guard_internal.sync_call_flags(call_id bigint, governing_rule text default null)
 returns boolean
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -226,35 +221,15 @@ begin
 end
 $$;
 
-comment on function booking_guard.sync_call_flags(bigint, text) is
+comment on function booking_guard_internal.sync_call_flags(bigint, text) is
     'Sets a call''s appointment_made, session_outcome and appointment_link_status from the appointments linked to it (only where governing_rule, if given, corrects); true if it changed them.';
 
-create function booking_guard.appointments_sync()
+-- C (extension/src/booking_guard.c): sync_call_flags() of the call that lost and the call that
+-- gained an appointment, in id order, as booking_guard_worker.
+create function booking_guard_internal.appointments_sync()
 returns trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    first_id   bigint := old.call_id;
-    second_id  bigint;
-begin
-    -- The two calls of a move are locked in id order: two sessions moving appointments in
-    -- opposite directions between the same two calls would otherwise each hold one call's row
-    -- and wait for the other's (a deadlock). least() and greatest() ignore nulls.
-    if tg_op = 'UPDATE' then
-        first_id := least(old.call_id, new.call_id);
-        second_id := nullif(greatest(old.call_id, new.call_id), first_id);
-    end if;
-    if first_id is not null then
-        perform booking_guard.sync_call_flags(first_id, 'unlinked_appointment');
-    end if;
-    if second_id is not null then
-        perform booking_guard.sync_call_flags(second_id, 'unlinked_appointment');
-    end if;
-    return null;
-end
-$$;
+language c
+as 'MODULE_PATHNAME', 'appointments_sync';
 
-comment on function booking_guard.appointments_sync() is
-    'Trigger on the attached appointments table (seed trigger 4), on DELETE and UPDATE OF call_id: recomputes the flags of the calls that lost or gained an appointment.';
+comment on function booking_guard_internal.appointments_sync() is
+    'Trigger on the attached appointments table (C), on DELETE and UPDATE OF call_id: recomputes the flags of the calls that lost or gained an appointment.';

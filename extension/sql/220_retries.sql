@@ -21,7 +21,6 @@ create function booking_guard.backoff_delay(attempt integer, base interval defau
 returns interval
 language plpgsql
 volatile
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -36,8 +35,14 @@ begin
                   detail = 'attempt is the number of the attempt that just failed: 1 gives the first delay (base).',
                   hint = 'select booking_guard.backoff_delay(1);';
     end if;
-    if base_s is null or base_s <= 0 or max_s is null or max_s <= 0 then
-        raise exception 'backoff_delay(): base and max_delay must be positive intervals'
+    if attempt > 1000 then
+        raise exception 'backoff_delay(): attempt must be at most 1000, not %', attempt
+            using errcode = 'BG005',
+                  detail = 'No operation is tried a thousand times; retries allow at most 100 attempts.',
+                  hint = 'select booking_guard.backoff_delay(3);';
+    end if;
+    if base_s is null or base_s <= 0 or max_s is null or max_s <= 0 or base_s > 86400 or max_s > 86400 then
+        raise exception 'backoff_delay(): base and max_delay must be positive intervals of at most a day'
             using errcode = 'BG005',
                   detail = format('base: %s, max_delay: %s', coalesce(base::text, 'null'), coalesce(max_delay::text, 'null')),
                   hint = 'select booking_guard.backoff_delay(3, base => ''1 second'', max_delay => ''1 minute'');';
@@ -85,51 +90,6 @@ comment on function booking_guard.backoff_delay(integer, interval, double precis
                                                 double precision) is
     'Delay before the next try after failed attempt number attempt (1, 2, ...): seed = min(max_delay, base * factor^(attempt-1)) plus up to jitter of it; full = uniform in [0, that). draw replaces random(). Bad arguments are BG005.';
 
-insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
-    ('retry_claim_timeout', 'interval', '5 minutes', 1, 86400,
-     'A retry claimed by a worker this long ago and not finished is handed out again (the worker is taken for dead).');
-
-insert into booking_guard.review_priorities (reason, priority) values ('retry_exhausted', 2);
-
--- A sequence of its own (not an identity column), so that pg_dump keeps its position with the
--- rows: a restored queue must not hand out ids it already holds.
-create sequence booking_guard.retries_id_seq;
-
-comment on sequence booking_guard.retries_id_seq is 'Ids of booking_guard.retries.';
-
-create table booking_guard.retries (
-    id            bigint primary key default nextval('booking_guard.retries_id_seq'),
-    call_id       bigint,
-    operation     text not null check (operation <> ''),
-    payload       jsonb not null default '{}' check (jsonb_typeof(payload) = 'object'),
-    status        text not null default 'pending' check (status in ('pending', 'running', 'succeeded', 'failed')),
-    attempts      integer not null default 0 check (attempts >= 0),
-    max_attempts  integer not null check (max_attempts between 1 and 100),
-    due_at        timestamptz not null,
-    claimed_by    text,
-    claimed_at    timestamptz,
-    last_error    text,
-    -- one element per finished (or abandoned) attempt: attempt, at, ok, error, worker
-    history       jsonb not null default '[]',
-    created_at    timestamptz not null default now(),
-    updated_at    timestamptz not null default now(),
-    finished_at   timestamptz,
-    check (attempts <= max_attempts),
-    check ((status = 'running') = (claimed_at is not null)),
-    check ((status in ('succeeded', 'failed')) = (finished_at is not null))
-);
-
-create index retries_open_idx on booking_guard.retries (due_at) where status in ('pending', 'running');
-create index retries_call_id_idx on booking_guard.retries (call_id);
-
-comment on table booking_guard.retries is
-    'Operations to be tried again by a worker: due_at from backoff_delay(), claims that expire, the history of every attempt.';
-
--- Pending retries are work not yet done: pg_dump keeps them (and the sequence), unlike the
--- extension's other tables, whose rows it leaves out.
-select pg_catalog.pg_extension_config_dump('booking_guard.retries', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.retries_id_seq', '');
-
 create function booking_guard.schedule_retry(call_id bigint, operation text, payload jsonb default '{}',
                                              max_attempts integer default 3, delay interval default null)
 returns bigint
@@ -141,14 +101,16 @@ as $$
 declare
     v_id  bigint;
 begin
-    if schedule_retry.operation is null or btrim(schedule_retry.operation) = '' then
+    if schedule_retry.operation is null or schedule_retry.operation !~ '^[a-z][a-z0-9_]{0,62}$' then
         raise exception 'schedule_retry(): an operation name is needed'
             using errcode = 'BG005',
-                  detail = format('operation: %s', coalesce(quote_literal(schedule_retry.operation), 'null')),
+                  detail = format('operation: %s (a lower-case identifier of at most 63 characters)',
+                                  coalesce(quote_literal(left(schedule_retry.operation, 100)), 'null')),
                   hint = 'select booking_guard.schedule_retry(42, ''record_booking'', ''{"calcom_booking_id": "cal-1"}'');';
     end if;
-    if schedule_retry.payload is null or jsonb_typeof(schedule_retry.payload) <> 'object' then
-        raise exception 'schedule_retry(): the payload must be a jsonb object'
+    if schedule_retry.payload is null or jsonb_typeof(schedule_retry.payload) <> 'object'
+       or pg_column_size(schedule_retry.payload) > 65536 then
+        raise exception 'schedule_retry(): the payload must be a jsonb object of at most 64 kB'
             using errcode = 'BG005',
                   detail = format('payload: %s', coalesce(left(schedule_retry.payload::text, 200), 'null')),
                   hint = 'Pass what the worker needs to try again as an object.';
@@ -160,17 +122,25 @@ begin
                   detail = 'max_attempts counts the attempts the workers make.',
                   hint = 'The seed retries 3 times.';
     end if;
-    if schedule_retry.delay < interval '0' then
-        raise exception 'schedule_retry(): delay must not be negative, not %', schedule_retry.delay
+    if schedule_retry.delay < interval '0' or schedule_retry.delay > interval '1 day' then
+        raise exception 'schedule_retry(): delay must be between 0 and a day, not %', schedule_retry.delay
             using errcode = 'BG005',
                   detail = 'delay is how long from now the first attempt is due; null means backoff_delay(1).',
                   hint = 'Pass ''0'' for at once.';
+    end if;
+    if (select count(*) from (select from booking_guard.retries t where t.status in ('pending', 'running')
+                                 limit (select s.integer_value from booking_guard.settings s where s.name = 'retries_max_open')) o)
+       >= (select s.integer_value from booking_guard.settings s where s.name = 'retries_max_open') then
+        raise exception 'schedule_retry(): too many open retries'
+            using errcode = 'BG005',
+                  detail = format('retries_max_open is %s.', booking_guard.setting('retries_max_open')),
+                  hint = 'Let the workers catch up (claim_retries()), or raise the limit with set_setting().';
     end if;
     insert into booking_guard.retries (call_id, operation, payload, max_attempts, due_at)
     values (schedule_retry.call_id, schedule_retry.operation, schedule_retry.payload, schedule_retry.max_attempts,
             now() + coalesce(schedule_retry.delay, booking_guard.backoff_delay(1)))
     returning id into v_id;
-    perform booking_guard.log_event('retry_scheduled', null, 'call', schedule_retry.call_id::text,
+    perform booking_guard_internal.log_event('retry_scheduled', null, 'call', schedule_retry.call_id::text,
                                     jsonb_build_object('retry_id', v_id, 'operation', schedule_retry.operation,
                                                        'max_attempts', schedule_retry.max_attempts));
     return v_id;
@@ -182,7 +152,7 @@ comment on function booking_guard.schedule_retry(bigint, text, jsonb, integer, i
 
 -- Records a failed attempt: the next one is due after backoff_delay(attempts), or, after the
 -- last one, the retry has failed and the call goes to the review queue with the history.
-create function booking_guard.retry_attempt_failed(retry_id bigint, error text, worker text, as_of timestamptz)
+create function booking_guard_internal.retry_attempt_failed(retry_id bigint, error text, worker text, as_of timestamptz)
 returns booking_guard.retries
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -203,11 +173,11 @@ begin
            updated_at = now()
      where t.id = retry_id
     returning t.* into r;
-    perform booking_guard.log_event('retry', r.operation, 'call', r.call_id::text,
+    perform booking_guard_internal.log_event('retry', r.operation, 'call', r.call_id::text,
                                     jsonb_build_object('retry_id', r.id, 'attempt', r.attempts, 'ok', false,
                                                        'error', error, 'status', r.status));
     if r.status = 'failed' then
-        perform booking_guard.queue_for_review(r.call_id, 'retry_exhausted',
+        perform booking_guard_internal.queue_review(r.call_id, 'retry_exhausted',
             jsonb_build_object('retry_id', r.id, 'operation', r.operation, 'payload', r.payload,
                                'attempts', r.attempts, 'last_error', r.last_error, 'history', r.history));
     end if;
@@ -215,7 +185,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.retry_attempt_failed(bigint, text, text, timestamptz) is
+comment on function booking_guard_internal.retry_attempt_failed(bigint, text, text, timestamptz) is
     'Internal: records a failed attempt of a retry; schedules the next by backoff_delay() or, after the last, fails it and queues the call for review (retry_exhausted) with the history.';
 
 create function booking_guard.claim_retries(worker text, n integer default 10, as_of timestamptz default clock_timestamp())
@@ -229,7 +199,7 @@ declare
     timeout  interval := (select s.interval_value from booking_guard.settings s where s.name = 'retry_claim_timeout');
     dead     record;
 begin
-    if claim_retries.worker is null or btrim(claim_retries.worker) = '' then
+    if claim_retries.worker is null or btrim(claim_retries.worker) = '' or length(claim_retries.worker) > 200 then
         raise exception 'claim_retries(): a worker name is needed'
             using errcode = 'BG005',
                   detail = 'The worker''s name is recorded with each claim and attempt.',
@@ -256,7 +226,7 @@ begin
          order by t.id
            for update skip locked
     loop
-        perform booking_guard.retry_attempt_failed(dead.id, 'claim expired: worker ' || dead.claimed_by || ' did not finish',
+        perform booking_guard_internal.retry_attempt_failed(dead.id, 'claim expired: worker ' || dead.claimed_by || ' did not finish',
                                                    dead.claimed_by, claim_retries.as_of);
     end loop;
 
@@ -297,9 +267,10 @@ as $$
 declare
     r  booking_guard.retries;
 begin
-    if ok is null then
-        raise exception 'finish_retry(): ok must be true or false'
-            using errcode = 'BG005', detail = format('retry %s, ok: null', coalesce(retry_id::text, 'null')),
+    if ok is null or length(error) > 2000 or length(worker) > 200 then
+        raise exception 'finish_retry(): ok must be true or false, the error at most 2000 characters'
+            using errcode = 'BG005', detail = format('retry %s, ok: %s, error: %s characters', coalesce(retry_id::text, 'null'),
+                                                     coalesce(ok::text, 'null'), coalesce(length(error), 0)),
                   hint = 'select booking_guard.finish_retry(7, false, ''calendar timed out'');';
     end if;
     select * into r from booking_guard.retries t where t.id = retry_id for update;
@@ -318,7 +289,7 @@ begin
                          '(a claim older than retry_claim_timeout may have gone to another worker).';
     end if;
     if not ok then
-        return booking_guard.retry_attempt_failed(retry_id, coalesce(error, 'failed'), r.claimed_by, clock_timestamp());
+        return booking_guard_internal.retry_attempt_failed(retry_id, coalesce(error, 'failed'), r.claimed_by, clock_timestamp());
     end if;
     update booking_guard.retries t
        set status = 'succeeded',
@@ -329,7 +300,7 @@ begin
            updated_at = now()
      where t.id = retry_id
     returning t.* into r;
-    perform booking_guard.log_event('retry', r.operation, 'call', r.call_id::text,
+    perform booking_guard_internal.log_event('retry', r.operation, 'call', r.call_id::text,
                                     jsonb_build_object('retry_id', r.id, 'attempt', r.attempts, 'ok', true,
                                                        'status', r.status));
     return r;
@@ -338,11 +309,3 @@ $$;
 
 comment on function booking_guard.finish_retry(bigint, boolean, text, text) is
     'Records the outcome of a claimed retry: ok ends it; a failure schedules the next attempt after backoff_delay(attempts), or after the last one fails it and queues the call for review (retry_exhausted) with its history.';
-
-grant execute on function
-    booking_guard.backoff_delay(integer, interval, double precision, interval, double precision, text, double precision),
-    booking_guard.schedule_retry(bigint, text, jsonb, integer, interval),
-    booking_guard.claim_retries(text, integer, timestamptz),
-    booking_guard.finish_retry(bigint, boolean, text, text)
-   to booking_guard_app, booking_guard_admin;
-grant select on booking_guard.retries to booking_guard_monitor;

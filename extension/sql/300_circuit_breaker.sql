@@ -1,117 +1,6 @@
--- Circuit breaker: the seed's AppointmentBookingCircuitBreaker, with its state in PostgreSQL so
--- that every application process shares one breaker per key, exactly.
---
--- Breaker calls are meant to run in their own short transactions (autocommit):
---     permit := circuit_acquire(key)            -- commits: nothing is held while the call runs
---     ... the protected call (Cal.com) ...
---     circuit_record_success(key, permit)        -- or circuit_record_failure(key, error, permit)
--- A function that changes a breaker locks its row for the rest of the caller's transaction (PostgreSQL
--- cannot release a row lock earlier): in autocommit that is the function call itself.
---
--- The hot path writes nothing. In the closed state circuit_acquire only reads the breaker row and draws
--- a permit number from a sequence, and circuit_record_success only reads it (unless there is a failure
--- streak to reset): no row written, no row lock (and no WAL but nextval's, once per 32 values), so a hot
--- key does not serialise its callers.
--- Only what changes the breaker (failures, half-open trials, transitions) locks the row.
---
--- Permits. Every permit and every transition id is drawn from the one sequence circuit_seq, so permit
--- numbers are ordered against transitions: a closed-state permit counts only if it is newer than the
--- key's last transition. Half-open permits (the trial calls) are rows in circuit_permits with a lease
--- (call_timeout): a lease that runs out counts as a failure, so a client that dies mid-trial cannot
--- wedge the breaker half-open. Closed-state permits are not stored (that is what keeps the hot path
--- free of writes); an unreported closed-state call wedges nothing and is simply not counted.
---
--- Time-driven transitions (cooldown elapsed, trial lease expired) happen lazily: circuit_state() and
--- the circuit_status view compute them without writing, and the next call that changes the breaker
--- writes them with the time at which they happened (not the time they were noticed).
-
-create sequence booking_guard.circuit_seq;
-
-comment on sequence booking_guard.circuit_seq is
-    'Permits and circuit_transitions ids, from one sequence so that a permit can be ordered against the transitions of its key.';
-
--- Fast fails are counted in a sequence because a rejected circuit_acquire raises BG001, which rolls
--- back every row its transaction wrote; nextval() is not transactional and survives the error.
-create sequence booking_guard.circuit_fast_fails;
-
-comment on sequence booking_guard.circuit_fast_fails is
-    'Calls rejected by circuit_acquire (BG001), all keys: nextval() survives the rollback of the rejected call. Read it with circuit_fast_fail_total().';
-
-create table booking_guard.circuit_policies (
-    key_pattern          text primary key check (key_pattern <> ''),
-    failure_threshold    integer not null default 3 check (failure_threshold between 1 and 1000),
-    cooldown             interval not null default '30 seconds'
-                         check (cooldown > interval '0' and cooldown <= interval '1 day'),
-    success_threshold    integer not null default 2 check (success_threshold between 1 and 1000),
-    half_open_max_calls  integer not null default 1 check (half_open_max_calls between 1 and 1000),
-    call_timeout         interval not null default '10 seconds'
-                         check (call_timeout > interval '0' and call_timeout <= interval '1 hour')
-);
-
-comment on table booking_guard.circuit_policies is
-    'Circuit breaker policy per key pattern (LIKE syntax, e.g. appointment_booking:service:%); the longest matching pattern wins, the row % is the default (the seed''s values).';
-
 create trigger circuit_policies_replace_seeded_row
     before insert on booking_guard.circuit_policies
-    for each row execute function booking_guard.replace_seeded_row('key_pattern');
-
-insert into booking_guard.circuit_policies
-       (key_pattern, failure_threshold, cooldown, success_threshold, half_open_max_calls, call_timeout)
-values ('%', 3, '30 seconds', 2, 1, '10 seconds');
-
-create table booking_guard.circuit_breakers (
-    key              text primary key check (key ~ '\S' and length(key) <= 255 and key !~ '[[:cntrl:]]'),
-    state            text not null default 'closed' check (state in ('closed', 'open', 'half_open')),
-    failure_count    integer not null default 0 check (failure_count >= 0),
-    success_count    integer not null default 0 check (success_count >= 0),
-    last_failure_at  timestamptz,
-    opened_at        timestamptz,
-    closed_at        timestamptz,
-    forced_until     timestamptz,
-    updated_at       timestamptz not null default now(),
-    check (state = 'closed' or opened_at is not null),
-    check (forced_until is null or state = 'open')
-);
-
-comment on table booking_guard.circuit_breakers is
-    'Stored state of each circuit breaker key. Time-driven transitions are written lazily: read the effective state with circuit_state(key) or the circuit_status view.';
-
-create table booking_guard.circuit_transitions (
-    id          bigint primary key default nextval('booking_guard.circuit_seq'),
-    key         text not null,
-    from_state  text not null check (from_state in ('closed', 'open', 'half_open')),
-    to_state    text not null check (to_state in ('closed', 'open', 'half_open')),
-    at          timestamptz not null,
-    reason      text not null,
-    check (from_state <> to_state)
-);
-
-create index circuit_transitions_key_id_idx on booking_guard.circuit_transitions (key, id);
-create index circuit_transitions_at_idx on booking_guard.circuit_transitions (at);
-
-comment on table booking_guard.circuit_transitions is
-    'Every state change of every breaker (never a same-state row), for open counts, recovery times and the dashboard; reason starts with a code (failure_threshold, half_open_failure, call_timeout, cooldown_elapsed, forced_until_passed, success_threshold, reset, forced_open).';
-
--- Only half-open (trial) permits are stored: they are few, and their lease must be able to expire.
-create table booking_guard.circuit_permits (
-    permit      bigint primary key,
-    key         text not null,
-    granted_at  timestamptz not null,
-    expires_at  timestamptz not null
-);
-
-create index circuit_permits_key_expires_idx on booking_guard.circuit_permits (key, expires_at);
-
-comment on table booking_guard.circuit_permits is
-    'Outstanding half-open trial permits and their leases; every transition of a key deletes its permits, so a result of an older permit is late and ignored.';
-
--- Policies are configuration; breaker state and the transition history are kept by pg_dump too, and so
--- is circuit_seq: after a restore new permits must still be newer than the restored transitions.
-select pg_catalog.pg_extension_config_dump('booking_guard.circuit_policies', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.circuit_breakers', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.circuit_transitions', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.circuit_seq', '');
-select pg_catalog.pg_extension_config_dump('booking_guard.circuit_fast_fails', '');
+    for each row execute function booking_guard_internal.replace_seeded_row('key_pattern');
 
 -- The breaker's clock. clock_timestamp(), not now(): now() is the start of the caller's transaction,
 -- and a call that waited for the breaker row (or runs late in a longer transaction) would then judge
@@ -122,7 +11,7 @@ select pg_catalog.pg_extension_config_dump('booking_guard.circuit_fast_fails', '
 -- booking_guard.clock_at stops it at a given time (for tests that compare against a model at exact
 -- boundaries). Both are honoured for superusers only: a skewed session could otherwise store an
 -- opened_at in the future and keep a breaker open for every other session.
-create function booking_guard.circuit_now()
+create function booking_guard_internal.circuit_now()
 returns timestamptz
 language plpgsql
 volatile
@@ -156,10 +45,10 @@ begin
 end
 $$;
 
-comment on function booking_guard.circuit_now() is
+comment on function booking_guard_internal.circuit_now() is
     'The circuit breaker''s clock: clock_timestamp(); for superusers (tests) shifted by booking_guard.clock_offset or stopped at booking_guard.clock_at.';
 
-create function booking_guard.circuit_check_key(key text)
+create function booking_guard_internal.circuit_check_key(key text)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -174,10 +63,40 @@ begin
 end
 $$;
 
-comment on function booking_guard.circuit_check_key(text) is
+comment on function booking_guard_internal.circuit_check_key(text) is
     'Raises BG005 unless the key is 1 to 255 printable characters (the key ends the BG001 DETAIL line, so no control characters).';
 
-create function booking_guard.circuit_policy(key text)
+-- A breaker row for a key not seen before: every key is a row and a set of metric series, so
+-- there are at most circuit_max_keys of them (one role cannot grow them without bound).
+create function booking_guard_internal.circuit_add_key(key text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_max  bigint;
+begin
+    if exists (select from booking_guard.circuit_breakers c where c.key = circuit_add_key.key) then
+        return;
+    end if;
+    perform booking_guard_internal.circuit_check_key(circuit_add_key.key);
+    v_max := (select s.integer_value from booking_guard.settings s where s.name = 'circuit_max_keys');
+    if (select count(*) from (select from booking_guard.circuit_breakers limit v_max) b) >= v_max then
+        raise exception 'too many circuit breaker keys: % exist', v_max
+            using errcode = 'BG005',
+                  detail = format('circuit_max_keys is %s; the key %s would be one more.', v_max, quote_literal(circuit_add_key.key)),
+                  hint = 'Use a bounded set of keys (per service, per staff member, global), or raise the limit with '
+                         'set_setting(''circuit_max_keys'', ...).';
+    end if;
+    insert into booking_guard.circuit_breakers as c (key) values (circuit_add_key.key)
+        on conflict on constraint circuit_breakers_pkey do nothing;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_add_key(text) is
+    'Adds the breaker row of a new key: BG005 for an invalid key or past circuit_max_keys keys.';
+
+create function booking_guard_internal.circuit_policy(key text)
 returns booking_guard.circuit_policies
 language sql
 stable
@@ -195,12 +114,12 @@ as $$
      limit 1
 $$;
 
-comment on function booking_guard.circuit_policy(text) is
+comment on function booking_guard_internal.circuit_policy(text) is
     'The policy of a key: the matching key_pattern of circuit_policies with the most literal (non-wildcard) characters (the seed''s values if none matches).';
 
 -- Appends a transition: the row, the end of the key's permits (they belong to the previous state),
--- and NOTIFY booking_guard_circuit (delivered at COMMIT).
-create function booking_guard.circuit_transition(key text, from_state text, to_state text,
+-- and NOTIFY booking_guard_circuit with its id (delivered at COMMIT).
+create function booking_guard_internal.circuit_transition(key text, from_state text, to_state text,
                                                  happened_at timestamptz, reason text)
 returns bigint
 language plpgsql
@@ -214,22 +133,20 @@ begin
             circuit_transition.happened_at, circuit_transition.reason)
     returning t.id into v_id;
     delete from booking_guard.circuit_permits p where p.key = circuit_transition.key;
-    perform pg_notify('booking_guard_circuit',
-                      json_build_object('id', v_id, 'key', circuit_transition.key,
-                                        'from', circuit_transition.from_state, 'to', circuit_transition.to_state,
-                                        'at', circuit_transition.happened_at, 'reason', left(circuit_transition.reason, 1000))::text);
+    -- the transition's id only: any role may LISTEN on any channel, and the reason may quote an error
+    perform pg_notify('booking_guard_circuit', v_id::text);
     return v_id;
 end
 $$;
 
-comment on function booking_guard.circuit_transition(text, text, text, timestamptz, text) is
-    'Records one state change of a breaker (row, end of its permits, NOTIFY booking_guard_circuit); callers hold the breaker row lock.';
+comment on function booking_guard_internal.circuit_transition(text, text, text, timestamptz, text) is
+    'Records one state change of a breaker (row, end of its permits, NOTIFY booking_guard_circuit with its id); callers hold the breaker row lock.';
 
 -- The time-driven part of the state machine, replayed up to `clock`: open -> half_open when the cooldown
 -- (and any forced_until) has passed, half_open -> open when a trial lease ran out (at its expiry, as a
 -- failure). With apply the transitions are written (the caller holds the row lock and stores b); without
 -- it nothing is written and the outcome is only computed (circuit_state, circuit_status).
-create function booking_guard.circuit_advance(inout b booking_guard.circuit_breakers,
+create function booking_guard_internal.circuit_advance(inout b booking_guard.circuit_breakers,
                                               policy booking_guard.circuit_policies,
                                               clock timestamptz, apply boolean,
                                               out steps integer, out opens integer,
@@ -282,17 +199,17 @@ begin
         steps := steps + 1;
         v_fresh := true;
         if apply then
-            perform booking_guard.circuit_transition(b.key, last_from, last_to, last_at, last_reason);
+            perform booking_guard_internal.circuit_transition(b.key, last_from, last_to, last_at, last_reason);
         end if;
     end loop;
 end
 $$;
 
-comment on function booking_guard.circuit_advance(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean) is
+comment on function booking_guard_internal.circuit_advance(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean) is
     'Replays the time-driven transitions of a breaker up to a time (cooldown elapsed, trial lease expired); writes them only with apply.';
 
 -- Raises BG001 for a rejected call and counts it as a fast fail (never as a failure).
-create function booking_guard.circuit_reject(key text, state text, retry_after interval, facts text)
+create function booking_guard_internal.circuit_reject(key text, state text, retry_after interval, facts text)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -310,7 +227,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.circuit_reject(text, text, interval, text) is
+comment on function booking_guard_internal.circuit_reject(text, text, interval, text) is
     'Counts a fast fail (sequence circuit_fast_fails, which survives the rollback) and raises BG001 with state and retry-after in DETAIL.';
 
 create function booking_guard.circuit_acquire(key text)
@@ -334,20 +251,19 @@ begin
     -- a key that has a row is valid (CHECK): only a new key is checked, off the hot path
     select * into b from booking_guard.circuit_breakers c where c.key = k;
     if not found then
-        perform booking_guard.circuit_check_key(k);
-        insert into booking_guard.circuit_breakers as c (key) values (k) on conflict on constraint circuit_breakers_pkey do nothing;
+        perform booking_guard_internal.circuit_add_key(k);
         return nextval('booking_guard.circuit_seq');
     end if;
     if b.state = 'closed' then
         return nextval('booking_guard.circuit_seq');
     end if;
-    p := booking_guard.circuit_policy(k);
+    p := booking_guard_internal.circuit_policy(k);
     if b.state = 'open' then
         -- still cooling down: reject without taking the row lock
-        v_now := booking_guard.circuit_now();
+        v_now := booking_guard_internal.circuit_now();
         v_reopen := greatest(b.opened_at + p.cooldown, b.forced_until);
         if v_now < v_reopen then
-            perform booking_guard.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
+            perform booking_guard_internal.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
                                                  format('opened at: %s, failures: %s', b.opened_at, b.failure_count)
                                                  || case when b.forced_until is not null then format(', forced open until: %s', b.forced_until) else '' end);
         end if;
@@ -355,8 +271,8 @@ begin
 
     -- Half-open (or due to become so): permits are counted under the row lock, across all sessions.
     select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
-    v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(stored, p, v_now, true);
+    v_now := booking_guard_internal.circuit_now();
+    select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
     b := adv.b;
     if b.state = 'closed' then
         v_permit := nextval('booking_guard.circuit_seq');
@@ -364,14 +280,14 @@ begin
         -- (the rollback of this rejection also undoes any transition written above; the next call that
         -- succeeds writes it again, with the same time)
         v_reopen := greatest(b.opened_at + p.cooldown, b.forced_until);
-        perform booking_guard.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
+        perform booking_guard_internal.circuit_reject(k, 'open', case when isfinite(v_reopen) then v_reopen - v_now end,
                                              format('opened at: %s, failures: %s', b.opened_at, b.failure_count)
                                              || case when b.forced_until is not null then format(', forced open until: %s', b.forced_until) else '' end);
     else
         select count(*), min(c.expires_at) into v_taken, v_free_at
           from booking_guard.circuit_permits c where c.key = k;
         if v_taken >= p.half_open_max_calls then
-            perform booking_guard.circuit_reject(k, 'half_open', v_free_at - v_now,
+            perform booking_guard_internal.circuit_reject(k, 'half_open', v_free_at - v_now,
                                                  format('trial calls in progress: %s of %s', v_taken, p.half_open_max_calls));
         end if;
         v_permit := nextval('booking_guard.circuit_seq');
@@ -394,7 +310,7 @@ comment on function booking_guard.circuit_acquire(text) is
 
 -- The result of a call, under the breaker row lock (the functions below skip it when the result
 -- cannot change anything).
-create function booking_guard.circuit_record_result(key text, permit bigint, succeeded boolean, error text)
+create function booking_guard_internal.circuit_record_result(key text, permit bigint, succeeded boolean, error text)
 returns text
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -403,7 +319,7 @@ declare
     k          text := circuit_record_result.key;
     b          record;   -- the working copy (a record: pgspot's parser cannot follow fields of a named row type)
     stored     booking_guard.circuit_breakers;
-    p          booking_guard.circuit_policies := booking_guard.circuit_policy(circuit_record_result.key);
+    p          booking_guard.circuit_policies := booking_guard_internal.circuit_policy(circuit_record_result.key);
     adv        record;
     v_now      timestamptz;
     v_counts   boolean;
@@ -411,10 +327,10 @@ declare
     v_claimed  bigint;
     v_error    text := nullif(left(btrim(circuit_record_result.error), 200), '');
 begin
-    insert into booking_guard.circuit_breakers as c (key) values (k) on conflict on constraint circuit_breakers_pkey do nothing;
+    perform booking_guard_internal.circuit_add_key(k);
     select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
-    v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(stored, p, v_now, true);
+    v_now := booking_guard_internal.circuit_now();
+    select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
     b := adv.b;
     v_changed := adv.steps > 0;
 
@@ -443,7 +359,7 @@ begin
             v_changed := true;
             b.success_count := b.success_count + 1;
             if b.success_count >= p.success_threshold then
-                perform booking_guard.circuit_transition(k, 'half_open', 'closed', v_now,
+                perform booking_guard_internal.circuit_transition(k, 'half_open', 'closed', v_now,
                                                          format('success_threshold: %s consecutive successes', b.success_count));
                 b.state := 'closed';
                 b.failure_count := 0;
@@ -456,13 +372,13 @@ begin
         b.failure_count := b.failure_count + 1;
         b.last_failure_at := v_now;
         if b.state = 'half_open' then
-            perform booking_guard.circuit_transition(k, 'half_open', 'open', v_now,
+            perform booking_guard_internal.circuit_transition(k, 'half_open', 'open', v_now,
                                                      'half_open_failure' || coalesce(': ' || v_error, ''));
             b.state := 'open';
             b.opened_at := v_now;
             b.success_count := 0;
         elsif b.failure_count >= p.failure_threshold then
-            perform booking_guard.circuit_transition(k, 'closed', 'open', v_now,
+            perform booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
                                                      format('failure_threshold: %s consecutive failures', b.failure_count)
                                                      || coalesce(': ' || v_error, ''));
             b.state := 'open';
@@ -482,7 +398,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.circuit_record_result(text, bigint, boolean, text) is
+comment on function booking_guard_internal.circuit_record_result(text, bigint, boolean, text) is
     'Applies the result of a call to a breaker under its row lock; a result of a permit from an earlier state (late) counts for nothing.';
 
 create function booking_guard.circuit_record_success(key text, permit bigint default null)
@@ -497,19 +413,19 @@ declare
 begin
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_success.key;
     if not found then
-        perform booking_guard.circuit_check_key(circuit_record_success.key);   -- a key with a row is valid (CHECK)
+        perform booking_guard_internal.circuit_check_key(circuit_record_success.key);   -- a key with a row is valid (CHECK)
         return 'closed';
     end if;
     if b.state = 'closed' and b.failure_count = 0 then
         return 'closed';   -- nothing to reset: no write, no lock
     end if;
     if b.state = 'open' then
-        p := booking_guard.circuit_policy(circuit_record_success.key);
-        if booking_guard.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
+        p := booking_guard_internal.circuit_policy(circuit_record_success.key);
+        if booking_guard_internal.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
             return 'open';   -- a late success does not close the breaker
         end if;
     end if;
-    return booking_guard.circuit_record_result(circuit_record_success.key, circuit_record_success.permit, true, null);
+    return booking_guard_internal.circuit_record_result(circuit_record_success.key, circuit_record_success.permit, true, null);
 end
 $$;
 
@@ -526,16 +442,22 @@ declare
     b  booking_guard.circuit_breakers;
     p  booking_guard.circuit_policies;
 begin
+    if length(circuit_record_failure.error) > 2000 then
+        raise exception 'circuit_record_failure(): the error text is % characters', length(circuit_record_failure.error)
+            using errcode = 'BG005',
+                  detail = 'The error is kept (its first 200 characters) for the transition history: at most 2000 characters.',
+                  hint = 'Pass the error''s message, not a whole response body.';
+    end if;
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_record_failure.key;
     if not found then
-        perform booking_guard.circuit_check_key(circuit_record_failure.key);   -- a key with a row is valid (CHECK)
+        perform booking_guard_internal.circuit_check_key(circuit_record_failure.key);   -- a key with a row is valid (CHECK)
     elsif b.state = 'open' then
-        p := booking_guard.circuit_policy(circuit_record_failure.key);
-        if booking_guard.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
+        p := booking_guard_internal.circuit_policy(circuit_record_failure.key);
+        if booking_guard_internal.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
             return 'open';   -- a late failure neither moves opened_at nor adds a transition
         end if;
     end if;
-    return booking_guard.circuit_record_result(circuit_record_failure.key, circuit_record_failure.permit, false,
+    return booking_guard_internal.circuit_record_result(circuit_record_failure.key, circuit_record_failure.permit, false,
                                                circuit_record_failure.error);
 end
 $$;
@@ -555,14 +477,14 @@ declare
 begin
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_state.key;
     if not found then
-        perform booking_guard.circuit_check_key(circuit_state.key);   -- a key with a row is valid (CHECK)
+        perform booking_guard_internal.circuit_check_key(circuit_state.key);   -- a key with a row is valid (CHECK)
         return 'closed';
     end if;
     if b.state = 'closed' then
         return 'closed';
     end if;
-    select * into adv from booking_guard.circuit_advance(b, booking_guard.circuit_policy(circuit_state.key),
-                                                        booking_guard.circuit_now(), false);
+    select * into adv from booking_guard_internal.circuit_advance(b, booking_guard_internal.circuit_policy(circuit_state.key),
+                                                        booking_guard_internal.circuit_now(), false);
     return (adv.b).state;
 end
 $$;
@@ -582,7 +504,7 @@ declare
     adv     record;
     v_now   timestamptz;
 begin
-    perform booking_guard.circuit_check_key(circuit_reset.key);
+    perform booking_guard_internal.circuit_check_key(circuit_reset.key);
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_reset.key for update;
     if not found then
         raise exception 'unknown circuit breaker "%"', circuit_reset.key
@@ -590,11 +512,11 @@ begin
                   detail = format('No breaker has key %s.', quote_literal(circuit_reset.key)),
                   hint = 'select key, state from booking_guard.circuit_status;';
     end if;
-    v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(stored, booking_guard.circuit_policy(circuit_reset.key), v_now, true);
+    v_now := booking_guard_internal.circuit_now();
+    select * into adv from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_policy(circuit_reset.key), v_now, true);
     b := adv.b;
     if b.state <> 'closed' then
-        perform booking_guard.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
+        perform booking_guard_internal.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
         b.closed_at := v_now;
     end if;
     update booking_guard.circuit_breakers c
@@ -622,8 +544,8 @@ declare
     v_now    timestamptz;
     v_until  timestamptz := coalesce(circuit_force_open.until, 'infinity');
 begin
-    perform booking_guard.circuit_check_key(circuit_force_open.key);
-    v_now := booking_guard.circuit_now();
+    perform booking_guard_internal.circuit_check_key(circuit_force_open.key);
+    v_now := booking_guard_internal.circuit_now();
     if v_until <= v_now then
         raise exception 'cannot force circuit breaker "%" open until %: that is not in the future',
                         circuit_force_open.key, v_until
@@ -631,13 +553,13 @@ begin
                   detail = format('until: %s, now: %s', v_until, v_now),
                   hint = 'Give a time in the future, or omit it to keep the breaker open until circuit_reset().';
     end if;
-    insert into booking_guard.circuit_breakers as c (key) values (circuit_force_open.key) on conflict on constraint circuit_breakers_pkey do nothing;
+    perform booking_guard_internal.circuit_add_key(circuit_force_open.key);
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_force_open.key for update;
-    v_now := booking_guard.circuit_now();
-    select * into adv from booking_guard.circuit_advance(stored, booking_guard.circuit_policy(circuit_force_open.key), v_now, true);
+    v_now := booking_guard_internal.circuit_now();
+    select * into adv from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_policy(circuit_force_open.key), v_now, true);
     b := adv.b;
     if b.state <> 'open' then
-        perform booking_guard.circuit_transition(b.key, b.state, 'open', v_now,
+        perform booking_guard_internal.circuit_transition(b.key, b.state, 'open', v_now,
                                                  format('forced_open by %s until %s', session_user, v_until));
         b.opened_at := v_now;
     end if;
@@ -655,7 +577,7 @@ comment on function booking_guard.circuit_force_open(text, timestamptz) is
 
 -- One row of circuit_status: the effective state and what the dashboard and the metrics need, computed
 -- without writing (the monitor role is read-only).
-create function booking_guard.circuit_snapshot(b booking_guard.circuit_breakers,
+create function booking_guard_internal.circuit_snapshot(b booking_guard.circuit_breakers,
                                                out state text, out failure_count integer, out success_count integer,
                                                out trial_permits integer, out last_failure_at timestamptz,
                                                out opened_at timestamptz, out closed_at timestamptz,
@@ -664,17 +586,16 @@ create function booking_guard.circuit_snapshot(b booking_guard.circuit_breakers,
                                                out last_transition_at timestamptz, out last_transition text,
                                                out last_transition_reason text)
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    p      booking_guard.circuit_policies := booking_guard.circuit_policy(b.key);
-    v_now  timestamptz := booking_guard.circuit_now();
+    p      booking_guard.circuit_policies := booking_guard_internal.circuit_policy(b.key);
+    v_now  timestamptz := booking_guard_internal.circuit_now();
     adv    record;
     e      booking_guard.circuit_breakers;
     v_free_at  timestamptz;
 begin
-    select * into adv from booking_guard.circuit_advance(b, p, v_now, false);
+    select * into adv from booking_guard_internal.circuit_advance(b, p, v_now, false);
     e := adv.b;
     state := e.state;
     failure_count := e.failure_count;
@@ -709,7 +630,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.circuit_snapshot(booking_guard.circuit_breakers) is
+comment on function booking_guard_internal.circuit_snapshot(booking_guard.circuit_breakers) is
     'The effective state of one breaker with its counters, retry-after and last transition, computed without writing (one row of circuit_status).';
 
 create view booking_guard.circuit_status as
@@ -717,7 +638,7 @@ select b.key, s.state, s.failure_count, s.success_count, s.trial_permits, s.last
        s.forced_until, s.retry_after, s.opened_total, s.state_changes_total, s.last_transition_at, s.last_transition,
        s.last_transition_reason, b.updated_at
   from booking_guard.circuit_breakers b
- cross join lateral booking_guard.circuit_snapshot(b) s;
+ cross join lateral booking_guard_internal.circuit_snapshot(b) s;
 
 comment on view booking_guard.circuit_status is
     'Every breaker with its effective state (an open breaker past its cooldown reads half_open), counters, trial permits in progress, retry-after (null when a call would be admitted), open count and last transition.';
@@ -744,7 +665,6 @@ create function booking_guard.circuit_fast_fail_total()
 returns bigint
 language sql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select case when s.is_called then s.last_value else 0 end from booking_guard.circuit_fast_fails s
@@ -752,17 +672,3 @@ $$;
 
 comment on function booking_guard.circuit_fast_fail_total() is
     'Calls rejected by circuit_acquire since the extension was created (circuit_breaker_fast_fail_total); may jump by up to 32 after a server crash (sequences log ahead).';
-
-grant execute on function booking_guard.circuit_acquire(text), booking_guard.circuit_record_success(text, bigint),
-                          booking_guard.circuit_record_failure(text, text, bigint), booking_guard.circuit_state(text)
-   to booking_guard_app;
-grant select on booking_guard.circuit_status, booking_guard.circuit_recoveries, booking_guard.circuit_policies,
-                booking_guard.circuit_breakers, booking_guard.circuit_transitions
-   to booking_guard_monitor;
-grant execute on function booking_guard.circuit_state(text), booking_guard.circuit_policy(text),
-                          booking_guard.circuit_snapshot(booking_guard.circuit_breakers),
-                          booking_guard.circuit_fast_fail_total()
-   to booking_guard_monitor;
-grant execute on function booking_guard.circuit_reset(text), booking_guard.circuit_force_open(text, timestamptz)
-   to booking_guard_admin;
-grant insert, update, delete on booking_guard.circuit_policies to booking_guard_admin;

@@ -1,20 +1,16 @@
--- Detection: what is wrong right now, rule by rule (the seed's DataConsistencyMonitor).
+-- Detection: what is wrong right now, rule by rule.
 --
--- detect(since) returns one finding per (rule, entity) whose condition holds now, for every
--- rule that is not off. It reads the application only through the indexes attach() creates:
--- the candidates are the calls and appointments created within the window (calls(created_at),
--- appointments(created_at)), the calls those appointments point at, and the calls whose due
--- verification has passed; each candidate is then checked by primary key and
--- appointments(call_id) / appointments(calcom_v2_booking_id). Its cost grows with the number
--- of rows in the window, never with the size of the tables.
+-- detect(since) returns one finding per (rule, entity) whose condition holds now, for every rule
+-- that is not off, among the candidates of the window (candidate_calls() and friends below): the
+-- calls and appointments created within it, the calls those appointments point at, and the calls
+-- whose due verification has passed. Each candidate is checked by primary key and
+-- appointments(call_id) / appointments(calcom_v2_booking_id). Its cost grows with the rows of the
+-- window, never with the size of the tables. It runs with the caller's rights (booking_guard_monitor
+-- reads the guarded columns: attach() grants them).
 --
 -- run_monitor() turns findings into alerts (one open alert per rule and entity, repeats bump
--- occurrences), repairs what a rule in `correct` (or `enforce`) mode can repair (auto_corrected), and
--- resolves the open alerts of detection rules whose condition no longer holds.
-
-insert into booking_guard.rules (name, severity, mode, description) values
-    ('recent_failures', 'warning', 'observe',
-     'validation failures in the window: calls whose validate_appointment_creation() failed (events of kind validation with success false)');
+-- occurrences), repairs what a rule in `correct` (or `enforce`) mode can repair (auto_corrected),
+-- and resolves the open alerts of detection rules whose condition no longer holds.
 
 create type booking_guard.finding as (
     rule         text,
@@ -27,67 +23,11 @@ create type booking_guard.finding as (
 comment on type booking_guard.finding is
     'One inconsistency: the rule it breaks, its severity, the entity (call, appointment, booking) and the facts (details.since: since when).';
 
--- The rules detection knows, with the entity each one is about and the label of the daily report.
-create table booking_guard.detection_rules (
-    rule         text primary key,
-    entity_type  text not null check (entity_type in ('call', 'appointment', 'booking')),
-    view_name    name not null unique,
-    label        text not null,
-    repair       text not null,
-    action       text not null
-);
-
-comment on table booking_guard.detection_rules is
-    'The rules detect() checks: the entity each finding is about, its view, its report label and what correct mode repairs.';
-
-insert into booking_guard.detection_rules (rule, entity_type, view_name, label, repair, action) values
-    ('phantom_booking', 'call', 'phantom_booking_findings',
-     'Phantom Bookings (session_outcome mismatch)',
-     'flags set from the appointment rows; with no appointment past the grace, rolled back to creation_failed and queued for review',
-     'Find where the application sets session_outcome without appointment_made'),
-    ('missing_appointment', 'call', 'missing_appointment_findings',
-     'Missing Appointments (appointment_made=1 but no appt)',
-     'rolled back to creation_failed and queued for review',
-     'Check the booking path (calendar booked, local record missing); rebook from the review queue'),
-    ('missing_direction', 'call', 'missing_direction_findings',
-     'Missing Direction',
-     'direction set to the default_direction setting',
-     'Make the application send direction; booking_guard fills in the default meanwhile'),
-    ('orphaned_appointment', 'appointment', 'orphaned_appointment_findings',
-     'Orphaned Appointments',
-     'linked to the call whose booking_id matches, when exactly one does; several: queued for review',
-     'Check the calendar webhook: appointments arrive without their call'),
-    ('outcome_flag_mismatch', 'call', 'outcome_flag_mismatch_findings',
-     'Outcome/Flag Mismatches (appointment_made=1, other outcome)',
-     'flags set from the appointment rows; with none, rolled back to creation_failed',
-     'Find where the application sets appointment_made without the outcome'),
-    ('unlinked_appointment', 'call', 'unlinked_appointment_findings',
-     'Unlinked Appointments (appointment exists, appointment_made=0)',
-     'flags set from the appointment rows',
-     'Find where the application links appointments without setting the call''s flags'),
-    ('booking_id_mismatch', 'call', 'booking_id_mismatch_findings',
-     'Booking ID Mismatches',
-     'none (alert only)',
-     'Compare the call''s booking_id with the calendar booking'),
-    ('duplicate_booking', 'booking', 'duplicate_booking_findings',
-     'Duplicate Bookings (one booking id, several appointments)',
-     'none (alert only)',
-     'A retry booked twice: cancel the duplicate in the calendar'),
-    ('customer_link', 'call', 'customer_link_findings',
-     'Customer Link Status',
-     'customer_link_status set to linked',
-     'Make the application set customer_link_status with customer_id'),
-    ('recent_failures', 'call', 'recent_failures_findings',
-     'Validation Failures',
-     'none (alert only)',
-     'Look at the validation reasons of the failing calls');
-
 -- A call may claim a booking without its appointment while its verification grace runs.
-create function booking_guard.within_grace(call_id bigint, since timestamptz)
+create function booking_guard_internal.within_grace(call_id bigint, since timestamptz)
 returns boolean
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -97,15 +37,14 @@ begin
 end
 $$;
 
-comment on function booking_guard.within_grace(bigint, timestamptz) is
+comment on function booking_guard_internal.within_grace(bigint, timestamptz) is
     'True while a call (last changed at since) is still within its verification grace, or waits on the due list.';
 
 -- The call rules, checked for the given calls (by primary key).
-create function booking_guard.call_findings(call_ids bigint[], only_rule text default null)
+create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -142,7 +81,7 @@ begin
           c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
          ('missing_appointment',
           (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
-          and not booking_guard.within_grace(c.id, c.since)),
+          and not booking_guard_internal.within_grace(c.id, c.since)),
          ('missing_direction',
           c.direction is null),
          ('outcome_flag_mismatch',
@@ -160,15 +99,14 @@ begin
 end
 $$;
 
-comment on function booking_guard.call_findings(bigint[], text) is
+comment on function booking_guard_internal.call_findings(bigint[], text) is
     'The call rules (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) for the given calls; rules that are off are skipped.';
 
 -- orphaned_appointment for the given appointments.
-create function booking_guard.appointment_findings(appointment_ids bigint[])
+create function booking_guard_internal.appointment_findings(appointment_ids bigint[])
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -191,15 +129,14 @@ begin
 end
 $$;
 
-comment on function booking_guard.appointment_findings(bigint[]) is
+comment on function booking_guard_internal.appointment_findings(bigint[]) is
     'The rule orphaned_appointment (source retell_webhook, call_id null or pointing at no call) for the given appointments.';
 
 -- duplicate_booking for the given calendar booking ids.
-create function booking_guard.booking_findings(booking_ids text[])
+create function booking_guard_internal.booking_findings(booking_ids text[])
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -220,15 +157,14 @@ begin
 end
 $$;
 
-comment on function booking_guard.booking_findings(text[]) is
+comment on function booking_guard_internal.booking_findings(text[]) is
     'The rule duplicate_booking (several appointments share one calcom_v2_booking_id) for the given booking ids.';
 
 -- recent_failures: validation failures logged since the cutoff, one finding per call.
-create function booking_guard.failure_findings(cutoff timestamptz, call_ids text[] default null)
+create function booking_guard_internal.failure_findings(cutoff timestamptz, call_ids text[] default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -249,85 +185,121 @@ begin
 end
 $$;
 
-comment on function booking_guard.failure_findings(timestamptz, text[]) is
+comment on function booking_guard_internal.failure_findings(timestamptz, text[]) is
     'The rule recent_failures: validation events with success false since the cutoff, one finding per call.';
 
 -- The window check shared by detect() and detect_rule().
-create function booking_guard.check_window(since interval)
+create function booking_guard_internal.check_window(since interval)
 returns timestamptz
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if since is null or since < interval '0' then
+    if since is null or since < interval '0' or since > interval '10 years' then
         raise exception 'invalid detection window: %', coalesce(since::text, 'null')
             using errcode = 'BG005',
-                  detail = 'The window is how far back detection looks: a positive interval.',
+                  detail = 'The window is how far back detection looks: a positive interval of at most 10 years.',
                   hint = 'select * from booking_guard.detect(''1 hour'');';
     end if;
     return now() - since;
 end
 $$;
 
-comment on function booking_guard.check_window(interval) is
-    'The cutoff now() - since of a detection window; BG005 for a null or negative window.';
+comment on function booking_guard_internal.check_window(interval) is
+    'The cutoff now() - since of a detection window; BG005 for a null, negative or longer than 10 years window.';
 
-create function booking_guard.findings(since interval, only_rule text)
+-- The candidates of a window: what detection reads the rules on. Only the indexes attach()
+-- creates are used: calls(created_at), appointments(created_at) and the due list; every candidate is
+-- then checked by primary key, so the cost follows the rows of the window, never the tables.
+create function booking_guard_internal.candidate_calls(cutoff timestamptz)
+returns bigint[]
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(array_agg(c.id order by c.id), '{}')
+      from (select g.id::bigint as id from booking_guard.guarded_calls g where g.created_at >= cutoff
+            union
+            select a.call_id::bigint from booking_guard.guarded_appointments a
+             where a.created_at >= cutoff and a.call_id is not null
+            union
+            select d.call_id from booking_guard.due_verifications d where d.due_at <= clock_timestamp()) c
+$$;
+
+comment on function booking_guard_internal.candidate_calls(timestamptz) is
+    'The calls detection checks for a window: created since the cutoff, those whose appointments were, and those whose due verification has passed.';
+
+create function booking_guard_internal.candidate_appointments(cutoff timestamptz)
+returns bigint[]
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(array_agg(a.id::bigint order by a.id), '{}')
+      from booking_guard.guarded_appointments a where a.created_at >= cutoff
+$$;
+
+comment on function booking_guard_internal.candidate_appointments(timestamptz) is
+    'The appointments detection checks for a window: created since the cutoff.';
+
+create function booking_guard_internal.candidate_bookings(cutoff timestamptz)
+returns text[]
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(array_agg(distinct a.calcom_v2_booking_id::text), '{}')
+      from booking_guard.guarded_appointments a
+     where a.created_at >= cutoff and a.calcom_v2_booking_id is not null
+$$;
+
+comment on function booking_guard_internal.candidate_bookings(timestamptz) is
+    'The calendar booking ids detection checks for a window: those of the appointments created since the cutoff.';
+
+create function booking_guard_internal.findings(since interval, only_rule text)
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     cutoff  timestamptz;
     kind    text;
 begin
-    perform booking_guard.attached();
-    cutoff := booking_guard.check_window(since);
+    perform booking_guard_internal.attached();
+    cutoff := booking_guard_internal.check_window(since);
     kind := (select d.entity_type from booking_guard.detection_rules d where d.rule = only_rule);
 
     if only_rule is null or (kind = 'call' and only_rule <> 'recent_failures') then
         return query
-        select * from booking_guard.call_findings(array(
-                   select g.id from booking_guard.guarded_calls g where g.created_at >= cutoff
-                   union
-                   select a.call_id from booking_guard.guarded_appointments a
-                    where a.created_at >= cutoff and a.call_id is not null
-                   union
-                   select d.call_id from booking_guard.due_verifications d where d.due_at <= clock_timestamp()),
-               only_rule);
+        select * from booking_guard_internal.call_findings(booking_guard_internal.candidate_calls(cutoff), only_rule);
     end if;
     if only_rule is null or only_rule = 'orphaned_appointment' then
         return query
-        select * from booking_guard.appointment_findings(array(
-                   select a.id from booking_guard.guarded_appointments a where a.created_at >= cutoff));
+        select * from booking_guard_internal.appointment_findings(booking_guard_internal.candidate_appointments(cutoff));
     end if;
     if only_rule is null or only_rule = 'duplicate_booking' then
         return query
-        select * from booking_guard.booking_findings(array(
-                   select distinct a.calcom_v2_booking_id::text from booking_guard.guarded_appointments a
-                    where a.created_at >= cutoff and a.calcom_v2_booking_id is not null));
+        select * from booking_guard_internal.booking_findings(booking_guard_internal.candidate_bookings(cutoff));
     end if;
     if only_rule is null or only_rule = 'recent_failures' then
-        return query select * from booking_guard.failure_findings(cutoff);
+        return query select * from booking_guard_internal.failure_findings(cutoff);
     end if;
 end
 $$;
 
-comment on function booking_guard.findings(interval, text) is
+comment on function booking_guard_internal.findings(interval, text) is
     'The findings of one rule (or all, only_rule null) over the rows created in the window; used by detect() and detect_rule().';
 
 create function booking_guard.detect(since interval default '1 hour')
 returns setof booking_guard.finding
 language sql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select f.*
-      from booking_guard.findings(since, null) f
+      from booking_guard_internal.findings(since, null) f
      order by case f.severity when 'critical' then 1 when 'warning' then 2 else 3 end, f.rule,
               f.entity_type, length(f.entity_id), f.entity_id
 $$;
@@ -339,7 +311,6 @@ create function booking_guard.detect_rule(rule_name text, since interval default
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -351,7 +322,7 @@ begin
                   hint = 'select rule, view_name from booking_guard.detection_rules;';
     end if;
     return query
-    select f.* from booking_guard.findings(since, rule_name) f
+    select f.* from booking_guard_internal.findings(since, rule_name) f
      order by f.entity_type, length(f.entity_id), f.entity_id;
 end
 $$;
@@ -387,12 +358,11 @@ create function booking_guard.check_call(call_id bigint)
 returns setof booking_guard.finding
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 begin
-    perform booking_guard.attached();
+    perform booking_guard_internal.attached();
     if check_call.call_id is null then
         raise exception 'check_call() needs a call id'
             using errcode = 'BG005',
@@ -405,12 +375,12 @@ begin
                   detail = format('The attached calls table has no row with id %s.', check_call.call_id),
                   hint = 'Pass the id of an existing call.';
     end if;
-    return query select * from booking_guard.call_findings(array[check_call.call_id]);
+    return query select * from booking_guard_internal.call_findings(array[check_call.call_id]);
     return query
-    select * from booking_guard.booking_findings(array(
+    select * from booking_guard_internal.booking_findings(array(
                select a.calcom_v2_booking_id::text from booking_guard.guarded_appointments a
                 where a.call_id = check_call.call_id and a.calcom_v2_booking_id is not null));
-    return query select * from booking_guard.failure_findings(now() - interval '1 hour', array[check_call.call_id::text]);
+    return query select * from booking_guard_internal.failure_findings(now() - interval '1 hour', array[check_call.call_id::text]);
 end
 $$;
 
@@ -418,11 +388,10 @@ comment on function booking_guard.check_call(bigint) is
     'Every rule for one call, whatever its age (the seed''s checkCall): its flags, its appointments'' booking ids and its validation failures of the last hour. BG004 for an unknown call.';
 
 -- Does the condition of an alert still hold? (run_monitor resolves the alerts for which it does not.)
-create function booking_guard.finding_holds(rule text, entity_type text, entity_id text, since interval)
+create function booking_guard_internal.finding_holds(rule text, entity_type text, entity_id text, since interval)
 returns boolean
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
@@ -437,26 +406,25 @@ begin
         end;
     end if;
     if finding_holds.rule = 'recent_failures' then
-        return exists (select from booking_guard.failure_findings(now() - since, array[finding_holds.entity_id]));
+        return exists (select from booking_guard_internal.failure_findings(now() - since, array[finding_holds.entity_id]));
     elsif finding_holds.entity_type = 'call' then
-        return exists (select from booking_guard.call_findings(array[id], finding_holds.rule));
+        return exists (select from booking_guard_internal.call_findings(array[id], finding_holds.rule));
     elsif finding_holds.entity_type = 'appointment' then
-        return exists (select from booking_guard.appointment_findings(array[id]));
+        return exists (select from booking_guard_internal.appointment_findings(array[id]));
     elsif finding_holds.entity_type = 'booking' then
-        return exists (select from booking_guard.booking_findings(array[finding_holds.entity_id]));
+        return exists (select from booking_guard_internal.booking_findings(array[finding_holds.entity_id]));
     end if;
     return false;
 end
 $$;
 
-comment on function booking_guard.finding_holds(text, text, text, interval) is
+comment on function booking_guard_internal.finding_holds(text, text, text, interval) is
     'Whether one rule still finds its inconsistency on one entity (by key, whatever its age); false for a rule that is off.';
 
 -- What a rule in correct mode repairs, for one finding. Returns the repair done, or null.
-create function booking_guard.repair_finding(f booking_guard.finding)
+create function booking_guard_internal.repair_finding(f booking_guard.finding)
 returns text
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -493,15 +461,15 @@ begin
                 if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                     return null;
                 end if;
-                return case when booking_guard.sync_call_flags(v_id) then 'flags set from the appointments' end;
+                return case when booking_guard_internal.sync_call_flags(v_id) then 'flags set from the appointments' end;
             end if;
             -- no appointment behind the claim: the missing_appointment verdict (rollback and review)
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce')
                or booking_guard.rule_mode('missing_appointment', company) not in ('correct', 'enforce')
-               or booking_guard.within_grace(v_id, (f.details ->> 'since')::timestamptz) then
+               or booking_guard_internal.within_grace(v_id, (f.details ->> 'since')::timestamptz) then
                 return null;
             end if;
-            verdict := booking_guard.judge_call(v_id, true);
+            verdict := booking_guard_internal.judge_call(v_id, true);
             return case when verdict = 'rolled_back' then 'rolled back to creation_failed and queued for review' end;
         when 'orphaned_appointment' then
             select array_agg(c.id order by c.id) into matches
@@ -517,7 +485,7 @@ begin
                  where a.id = v_id;
                 return format('linked to call %s', matches[1]);
             elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) in ('correct', 'enforce') then
-                perform booking_guard.queue_ambiguous_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
+                perform booking_guard_internal.queue_ambiguous_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
             end if;
             return null;
         else
@@ -526,13 +494,13 @@ begin
 end
 $$;
 
-comment on function booking_guard.repair_finding(booking_guard.finding) is
+comment on function booking_guard_internal.repair_finding(booking_guard.finding) is
     'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct or enforce; returns what was done, or null.';
 
 -- An orphan whose booking id matches several calls is never guessed: a person decides. The
 -- review queue is keyed by call, and an orphan has none: the items of ambiguous orphans share
 -- the reason ambiguous_orphan with no call, one key per appointment in the context.
-create function booking_guard.queue_ambiguous_orphan(appointment_id bigint, booking_id text, candidate_calls bigint[])
+create function booking_guard_internal.queue_ambiguous_orphan(appointment_id bigint, booking_id text, candidate_calls bigint[])
 returns boolean
 language plpgsql
 security definer
@@ -546,19 +514,19 @@ begin
                   and q.context ? key) then
         return false;
     end if;
-    perform booking_guard.queue_for_review(null, 'ambiguous_orphan',
+    perform booking_guard_internal.queue_review(null, 'ambiguous_orphan',
         jsonb_build_object(key, jsonb_build_object('appointment_id', appointment_id, 'calcom_v2_booking_id', booking_id,
                                                    'candidate_call_ids', to_jsonb(candidate_calls))));
-    perform booking_guard.log_event('review', 'orphaned_appointment', 'appointment', appointment_id::text,
+    perform booking_guard_internal.log_event('review', 'orphaned_appointment', 'appointment', appointment_id::text,
         jsonb_build_object('reason', 'ambiguous_orphan', 'candidate_call_ids', to_jsonb(candidate_calls)));
     return true;
 end
 $$;
 
-comment on function booking_guard.queue_ambiguous_orphan(bigint, text, bigint[]) is
+comment on function booking_guard_internal.queue_ambiguous_orphan(bigint, text, bigint[]) is
     'Queues an orphaned appointment whose booking id matches several calls for review (reason ambiguous_orphan, the appointment in the context); false if it is queued already.';
 
-create function booking_guard.finding_description(f booking_guard.finding)
+create function booking_guard_internal.finding_description(f booking_guard.finding)
 returns text
 language sql
 immutable
@@ -582,112 +550,219 @@ as $$
               end
 $$;
 
-comment on function booking_guard.finding_description(booking_guard.finding) is
+comment on function booking_guard_internal.finding_description(booking_guard.finding) is
     'A one-line description of a finding, for its alert.';
 
-create function booking_guard.run_monitor(since interval default '1 hour')
+-- run_monitor: detection turned into alerts, with repairs where a rule is in correct mode.
+--
+-- As a job it runs in steps: plan (the candidates of the window), then calls, appointments,
+-- bookings and validation failures batch by batch, then the open alerts whose condition may no
+-- longer hold, then the job health check. The scheduled job looks only at rows created since its
+-- last run (its watermark, less monitor_overlap for transactions that committed late), so its cost
+-- follows the new rows, not the window; an alert it did not see again is re-checked at most every
+-- monitor_recheck_interval. The function run_monitor(since) looks at the whole window and re-checks
+-- every open alert.
+
+-- The findings of one batch, alerted (deduplicated) and repaired where the rule corrects; returns
+-- the counts with this batch's added.
+create function booking_guard_internal.monitor_findings(fs booking_guard.finding[], counts jsonb, since interval)
 returns jsonb
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    f           booking_guard.finding;
-    a           record;
-    seen        text[] := '{}';
-    v_fingerprint text;
-    fresh       boolean;
-    repaired    text;
-    alert_id    bigint;
-    n_findings  integer := 0;
-    n_new       integer := 0;
-    n_repaired  integer := 0;
-    n_resolved  integer := 0;
-    by_rule     jsonb := '{}';
-    started     timestamptz := clock_timestamp();
+    f              booking_guard.finding;
+    v_fingerprint  text;
+    fresh          boolean;
+    repaired       text;
+    alert_id       bigint;
 begin
-    perform booking_guard.attached();
-    perform booking_guard.check_window(since);
-    -- one monitor at a time: a second concurrent run would only repeat the first
-    if not pg_try_advisory_xact_lock(hashtext('booking_guard.run_monitor')) then
-        return jsonb_build_object('skipped', 'another run_monitor() is running');
-    end if;
-
-    for f in select * from booking_guard.detect(since) loop
-        n_findings := n_findings + 1;
-        by_rule := jsonb_set(by_rule, array[f.rule], to_jsonb(coalesce((by_rule ->> f.rule)::integer, 0) + 1));
+    foreach f in array coalesce(fs, '{}') loop
+        counts := jsonb_set(counts, '{findings}', to_jsonb((counts ->> 'findings')::bigint + 1));
+        counts := jsonb_set(counts, array['by_rule', f.rule], to_jsonb(coalesce((counts -> 'by_rule' ->> f.rule)::bigint, 0) + 1));
         v_fingerprint := concat_ws(':', f.rule, f.entity_type, f.entity_id);
-        seen := seen || v_fingerprint;
-        fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint
-                                                                 and x.resolved_at is null);
-        repaired := booking_guard.repair_finding(f);
+        fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint and x.resolved_at is null);
+        repaired := booking_guard_internal.repair_finding(f);
         if repaired is null and booking_guard.rule_mode(f.rule, f.details ->> 'company_id') in ('correct', 'enforce')
-           and not booking_guard.finding_holds(f.rule, f.entity_type, f.entity_id, since) then
-            -- repaired with another finding of the same entity in this run (a phantom's flags
-            -- set from its appointment also end its unlinked_appointment)
+           and not booking_guard_internal.finding_holds(f.rule, f.entity_type, f.entity_id, since) then
+            -- repaired with another finding of the same entity in this run (a phantom's flags set
+            -- from its appointment also end its unlinked_appointment)
             repaired := 'repaired with another finding of this entity';
         end if;
         if repaired is not null then
-            n_repaired := n_repaired + 1;
+            counts := jsonb_set(counts, '{repaired}', to_jsonb((counts ->> 'repaired')::bigint + 1));
         end if;
         if repaired like 'rolled back%' then
             -- rollback_on_failure() has raised the missing_appointment alert of this call
-            seen := seen || concat_ws(':', 'missing_appointment', 'call', f.entity_id);
             alert_id := (select x.id from booking_guard.alerts x
                           where x.fingerprint = concat_ws(':', 'missing_appointment', 'call', f.entity_id)
                             and x.resolved_at is null);
         else
-            alert_id := booking_guard.raise_alert(f.rule, f.severity, f.entity_type, f.entity_id,
-                booking_guard.finding_description(f) || coalesce(': ' || repaired, ''),
+            alert_id := booking_guard_internal.raise_alert(f.rule, f.severity, f.entity_type, f.entity_id,
+                booking_guard_internal.finding_description(f) || coalesce(': ' || repaired, ''),
                 f.details || jsonb_strip_nulls(jsonb_build_object('repair', repaired)),
                 repaired is not null);
         end if;
         if fresh then
-            n_new := n_new + 1;
-            perform booking_guard.log_event('detection', f.rule, f.entity_type, f.entity_id,
+            counts := jsonb_set(counts, '{new}', to_jsonb((counts ->> 'new')::bigint + 1));
+            perform booking_guard_internal.log_event('detection', f.rule, f.entity_type, f.entity_id,
                 f.details || jsonb_strip_nulls(jsonb_build_object(
                     'alert_id', alert_id, 'repair', repaired,
                     'latency_seconds', round(extract(epoch from now() - (f.details ->> 'since')::timestamptz)::numeric, 3))));
         end if;
     end loop;
+    return counts;
+end
+$$;
 
-    -- resolve the open alerts of detection rules whose condition no longer holds
-    for a in
-        select x.id, x.alert_type, x.entity_type, x.entity_id
-          from booking_guard.alerts x
-         where x.resolved_at is null
-           and x.alert_type in (select d.rule from booking_guard.detection_rules d)
-           and not x.fingerprint = any (seen)
-         order by x.id
-    loop
-        if not booking_guard.finding_holds(a.alert_type, a.entity_type, a.entity_id, since) then
-            perform booking_guard.resolve_alert(a.id);
-            perform booking_guard.log_event('detection', a.alert_type, a.entity_type, a.entity_id,
-                                            jsonb_build_object('resolved_alert_id', a.id));
-            n_resolved := n_resolved + 1;
+comment on function booking_guard_internal.monitor_findings(booking_guard.finding[], jsonb, interval) is
+    'run_monitor: raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule corrects) and logs the detection of new ones; returns the counts.';
+
+-- An open alert of a detection rule that run_monitor did not see again: resolved when its
+-- condition no longer holds, otherwise marked seen (last_seen_at) so that it is not re-checked
+-- before monitor_recheck_interval has passed.
+create function booking_guard_internal.alert_recheck(alert_id bigint, holds boolean)
+returns boolean
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    a  booking_guard.alerts;
+begin
+    select * into a from booking_guard.alerts x where x.id = alert_recheck.alert_id and x.resolved_at is null for update;
+    if not found then
+        return false;
+    end if;
+    if holds then
+        update booking_guard.alerts x set last_seen_at = now() where x.id = alert_recheck.alert_id;
+        return false;
+    end if;
+    update booking_guard.alerts x set resolved_at = now() where x.id = alert_recheck.alert_id;
+    perform booking_guard_internal.log_event('detection', a.alert_type, a.entity_type, a.entity_id,
+                                             jsonb_build_object('resolved_alert_id', a.id));
+    return true;
+end
+$$;
+
+comment on function booking_guard_internal.alert_recheck(bigint, boolean) is
+    'run_monitor: resolves an open detection alert whose condition no longer holds (true), or marks it seen again.';
+
+create function booking_guard_internal.monitor_step(state jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    args     jsonb := state -> 'args';
+    -- scheduled (run_job()): only what is new since the last run, in batches that commit
+    scheduled  boolean := coalesce((args ->> 'scheduled')::boolean, false);
+    since    interval := coalesce((args ->> 'since')::interval, interval '1 hour');
+    batch    integer := case when scheduled
+                             then (select s.integer_value from booking_guard.settings s where s.name = 'job_batch_size')
+                             else 2147483647 end;
+    phase    text := coalesce(state ->> 'phase', 'plan');
+    counts   jsonb := coalesce(state -> 'counts',
+                               jsonb_build_object('findings', 0, 'new', 0, 'repaired', 0, 'resolved', 0, 'by_rule', '{}'::jsonb));
+    cutoff   timestamptz;
+    ids      jsonb;
+    slice    jsonb;
+    a        record;
+    n        integer := 0;
+    recheck  interval;
+begin
+    perform booking_guard_internal.attached();
+    if phase = 'plan' then
+        cutoff := now() - since;
+        if scheduled and state ->> 'watermark' is not null then
+            cutoff := greatest(cutoff, (state ->> 'watermark')::timestamptz
+                                       - (select s.interval_value from booking_guard.settings s where s.name = 'monitor_overlap'));
         end if;
-    end loop;
+        return state || jsonb_build_object(
+            'phase', 'calls', 'cutoff', cutoff, 'seen_from', now(), 'next_watermark', now(), 'counts', counts,
+            'calls', to_jsonb(booking_guard_internal.candidate_calls(cutoff)),
+            'appointments', to_jsonb(booking_guard_internal.candidate_appointments(cutoff)),
+            'bookings', to_jsonb(booking_guard_internal.candidate_bookings(cutoff)));
+    end if;
+    cutoff := (state ->> 'cutoff')::timestamptz;
 
-    return jsonb_build_object('findings', n_findings, 'new', n_new, 'repaired', n_repaired, 'resolved', n_resolved,
-                              'by_rule', by_rule,
-                              'duration_ms', round(extract(epoch from clock_timestamp() - started)::numeric * 1000, 1));
+    if phase in ('calls', 'appointments', 'bookings') then
+        ids := state -> phase;
+        slice := coalesce((select jsonb_agg(x.v order by x.i) from jsonb_array_elements(ids) with ordinality x (v, i)
+                            where x.i <= batch), '[]');
+        counts := booking_guard_internal.monitor_findings(
+            case phase
+                when 'calls' then array(select f from booking_guard_internal.call_findings(
+                                            array(select jsonb_array_elements_text(slice)::bigint)) f)
+                when 'appointments' then array(select f from booking_guard_internal.appointment_findings(
+                                                   array(select jsonb_array_elements_text(slice)::bigint)) f)
+                else array(select f from booking_guard_internal.booking_findings(array(select jsonb_array_elements_text(slice))) f)
+            end, counts, since);
+        ids := coalesce((select jsonb_agg(x.v order by x.i) from jsonb_array_elements(ids) with ordinality x (v, i)
+                          where x.i > batch), '[]');
+        return state || jsonb_build_object(phase, ids, 'counts', counts,
+                                           'phase', case when jsonb_array_length(ids) > 0 then phase
+                                                         when phase = 'calls' then 'appointments'
+                                                         when phase = 'appointments' then 'bookings'
+                                                         else 'failures' end);
+    end if;
+
+    if phase = 'failures' then
+        counts := booking_guard_internal.monitor_findings(
+            array(select f from booking_guard_internal.failure_findings(cutoff) f), counts, since);
+        return state || jsonb_build_object('phase', 'resolve', 'after', 0, 'counts', counts);
+    end if;
+
+    if phase = 'resolve' then
+        recheck := case when scheduled
+                        then (select s.interval_value from booking_guard.settings s where s.name = 'monitor_recheck_interval')
+                        else interval '0' end;
+        for a in
+            select x.id, x.alert_type, x.entity_type, x.entity_id
+              from booking_guard.alerts x
+             where x.resolved_at is null and x.id > (state ->> 'after')::bigint
+               and x.alert_type in (select d.rule from booking_guard.detection_rules d)
+               and x.last_seen_at < (state ->> 'seen_from')::timestamptz
+               and x.last_seen_at <= now() - recheck
+             order by x.id
+             limit batch
+        loop
+            n := n + 1;
+            if booking_guard_internal.alert_recheck(a.id,
+                   booking_guard_internal.finding_holds(a.alert_type, a.entity_type, a.entity_id, since)) then
+                counts := jsonb_set(counts, '{resolved}', to_jsonb((counts ->> 'resolved')::bigint + 1));
+            end if;
+            state := jsonb_set(state, '{after}', to_jsonb(a.id));
+        end loop;
+        return state || jsonb_build_object('counts', counts, 'phase', case when n < batch then 'jobs' else 'resolve' end);
+    end if;
+
+    -- phase jobs: the health of the other jobs, last
+    return state || jsonb_build_object('stalled_jobs', booking_guard_internal.check_jobs(), 'done', true, 'counts', counts);
+end
+$$;
+
+comment on function booking_guard_internal.monitor_step(jsonb) is
+    'Job run_monitor, one step: plan (the window''s candidates), calls, appointments, bookings, failures (findings alerted and repaired, job_batch_size entities a step), resolve (open alerts re-checked), jobs (job health).';
+
+create function booking_guard.run_monitor(since interval default '1 hour')
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    result  jsonb;
+begin
+    perform booking_guard_internal.check_window(since);
+    result := booking_guard_internal.run_job_steps('run_monitor', jsonb_build_object('since', since));
+    if result ? 'skipped' then
+        return jsonb_build_object('skipped', result ->> 'skipped');
+    end if;
+    perform booking_guard_internal.job_raise(result);
+    return (result -> 'counts') || jsonb_build_object('duration_ms', result -> 'duration_ms')
+           || jsonb_strip_nulls(jsonb_build_object('stalled_jobs', result -> 'stalled_jobs'));
 end
 $$;
 
 comment on function booking_guard.run_monitor(interval) is
-    'Detects over the window, raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule is in correct mode), resolves open alerts of detection rules whose condition no longer holds; returns counts.';
-
-grant select on booking_guard.detection_rules, booking_guard.inconsistencies to booking_guard_monitor;
-do $grants$
-declare
-    d  record;
-begin
-    for d in select view_name from booking_guard.detection_rules loop
-        execute format('grant select on booking_guard.%I to booking_guard_monitor', d.view_name);
-    end loop;
-end
-$grants$;
-grant execute on function booking_guard.detect(interval), booking_guard.detect_rule(text, interval),
-                          booking_guard.check_call(bigint)
-   to booking_guard_monitor;
-grant execute on function booking_guard.run_monitor(interval) to booking_guard_admin;
+    'Detects over the rows created in the window, raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule is in correct mode), resolves open alerts of detection rules whose condition no longer holds; returns counts. Runs as booking_guard_worker, in the caller''s transaction (the scheduled job commits per batch).';

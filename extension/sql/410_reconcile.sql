@@ -1,41 +1,27 @@
--- Reconciliation: the seed's DataReconciliationService, over the whole tables, hourly.
+-- Reconciliation: over the whole tables, hourly.
 --
--- reconcile() walks calls and appointments in primary-key order, batch_size rows at a time
--- (keyset pagination: every batch is one index range scan, whatever the table's size), and
--- repairs what the rules in `correct` mode repair (`enforce` too: rows already written can
--- no longer be rejected, so they are repaired as in `correct`):
+-- reconcile() walks calls and appointments in primary-key order, batch_size rows at a time (keyset
+-- pagination: every batch is one index range scan, whatever the table's size), and repairs what the
+-- rules in `correct` mode repair (`enforce` too: rows already written can no longer be rejected,
+-- so they are repaired as in `correct`):
 --   directions       a null direction gets the default_direction setting (missing_direction)
 --   customer_links   a call with a customer gets customer_link_status linked (customer_link)
 --   flags            a call with an appointment gets its flags from it (unlinked_appointment)
 --   rolled_back      a call claiming a booking with no appointment, past its grace, is rolled
 --                    back to creation_failed and queued for review (missing_appointment)
---   orphans          an orphaned webhook appointment is linked to the call whose booking_id
---                    equals its calcom_v2_booking_id, when exactly one call does
---                    (orphaned_appointment); several: queued for review, never guessed
+--   orphans          an orphaned webhook appointment is linked to the call whose booking_id equals
+--                    its calcom_v2_booking_id, when exactly one call does (orphaned_appointment);
+--                    several: queued for review, never guessed
 --   due_verified     due verifications whose grace has passed are judged
--- No UPDATE touches more than batch_size rows. A second run finds nothing left to fix.
--- Every repair is an event of kind 'reconcile'; every run a row of reconciliation_runs.
-
-create table booking_guard.reconciliation_runs (
-    id           bigint generated always as identity primary key,
-    started_at   timestamptz not null default clock_timestamp(),
-    finished_at  timestamptz,
-    batch_size   integer not null,
-    counts       jsonb not null default '{}',
-    error        text,
-    run_by       name not null default session_user
-);
-
-create index reconciliation_runs_started_at_idx on booking_guard.reconciliation_runs (started_at);
-
-comment on table booking_guard.reconciliation_runs is
-    'One row per reconcile() run: start, end, what it scanned and repaired (counts), and the error if it failed.';
+-- No UPDATE touches more than batch_size rows, and a row another transaction holds is skipped, not
+-- waited for (skipped_locked): the next run repairs it. A second run finds nothing left to fix.
+-- Every repair is an event of kind 'reconcile'; every run a row of reconciliation_runs. It runs as
+-- booking_guard_worker.
 
 -- The calls part: one batch of calls (id > after), returns the last id seen and the counts.
-create function booking_guard.reconcile_calls_batch(after bigint, batch_size integer, run_id bigint,
+create function booking_guard_internal.reconcile_calls_batch(after bigint, batch_size integer, run_id bigint,
                                                     out last_id bigint, out counts jsonb)
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -50,6 +36,8 @@ declare
     n_custs     bigint := 0;
     n_flags     bigint := 0;
     n_rolled    bigint := 0;
+    n_skipped   bigint := 0;
+    locked      bigint[];
     grace       interval := (select s.interval_value from booking_guard.settings s where s.name = 'verification_grace');
 begin
     select max(b.id), count(*) into hi, n
@@ -77,7 +65,7 @@ begin
                                           or x.appointment_link_status = 'linked')
                                      and x.since <= now() - grace
                                      and booking_guard.rule_mode('missing_appointment', x.company) in ('correct', 'enforce')
-                                     and not booking_guard.within_grace(x.id, x.since))
+                                     and not booking_guard_internal.within_grace(x.id, x.since))
       into dirs, custs, syncs, claims
       from (select g.id, g.company_id::text as company, g.direction, g.customer_id, g.customer_link_status,
                    g.appointment_made, g.session_outcome, g.appointment_link_status,
@@ -87,6 +75,20 @@ begin
               left join (select distinct ap.call_id from booking_guard.guarded_appointments ap
                           where ap.call_id > after and ap.call_id <= hi) a on a.call_id = g.id
              where g.id > after and g.id <= hi) x;
+
+    -- Rows another transaction holds (an application's booking in flight) are skipped, never waited
+    -- for: the next run repairs them. The rest stay locked until this batch's transaction ends.
+    locked := array(select g.id from booking_guard.guarded_calls g
+                     where g.id = any (coalesce(dirs, '{}') || coalesce(custs, '{}') || coalesce(syncs, '{}')
+                                       || coalesce(claims, '{}'))
+                       for no key update skip locked);
+    n_skipped := cardinality(array(select unnest(coalesce(dirs, '{}') || coalesce(custs, '{}') || coalesce(syncs, '{}')
+                                                 || coalesce(claims, '{}'))
+                                   except select unnest(locked)));
+    dirs := array(select unnest(dirs) intersect select unnest(locked));
+    custs := array(select unnest(custs) intersect select unnest(locked));
+    syncs := array(select unnest(syncs) intersect select unnest(locked));
+    claims := array(select unnest(claims) intersect select unnest(locked));
 
     if dirs is not null then
         with u as (
@@ -119,34 +121,33 @@ begin
     end if;
 
     foreach v_id in array coalesce(syncs, '{}') loop
-        if booking_guard.sync_call_flags(v_id) then
+        if booking_guard_internal.sync_call_flags(v_id) then
             n_flags := n_flags + 1;
-            perform booking_guard.log_event('reconcile', 'unlinked_appointment', 'call', v_id::text,
+            perform booking_guard_internal.log_event('reconcile', 'unlinked_appointment', 'call', v_id::text,
                 jsonb_build_object('run_id', run_id, 'fix', 'flags set from the appointments'));
         end if;
     end loop;
 
     foreach v_id in array coalesce(claims, '{}') loop
-        if booking_guard.judge_call(v_id, true) = 'rolled_back' then
+        if booking_guard_internal.judge_call(v_id, true) = 'rolled_back' then
             n_rolled := n_rolled + 1;
-            perform booking_guard.log_event('reconcile', 'missing_appointment', 'call', v_id::text,
+            perform booking_guard_internal.log_event('reconcile', 'missing_appointment', 'call', v_id::text,
                 jsonb_build_object('run_id', run_id, 'fix', 'rolled back to creation_failed, queued for review'));
         end if;
     end loop;
 
     counts := jsonb_build_object('calls_scanned', n, 'directions', n_dirs, 'customer_links', n_custs,
-                                 'flags', n_flags, 'rolled_back', n_rolled);
+                                 'flags', n_flags, 'rolled_back', n_rolled, 'skipped_locked', n_skipped);
 end
 $$;
 
-comment on function booking_guard.reconcile_calls_batch(bigint, integer, bigint) is
+comment on function booking_guard_internal.reconcile_calls_batch(bigint, integer, bigint) is
     'reconcile(): one batch of calls after the given id: directions, customer links, flags from the appointments, rollbacks of claims without one.';
 
 -- The appointments part: one batch of appointments (id > after): orphans.
-create function booking_guard.reconcile_orphans_batch(after bigint, batch_size integer, run_id bigint,
+create function booking_guard_internal.reconcile_orphans_batch(after bigint, batch_size integer, run_id bigint,
                                                       out last_id bigint, out counts jsonb)
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -175,6 +176,7 @@ begin
          where a.id > after and a.id <= hi
            and a.source = 'retell_webhook'
            and (a.call_id is null or not exists (select from booking_guard.guarded_calls c where c.id = a.call_id))
+           for no key update of a skip locked
     ), u as (
         update booking_guard.guarded_appointments a
            set call_id = o.matches[1], updated_at = now()
@@ -198,7 +200,7 @@ begin
 
     for amb in select * from jsonb_array_elements(ambiguous) loop
         if booking_guard.rule_mode('orphaned_appointment', null) in ('correct', 'enforce')
-           and booking_guard.queue_ambiguous_orphan((amb ->> 'id')::bigint, amb ->> 'booking_id',
+           and booking_guard_internal.queue_ambiguous_orphan((amb ->> 'id')::bigint, amb ->> 'booking_id',
                    array(select jsonb_array_elements_text(amb -> 'matches')::bigint)) then
             n_ambig := n_ambig + 1;
         end if;
@@ -209,104 +211,105 @@ begin
 end
 $$;
 
-comment on function booking_guard.reconcile_orphans_batch(bigint, integer, bigint) is
+comment on function booking_guard_internal.reconcile_orphans_batch(bigint, integer, bigint) is
     'reconcile(): one batch of appointments after the given id: orphans linked by booking id when exactly one call matches, queued for review when several do.';
+
+-- One step of the job reconcile: a batch of calls, then of appointments, then of due
+-- verifications; the run is a row of reconciliation_runs (job_begin() opens it, job_end() closes it).
+create function booking_guard_internal.reconcile_step(state jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    batch_size  integer := coalesce((state -> 'args' ->> 'batch_size')::integer,
+                                    (select s.integer_value from booking_guard.settings s where s.name = 'job_batch_size'));
+    phase       text := coalesce(state ->> 'phase', 'calls');
+    after       bigint := coalesce((state ->> 'after')::bigint, -9223372036854775808);
+    run_id      bigint := (state ->> 'run_id')::bigint;
+    totals      jsonb := coalesce(state -> 'totals',
+                                  jsonb_build_object('calls_scanned', 0, 'appointments_scanned', 0, 'directions', 0,
+                                                     'customer_links', 0, 'flags', 0, 'rolled_back', 0, 'orphans', 0,
+                                                     'orphans_ambiguous', 0, 'orphans_unmatched', 0, 'due_verified', 0,
+                                                     'due_fixed', 0, 'skipped_locked', 0));
+    batch       record;
+    k           text;
+    v_id        bigint;
+    verdict     text;
+    n           integer := 0;
+begin
+    perform booking_guard_internal.attached();
+    if phase in ('calls', 'orphans') then
+        if phase = 'calls' then
+            batch := booking_guard_internal.reconcile_calls_batch(after, batch_size, run_id);
+        else
+            batch := booking_guard_internal.reconcile_orphans_batch(after, batch_size, run_id);
+        end if;
+        for k in select jsonb_object_keys(batch.counts) loop
+            totals := jsonb_set(totals, array[k], to_jsonb((totals ->> k)::bigint + (batch.counts ->> k)::bigint));
+        end loop;
+        if batch.last_id is null then
+            return state || jsonb_build_object('totals', totals, 'after', null,
+                                               'phase', case phase when 'calls' then 'orphans' else 'due' end);
+        end if;
+        return state || jsonb_build_object('totals', totals, 'after', batch.last_id, 'phase', phase);
+    end if;
+
+    -- due verifications whose grace has passed
+    for v_id in
+        select d.call_id from booking_guard.due_verifications d
+         where d.due_at <= clock_timestamp()
+         order by d.due_at, d.call_id
+         limit batch_size
+           for update skip locked
+    loop
+        n := n + 1;
+        delete from booking_guard.due_verifications d where d.call_id = v_id;
+        verdict := booking_guard_internal.judge_call(v_id, true);
+        totals := jsonb_set(totals, '{due_verified}', to_jsonb((totals ->> 'due_verified')::bigint + 1));
+        if verdict in ('rolled_back', 'corrected') then
+            totals := jsonb_set(totals, '{due_fixed}', to_jsonb((totals ->> 'due_fixed')::bigint + 1));
+            perform booking_guard_internal.log_event('reconcile', case verdict when 'rolled_back' then 'missing_appointment'
+                                                                               else 'unlinked_appointment' end,
+                                                     'call', v_id::text,
+                                                     jsonb_build_object('run_id', run_id, 'fix', 'due verification: ' || verdict));
+        end if;
+    end loop;
+    return state || jsonb_build_object('totals', totals, 'done', n < batch_size);
+end
+$$;
+
+comment on function booking_guard_internal.reconcile_step(jsonb) is
+    'Job reconcile, one step: a batch of calls (directions, customer links, flags, rollbacks), of appointments (orphans) or of due verifications; rows another transaction holds are skipped (counted in skipped_locked) and repaired by the next run.';
 
 create function booking_guard.reconcile(batch_size integer default 10000)
 returns jsonb
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    v_run     bigint;
-    started   timestamptz := clock_timestamp();
-    totals    jsonb := jsonb_build_object('calls_scanned', 0, 'appointments_scanned', 0, 'directions', 0,
-                                          'customer_links', 0, 'flags', 0, 'rolled_back', 0, 'orphans', 0,
-                                          'orphans_ambiguous', 0, 'orphans_unmatched', 0, 'due_verified', 0,
-                                          'due_fixed', 0);
-    batch     record;
-    after     bigint;
-    k         text;
-    due_ids   bigint[];
-    v_id      bigint;
-    verdict   text;
-    v_state   text;
-    v_msg     text;
-    seconds   numeric;
+    result   jsonb;
+    totals   jsonb;
+    seconds  numeric;
 begin
-    perform booking_guard.attached();
     if reconcile.batch_size is null or reconcile.batch_size not between 1 and 1000000 then
         raise exception 'invalid batch size: %', coalesce(reconcile.batch_size::text, 'null')
             using errcode = 'BG005',
                   detail = 'batch_size is the most rows one statement of reconcile() may change or lock.',
                   hint = 'Give a number between 1 and 1000000, e.g. select booking_guard.reconcile(10000);';
     end if;
-    if not pg_try_advisory_xact_lock(hashtext('booking_guard.reconcile')) then
-        return jsonb_build_object('skipped', 'another reconcile() is running');
+    result := booking_guard_internal.run_job_steps('reconcile', jsonb_build_object('batch_size', reconcile.batch_size));
+    if result ? 'skipped' then
+        return jsonb_build_object('skipped', result ->> 'skipped');
     end if;
-    insert into booking_guard.reconciliation_runs (batch_size) values (reconcile.batch_size) returning id into v_run;
-
-    begin
-        after := -9223372036854775808;
-        loop
-            batch := booking_guard.reconcile_calls_batch(after, reconcile.batch_size, v_run);
-            exit when batch.last_id is null;
-            after := batch.last_id;
-            for k in select jsonb_object_keys(batch.counts) loop
-                totals := jsonb_set(totals, array[k], to_jsonb((totals ->> k)::bigint + (batch.counts ->> k)::bigint));
-            end loop;
-        end loop;
-
-        after := -9223372036854775808;
-        loop
-            batch := booking_guard.reconcile_orphans_batch(after, reconcile.batch_size, v_run);
-            exit when batch.last_id is null;
-            after := batch.last_id;
-            for k in select jsonb_object_keys(batch.counts) loop
-                totals := jsonb_set(totals, array[k], to_jsonb((totals ->> k)::bigint + (batch.counts ->> k)::bigint));
-            end loop;
-        end loop;
-
-        -- due verifications whose grace has passed: one pass over those due now
-        due_ids := array(select d.call_id from booking_guard.due_verifications d
-                          where d.due_at <= clock_timestamp() order by d.due_at, d.call_id);
-        foreach v_id in array due_ids loop
-            verdict := booking_guard.judge_call(v_id, true);
-            totals := jsonb_set(totals, '{due_verified}', to_jsonb((totals ->> 'due_verified')::bigint + 1));
-            if verdict in ('rolled_back', 'corrected') then
-                totals := jsonb_set(totals, '{due_fixed}', to_jsonb((totals ->> 'due_fixed')::bigint + 1));
-                perform booking_guard.log_event('reconcile', case verdict when 'rolled_back' then 'missing_appointment'
-                                                                          else 'unlinked_appointment' end,
-                                                'call', v_id::text,
-                                                jsonb_build_object('run_id', v_run, 'fix', 'due verification: ' || verdict));
-            end if;
-        end loop;
-    exception when others then
-        get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
-        update booking_guard.reconciliation_runs r
-           set finished_at = clock_timestamp(), error = format('%s: %s', v_state, v_msg), counts = totals
-         where r.id = v_run;
-        raise warning 'booking_guard.reconcile() run % failed and changed nothing: %: %', v_run, v_state, v_msg;
-        return jsonb_build_object('run_id', v_run, 'error', format('%s: %s', v_state, v_msg));
-    end;
-
-    seconds := greatest(extract(epoch from clock_timestamp() - started), 0.000001);
-    totals := totals || jsonb_build_object(
-        'run_id', v_run,
-        'fixed', (totals ->> 'directions')::bigint + (totals ->> 'customer_links')::bigint + (totals ->> 'flags')::bigint
-                 + (totals ->> 'rolled_back')::bigint + (totals ->> 'orphans')::bigint + (totals ->> 'due_fixed')::bigint,
-        'duration_ms', round(seconds * 1000, 1),
-        'rows_per_second', round(((totals ->> 'calls_scanned')::bigint + (totals ->> 'appointments_scanned')::bigint)
-                                 / seconds));
-    update booking_guard.reconciliation_runs r set finished_at = clock_timestamp(), counts = totals where r.id = v_run;
-    return totals;
+    if result ? 'error' then
+        raise warning 'booking_guard.reconcile() run % failed: %', result ->> 'run_id', result ->> 'error';
+        return jsonb_build_object('run_id', (result ->> 'run_id')::bigint, 'error', result ->> 'error');
+    end if;
+    return result -> 'totals';
 end
 $$;
 
 comment on function booking_guard.reconcile(integer) is
-    'Repairs, over the whole attached tables and batch_size rows per statement, what the rules in correct mode repair (directions, customer links, flags, rollbacks, orphans, due verifications); idempotent; logged in reconciliation_runs and as reconcile events. Returns the counts.';
-
-grant select on booking_guard.reconciliation_runs to booking_guard_monitor;
-grant execute on function booking_guard.reconcile(integer) to booking_guard_admin;
+    'Repairs, over the whole attached tables and batch_size rows per statement, what the rules in correct mode repair (directions, customer links, flags, rollbacks, orphans, due verifications); idempotent; logged in reconciliation_runs and as reconcile events. Returns the counts. Runs as booking_guard_worker, in the caller''s transaction (the scheduled job commits per batch).';

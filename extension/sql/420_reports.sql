@@ -1,25 +1,4 @@
--- The daily report (the seed's generateDailyReport), in the seed's layout.
---
--- daily_report_json(day) gathers the facts of one day (midnight to midnight in the session's
--- time zone); daily_report(day) lays the same facts out as text. An inconsistency of the day
--- is an alert of a detection rule (recent_failures aside: a validation failure is already
--- counted as appointment_validation_failed) or of a failed booking validation, detected that
--- day; an alert superseded by a rollback of the same call is counted once, as the rollback.
--- The job of 00:05 stores yesterday's report in `reports` (store_daily_report()).
-
-create table booking_guard.reports (
-    day           date primary key,
-    generated_at  timestamptz not null default now(),
-    report        text not null,
-    facts         jsonb not null
-);
-
-comment on table booking_guard.reports is
-    'One stored daily report per day (text and facts), written by store_daily_report() (the 00:05 job).';
-
-select pg_catalog.pg_extension_config_dump('booking_guard.reports', '');
-
-create function booking_guard.is_inconsistency(alert_type text, details jsonb)
+create function booking_guard_internal.is_inconsistency(alert_type text, details jsonb)
 returns boolean
 language sql
 stable
@@ -31,10 +10,10 @@ as $$
            and not coalesce(details ? 'superseded_by', false)
 $$;
 
-comment on function booking_guard.is_inconsistency(text, jsonb) is
+comment on function booking_guard_internal.is_inconsistency(text, jsonb) is
     'Whether an alert counts as an inconsistency in reports and KPIs: a detection rule''s or a failed booking validation''s, not superseded by a rollback.';
 
-create function booking_guard.check_day(day date)
+create function booking_guard_internal.check_day(day date)
 returns void
 language plpgsql
 immutable
@@ -50,30 +29,28 @@ begin
 end
 $$;
 
-comment on function booking_guard.check_day(date) is
+comment on function booking_guard_internal.check_day(date) is
     'BG005 unless the day is a real calendar day (not null).';
 
-create function booking_guard.day_alerts(t0 timestamptz, t1 timestamptz)
+create function booking_guard_internal.day_alerts(t0 timestamptz, t1 timestamptz)
 returns table (id bigint, alert_type text, details jsonb, auto_corrected boolean, resolved_at timestamptz)
 language sql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select a.id, a.alert_type, a.details, a.auto_corrected, a.resolved_at
       from booking_guard.alerts a
      where a.detected_at >= t0 and a.detected_at < t1
-       and booking_guard.is_inconsistency(a.alert_type, a.details)
+       and booking_guard_internal.is_inconsistency(a.alert_type, a.details)
 $$;
 
-comment on function booking_guard.day_alerts(timestamptz, timestamptz) is
+comment on function booking_guard_internal.day_alerts(timestamptz, timestamptz) is
     'The inconsistencies (alerts, see is_inconsistency()) detected in [t0, t1).';
 
 create function booking_guard.daily_report_json(day date default current_date)
 returns jsonb
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
@@ -95,16 +72,16 @@ declare
     recon         jsonb;
     prev_avg      numeric;
 begin
-    perform booking_guard.attached();
-    perform booking_guard.check_day(daily_report_json.day);
+    perform booking_guard_internal.attached();
+    perform booking_guard_internal.check_day(daily_report_json.day);
     t0 := daily_report_json.day::timestamptz;
     t1 := (daily_report_json.day + 1)::timestamptz;
 
     n_calls := (select count(*) from booking_guard.guarded_calls g where g.created_at >= t0 and g.created_at < t1);
     n_appts := (select count(*) from booking_guard.guarded_appointments a where a.created_at >= t0 and a.created_at < t1);
 
-    n_inc := (select count(*) from booking_guard.day_alerts(t0, t1));
-    n_recovered := (select count(*) from booking_guard.day_alerts(t0, t1) x where x.auto_corrected or x.resolved_at is not null);
+    n_inc := (select count(*) from booking_guard_internal.day_alerts(t0, t1));
+    n_recovered := (select count(*) from booking_guard_internal.day_alerts(t0, t1) x where x.auto_corrected or x.resolved_at is not null);
 
     select coalesce(jsonb_agg(jsonb_build_object('rule', b.alert_type, 'label', b.label, 'count', b.n,
                                                  'auto_corrected', b.corrected, 'open', b.open)
@@ -115,7 +92,7 @@ begin
                    coalesce((select count(*) from booking_guard.detection_rules e where e.rule < x.alert_type), 99) as ord,
                    count(*) as n, count(*) filter (where x.auto_corrected) as corrected,
                    count(*) filter (where x.resolved_at is null) as open
-              from booking_guard.day_alerts(t0, t1) x
+              from booking_guard_internal.day_alerts(t0, t1) x
               left join booking_guard.detection_rules d on d.rule = x.alert_type
              group by x.alert_type, d.label) b;
 
@@ -131,7 +108,7 @@ begin
                        'open', count(*) filter (where x.resolved_at is null),
                        'action', coalesce(d.action, 'Check the booking path (calendar booked, local record failed); '
                                                     'rebook from the review queue')) as issue
-              from booking_guard.day_alerts(t0, t1) x
+              from booking_guard_internal.day_alerts(t0, t1) x
               left join booking_guard.detection_rules d on d.rule = x.alert_type
              group by x.alert_type, x.details ->> 'reason', d.label, d.action
              order by count(*) desc, x.alert_type, x.details ->> 'reason'
@@ -139,7 +116,7 @@ begin
 
     n_prev := (select count(*) from booking_guard.alerts a
                 where a.detected_at >= t0 - interval '7 days' and a.detected_at < t0
-                  and booking_guard.is_inconsistency(a.alert_type, a.details));
+                  and booking_guard_internal.is_inconsistency(a.alert_type, a.details));
     prev_avg := round(n_prev / 7.0, 1);
 
     -- detection latency: the monitor's detection event of an alert says how late it came;
@@ -149,7 +126,7 @@ begin
       from booking_guard.events e
      where e.kind = 'detection' and e.at >= t0 and e.at < t1 + interval '1 day'
        and e.details ? 'latency_seconds'
-       and (e.details ->> 'alert_id')::bigint in (select x.id from booking_guard.day_alerts(t0, t1) x);
+       and (e.details ->> 'alert_id')::bigint in (select x.id from booking_guard_internal.day_alerts(t0, t1) x);
 
     select coalesce(jsonb_agg(jsonb_build_object('reason', q.reason, 'pending', q.n, 'oldest', q.oldest)
                               order by q.priority, q.n desc, q.reason), '[]')
@@ -209,7 +186,6 @@ create function booking_guard.daily_report(day date default current_date)
 returns text
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -314,28 +290,53 @@ $$;
 comment on function booking_guard.daily_report(date) is
     'The daily report of one day as text, in the seed''s layout (SUMMARY, INCONSISTENCY BREAKDOWN, TOP ISSUES, TREND ANALYSIS, ACTION ITEMS); the same facts as daily_report_json(day).';
 
-create function booking_guard.store_daily_report(day date default current_date - 1)
-returns text
-language plpgsql
+-- The stored copy of a day's report, written with booking_guard_owner's rights.
+create function booking_guard_internal.keep_report(day date, report text, facts jsonb)
+returns void
+language sql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-#variable_conflict use_column
-declare
-    v_text   text := booking_guard.daily_report(store_daily_report.day);
-    v_facts  jsonb := booking_guard.daily_report_json(store_daily_report.day);
-begin
     insert into booking_guard.reports as r (day, generated_at, report, facts)
-    values (store_daily_report.day, now(), v_text, v_facts)
-    on conflict (day) do update set generated_at = excluded.generated_at, report = excluded.report, facts = excluded.facts;
-    return v_text;
+    values (keep_report.day, now(), keep_report.report, keep_report.facts)
+    on conflict (day) do update set generated_at = excluded.generated_at, report = excluded.report, facts = excluded.facts
+$$;
+
+comment on function booking_guard_internal.keep_report(date, text, jsonb) is
+    'Keeps a day''s report in booking_guard.reports, replacing an earlier copy of that day.';
+
+-- Job daily_report, its one step, as booking_guard_worker (it reads the application's tables).
+create function booking_guard_internal.report_step(state jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    day     date := coalesce((state -> 'args' ->> 'day')::date, current_date - 1);
+    v_text  text := booking_guard.daily_report(day);
+begin
+    perform booking_guard_internal.keep_report(day, v_text, booking_guard.daily_report_json(day));
+    return state || jsonb_build_object('day', day, 'report', v_text, 'done', true);
+end
+$$;
+
+comment on function booking_guard_internal.report_step(jsonb) is
+    'Job daily_report: generates the report of a day (default yesterday) and keeps it in reports.';
+
+create function booking_guard.store_daily_report(day date default current_date - 1)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    result  jsonb;
+begin
+    perform booking_guard_internal.check_day(store_daily_report.day);
+    result := booking_guard_internal.run_job_steps('daily_report', jsonb_build_object('day', store_daily_report.day));
+    perform booking_guard_internal.job_raise(result);
+    return result ->> 'report';
 end
 $$;
 
 comment on function booking_guard.store_daily_report(date) is
-    'Generates the daily report of a day (default yesterday) and keeps it in reports, replacing an earlier copy of that day; returns the text.';
-
-grant select on booking_guard.reports to booking_guard_monitor;
-grant execute on function booking_guard.daily_report(date), booking_guard.daily_report_json(date)
-   to booking_guard_monitor;
-grant execute on function booking_guard.store_daily_report(date) to booking_guard_admin;
+    'Generates the daily report of a day (default yesterday) and keeps it in reports, replacing an earlier copy of that day; returns the text. Runs as booking_guard_worker.';

@@ -6,7 +6,6 @@ create function booking_guard.kpis(since interval default '1 day')
 returns table (name text, value numeric, unit text, target text, ok boolean, samples bigint, description text)
 language plpgsql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
@@ -16,7 +15,7 @@ declare
     n       bigint;
     m       bigint;
 begin
-    perform booking_guard.attached();
+    perform booking_guard_internal.attached();
     if since is null or since <= interval '0' then
         raise exception 'invalid KPI window: %', coalesce(since::text, 'null')
             using errcode = 'BG005',
@@ -82,7 +81,7 @@ begin
     select count(*), count(*) filter (where a.auto_corrected)
       into n, m
       from booking_guard.alerts a
-     where a.detected_at >= cutoff and booking_guard.is_inconsistency(a.alert_type, a.details);
+     where a.detected_at >= cutoff and booking_guard_internal.is_inconsistency(a.alert_type, a.details);
     name := 'auto_correction_rate'; unit := '%'; target := '>= 90'; samples := n;
     value := case when n > 0 then round(100.0 * m / n, 2) end;
     ok := value >= 90;
@@ -112,5 +111,3 @@ $$;
 
 comment on function booking_guard.kpis(interval) is
     'The seed''s seven success metrics over the window: name, value, unit, target, ok (null when there is no data), samples.';
-
-grant execute on function booking_guard.kpis(interval) to booking_guard_monitor;

@@ -1,47 +1,180 @@
--- Scheduling with pg_cron, and the last success of every job.
+-- Jobs: the periodic work (table booking_guard.jobs), run step by step, and pg_cron scheduling.
 --
--- pg_cron lives in one database per cluster (cron.database_name), so booking_guard does not
--- require it: schedule_jobs() registers the jobs with cron.schedule_in_database(), from the
--- guarded database itself when it is cron's database and through dblink otherwise. Each
--- job runs booking_guard.run_job(name), which does the work and records in job_runs when it
--- last succeeded: pg_cron's own 'succeeded' only says the command was dispatched, and a
--- stalled schedule (pg_cron stopped, job deactivated, the work failing) shows as a stale
--- last_success_at. The monitor job raises a job_stalled alert for it (check_jobs()).
+-- A job runs as three kinds of call, each returning its state (jsonb, "done" when nothing is left):
+--   job_begin(job, args)  takes the job's lease in job_runs: one run of a job at a time, held by a
+--                         live backend (a run whose backend died is taken over), never an advisory
+--                         key another role could hold; a run that finds the lease held is recorded
+--                         as skipped, never as a success
+--   job_step(state)       one batch of the job's work, as booking_guard_worker
+--   job_end(state)        records the success or failure in job_runs and gives the lease back
+-- The C module drives them (run_job() and run_job_steps()): CALL booking_guard.run_job(job), as
+-- pg_cron runs it, commits after every step, so no row a job locks stays locked for longer than a
+-- batch (job_batch_size); the functions reconcile(), run_monitor() and verify_due() run the same
+-- steps in the caller's transaction. pg_cron's own "succeeded" only says the command was
+-- dispatched: a stalled schedule shows as a stale last_success_at, which the exporter exports and
+-- the monitor job alerts on (job_stalled).
 
-create table booking_guard.jobs (
-    job             text primary key,
-    schedule        text not null,
-    expected_every  interval not null,
-    description     text not null
-);
+create function booking_guard_internal.job_begin(job text, args jsonb)
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    r        booking_guard.job_runs;
+    holder   integer;
+    run_id   bigint;
+    started  timestamptz := clock_timestamp();
+begin
+    if not exists (select from booking_guard.jobs j where j.job = job_begin.job) then
+        raise exception 'unknown job "%"', coalesce(left(job_begin.job, 100), 'null')
+            using errcode = 'BG004',
+                  detail = format('Jobs: %s.', (select string_agg(j.job, ', ' order by j.job) from booking_guard.jobs j)),
+                  hint = 'select job, schedule, description from booking_guard.jobs;';
+    end if;
+    insert into booking_guard.job_runs as x (job) values (job_begin.job) on conflict (job) do nothing;
+    select * into r from booking_guard.job_runs x where x.job = job_begin.job for update;
+    holder := r.running_pid;
+    if holder is not null and holder <> pg_backend_pid()
+       and exists (select from pg_catalog.pg_stat_activity a where a.pid = holder) then
+        update booking_guard.job_runs x set skips = x.skips + 1, last_skipped_at = started where x.job = job_begin.job;
+        return jsonb_build_object('job', job_begin.job, 'done', true, 'skipped',
+                                  format('another run of %s is running (backend %s, since %s)', job_begin.job, holder,
+                                         r.running_since));
+    end if;
+    update booking_guard.job_runs x
+       set running_pid = pg_backend_pid(), running_since = started, last_started_at = started
+     where x.job = job_begin.job;
+    if job_begin.job = 'reconcile' then
+        insert into booking_guard.reconciliation_runs as x (batch_size)
+        values (coalesce((job_begin.args ->> 'batch_size')::integer,
+                         (select s.integer_value from booking_guard.settings s where s.name = 'job_batch_size')))
+        returning x.id into run_id;
+    end if;
+    return jsonb_strip_nulls(jsonb_build_object('job', job_begin.job, 'args', coalesce(job_begin.args, '{}'),
+                                                'started', started, 'watermark', r.watermark, 'run_id', run_id,
+                                                'steps', 0, 'done', false));
+end
+$$;
 
-comment on table booking_guard.jobs is
-    'The periodic jobs schedule_jobs() registers with pg_cron: name, cron schedule, how often a success is expected.';
+comment on function booking_guard_internal.job_begin(text, jsonb) is
+    'Starts a run of a job: takes its lease in job_runs (a run whose backend is gone is taken over) and returns the first state; a run that finds the lease held returns done with skipped.';
 
-insert into booking_guard.jobs (job, schedule, expected_every, description) values
-    ('run_monitor', '* * * * *', '1 minute', 'detection and alerts over the last hour (run_monitor()), then the job health check'),
-    ('verify_due', '* * * * *', '1 minute', 'the due verifications whose grace has passed (verify_due()), a backstop for the exporter''s loop'),
-    ('reconcile', '0 * * * *', '1 hour', 'reconciliation over the whole tables (reconcile())'),
-    ('daily_report', '5 0 * * *', '1 day', 'yesterday''s daily report, stored in reports (store_daily_report())');
+create function booking_guard_internal.job_step(state jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_state   text;
+    v_msg     text;
+    v_detail  text;
+    v_hint    text;
+begin
+    state := jsonb_set(state, '{steps}', to_jsonb(coalesce((state ->> 'steps')::integer, 0) + 1));
+    case state ->> 'job'
+        when 'run_monitor' then return booking_guard_internal.monitor_step(state);
+        when 'verify_due' then return booking_guard_internal.verify_step(state);
+        when 'reconcile' then return booking_guard_internal.reconcile_step(state);
+        when 'daily_report' then return booking_guard_internal.report_step(state);
+    end case;
+exception when others then
+    -- this step's work is undone; the steps before it are kept (committed, under run_job())
+    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text, v_detail = pg_exception_detail,
+                            v_hint = pg_exception_hint;
+    return state || jsonb_strip_nulls(jsonb_build_object('done', true, 'error', format('%s: %s', v_state, v_msg),
+                                                         'error_state', v_state, 'error_message', v_msg,
+                                                         'error_detail', nullif(v_detail, ''),
+                                                         'error_hint', nullif(v_hint, '')));
+end
+$$;
 
-create table booking_guard.job_runs (
-    job              text primary key references booking_guard.jobs (job),
-    scheduled_at     timestamptz,
-    cron_database    text,
-    cron_jobid       bigint,
-    last_started_at  timestamptz,
-    last_success_at  timestamptz,
-    last_failure_at  timestamptz,
-    last_error       text,
-    last_result      jsonb,
-    runs             bigint not null default 0,
-    failures         bigint not null default 0
-);
+comment on function booking_guard_internal.job_step(jsonb) is
+    'One step of a job, as booking_guard_worker: dispatches to monitor_step(), verify_step(), reconcile_step() or report_step(); an error ends the run with the error in the state.';
 
-comment on table booking_guard.job_runs is
-    'Per job: when it was scheduled (and the pg_cron job id), when it last started, succeeded and failed, its last error and result.';
+create function booking_guard_internal.job_end(state jsonb)
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    job       text := state ->> 'job';
+    finished  timestamptz := clock_timestamp();
+    result    jsonb := state - array['args', 'done', 'calls', 'appointments', 'bookings'];
+begin
+    if state ? 'skipped' then
+        return result;
+    end if;
+    result := result || jsonb_build_object('duration_ms',
+                  round(extract(epoch from finished - (state ->> 'started')::timestamptz)::numeric * 1000, 1));
+    if job = 'reconcile' and state ? 'totals' then
+        result := jsonb_set(result, '{totals}', (state -> 'totals') || jsonb_build_object(
+            'run_id', (state ->> 'run_id')::bigint,
+            'fixed', (select coalesce(sum((state -> 'totals' ->> k)::bigint), 0)
+                        from unnest(array['directions', 'customer_links', 'flags', 'rolled_back', 'orphans', 'due_fixed']) k),
+            'duration_ms', result -> 'duration_ms',
+            'rows_per_second', round(((state -> 'totals' ->> 'calls_scanned')::bigint
+                                      + (state -> 'totals' ->> 'appointments_scanned')::bigint)
+                                     / greatest(extract(epoch from finished - (state ->> 'started')::timestamptz), 0.000001))));
+        update booking_guard.reconciliation_runs x
+           set finished_at = finished, counts = result -> 'totals', error = state ->> 'error'
+         where x.id = (state ->> 'run_id')::bigint;
+    end if;
+    if state ? 'error' then
+        update booking_guard.job_runs x
+           set last_failure_at = finished, last_error = state ->> 'error', failures = x.failures + 1, runs = x.runs + 1,
+               running_pid = null, running_since = null
+         where x.job = job_end.state ->> 'job';
+        raise warning 'booking_guard job % failed: %', job, state ->> 'error';
+    else
+        update booking_guard.job_runs x
+           set last_success_at = finished, last_result = result, runs = x.runs + 1,
+               watermark = coalesce((job_end.state ->> 'next_watermark')::timestamptz, x.watermark),
+               running_pid = null, running_since = null
+         where x.job = job_end.state ->> 'job';
+    end if;
+    return result;
+end
+$$;
 
-create function booking_guard.job_name(job text)
+comment on function booking_guard_internal.job_end(jsonb) is
+    'Ends a run of a job: records its success (result, watermark) or failure (error) in job_runs, gives the lease back and returns the result.';
+
+-- The functions that run a job in the caller's transaction raise its error, as any function would.
+create function booking_guard_internal.job_raise(result jsonb)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if result ? 'error' then
+        raise exception using errcode = result ->> 'error_state', message = result ->> 'error_message',
+                              detail = coalesce(result ->> 'error_detail', ''), hint = coalesce(result ->> 'error_hint', '');
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.job_raise(jsonb) is
+    'Raises the error a job''s result carries (with its SQLSTATE, DETAIL and HINT); nothing when it carries none.';
+
+create procedure booking_guard.run_job(job text)
+language c
+as 'MODULE_PATHNAME', 'run_job';
+
+comment on procedure booking_guard.run_job(text) is
+    'Runs one booking_guard job (run_monitor, verify_due, reconcile, daily_report) as booking_guard_worker, as pg_cron does; called with CALL outside a transaction block it commits after each batch. Needs EXECUTE on the job''s function (booking_guard.reconcile() for reconcile, ...).';
+
+create function booking_guard_internal.run_job_steps(job text, args jsonb)
+returns jsonb
+language c
+as 'MODULE_PATHNAME', 'run_job_steps';
+
+comment on function booking_guard_internal.run_job_steps(text, jsonb) is
+    'Runs every step of a job in the caller''s transaction, as booking_guard_worker, and returns its result (reconcile(), run_monitor(), verify_due(), store_daily_report()).';
+
+create function booking_guard_internal.job_name(job text)
 returns text
 language sql
 stable
@@ -50,85 +183,26 @@ as $$
     select 'booking_guard.' || job || '@' || current_database()
 $$;
 
-comment on function booking_guard.job_name(text) is
+comment on function booking_guard_internal.job_name(text) is
     'The pg_cron job name of a booking_guard job in this database (stable: scheduling again updates the same job).';
 
-create function booking_guard.job_command(job text)
+create function booking_guard_internal.job_command(job text)
 returns text
 language sql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select format('select booking_guard.run_job(%L)', job)
+    select format('call booking_guard.run_job(%L)', job)
 $$;
 
-comment on function booking_guard.job_command(text) is
+comment on function booking_guard_internal.job_command(text) is
     'The command pg_cron runs for a booking_guard job.';
-
-create function booking_guard.run_job(job_name text)
-returns jsonb
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_result  jsonb;
-    v_state   text;
-    v_msg     text;
-    started   timestamptz := clock_timestamp();
-begin
-    if not exists (select from booking_guard.jobs j where j.job = job_name) then
-        raise exception 'unknown job "%"', coalesce(job_name, 'null')
-            using errcode = 'BG004',
-                  detail = format('Jobs: %s.', (select string_agg(j.job, ', ' order by j.job) from booking_guard.jobs j)),
-                  hint = 'select job, schedule, description from booking_guard.jobs;';
-    end if;
-    begin
-        case job_name
-            when 'run_monitor' then
-                v_result := booking_guard.run_monitor();
-                v_result := v_result || jsonb_build_object('stalled_jobs', booking_guard.check_jobs());
-            when 'verify_due' then
-                select jsonb_build_object('judged', count(*), 'verdicts', coalesce(jsonb_object_agg(v.verdict, v.n), '{}'))
-                  into v_result
-                  from (select d.verdict, count(*) as n from booking_guard.verify_due() d group by d.verdict) v;
-            when 'reconcile' then
-                v_result := booking_guard.reconcile();
-                if v_result ? 'error' then
-                    raise exception 'reconcile() failed: %', v_result ->> 'error' using errcode = 'BG005';
-                end if;
-            when 'daily_report' then
-                perform booking_guard.store_daily_report(current_date - 1);
-                v_result := jsonb_build_object('day', current_date - 1);
-        end case;
-    exception when others then
-        get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
-        insert into booking_guard.job_runs as r (job, last_started_at, last_failure_at, last_error, runs, failures)
-        values (job_name, started, clock_timestamp(), format('%s: %s', v_state, v_msg), 1, 1)
-        on conflict (job) do update
-           set last_started_at = excluded.last_started_at, last_failure_at = excluded.last_failure_at,
-               last_error = excluded.last_error, runs = r.runs + 1, failures = r.failures + 1;
-        raise warning 'booking_guard job % failed: %: %', job_name, v_state, v_msg;
-        return jsonb_build_object('job', job_name, 'error', format('%s: %s', v_state, v_msg));
-    end;
-    insert into booking_guard.job_runs as r (job, last_started_at, last_success_at, last_result, runs)
-    values (job_name, started, clock_timestamp(), v_result, 1)
-    on conflict (job) do update
-       set last_started_at = excluded.last_started_at, last_success_at = excluded.last_success_at,
-           last_result = excluded.last_result, runs = r.runs + 1;
-    return jsonb_build_object('job', job_name, 'result', v_result);
-end
-$$;
-
-comment on function booking_guard.run_job(text) is
-    'Runs one booking_guard job (what pg_cron calls) and records its start, success or failure (the error, without raising it) in job_runs.';
 
 -- Which scheduled jobs have not succeeded for longer than twice their period (plus a minute)?
 create function booking_guard.stalled_jobs()
 returns table (job text, scheduled_at timestamptz, last_success_at timestamptz, last_error text, overdue interval)
 language sql
 stable
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select j.job, r.scheduled_at, r.last_success_at, r.last_error,
@@ -142,7 +216,7 @@ $$;
 comment on function booking_guard.stalled_jobs() is
     'Scheduled jobs whose last success (or, never run, their scheduling) is older than twice their period plus a minute.';
 
-create function booking_guard.check_jobs()
+create function booking_guard_internal.check_jobs()
 returns integer
 language plpgsql
 security definer
@@ -155,7 +229,7 @@ declare
 begin
     for s in select * from booking_guard.stalled_jobs() loop
         n := n + 1;
-        perform booking_guard.raise_alert('job_stalled', 'warning', 'job', s.job,
+        perform booking_guard_internal.raise_alert('job_stalled', 'warning', 'job', s.job,
             format('booking_guard job %s has not succeeded since %s', s.job,
                    coalesce(s.last_success_at::text, 'it was scheduled at ' || s.scheduled_at)),
             jsonb_build_object('last_success_at', s.last_success_at, 'last_error', s.last_error,
@@ -172,11 +246,11 @@ begin
 end
 $$;
 
-comment on function booking_guard.check_jobs() is
+comment on function booking_guard_internal.check_jobs() is
     'Raises a job_stalled alert for each stalled scheduled job and resolves those that succeed again; returns how many are stalled.';
 
 -- Where pg_cron is, and whether this database can reach it: ready, not_loaded, not_created, no_dblink.
-create function booking_guard.cron_state(connection text default null)
+create function booking_guard_internal.cron_state(connection text default null)
 returns text
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -194,18 +268,18 @@ begin
     if not exists (select from pg_catalog.pg_extension where extname = 'dblink') then
         return 'no_dblink';
     end if;
-    return case when exists (select from booking_guard.cron_exec(
+    return case when exists (select from booking_guard_internal.cron_exec(
                                  'select extname::text from pg_catalog.pg_extension where extname = ''pg_cron''',
                                  connection))
                 then 'ready' else 'not_created' end;
 end
 $$;
 
-comment on function booking_guard.cron_state(text) is
+comment on function booking_guard_internal.cron_state(text) is
     'Whether pg_cron can be used from this database: ready, not_loaded (not in shared_preload_libraries), not_created (no CREATE EXTENSION pg_cron in cron.database_name), no_dblink (another database: dblink is needed).';
 
 -- The connection string to cron's database: this server, by its own socket and port.
-create function booking_guard.cron_connection()
+create function booking_guard_internal.cron_connection()
 returns text
 language sql
 stable
@@ -218,11 +292,11 @@ as $$
                   current_setting('port'), quote_literal(current_user))
 $$;
 
-comment on function booking_guard.cron_connection() is
+comment on function booking_guard_internal.cron_connection() is
     'The libpq connection string schedule_jobs() uses to reach cron.database_name on this server (socket directory, port, current user).';
 
 -- Runs a query that returns one text column in cron's database: here, or through dblink.
-create function booking_guard.cron_exec(query text, connection text default null)
+create function booking_guard_internal.cron_exec(query text, connection text default null)
 returns setof text
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -238,14 +312,14 @@ begin
                         join pg_catalog.pg_namespace n on n.oid = e.extnamespace
                        where e.extname = 'dblink');
     return query execute format('select t.r from %I.dblink($1, $2) as t (r text)', dblink_schema)
-        using coalesce(connection, booking_guard.cron_connection()), query;
+        using coalesce(connection, booking_guard_internal.cron_connection()), query;
 end
 $$;
 
-comment on function booking_guard.cron_exec(text, text) is
+comment on function booking_guard_internal.cron_exec(text, text) is
     'Runs a query returning one text column in cron.database_name: directly when that is this database, otherwise through dblink.';
 
-create function booking_guard.cron_not_ready(state text)
+create function booking_guard_internal.cron_not_ready(state text)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -266,15 +340,15 @@ begin
                   else format('create extension dblink; select booking_guard.schedule_jobs(); or, in database %s, run: %s',
                               current_setting('cron.database_name', true),
                               (select string_agg(format('select cron.schedule_in_database(%L, %L, %L, %L);',
-                                                        booking_guard.job_name(j.job), j.schedule,
-                                                        booking_guard.job_command(j.job), current_database()), ' '
+                                                        booking_guard_internal.job_name(j.job), j.schedule,
+                                                        booking_guard_internal.job_command(j.job), current_database()), ' '
                                                  order by j.job)
                                  from booking_guard.jobs j))
               end;
 end
 $$;
 
-comment on function booking_guard.cron_not_ready(text) is
+comment on function booking_guard_internal.cron_not_ready(text) is
     'The NOTICE of schedule_jobs() and unschedule_jobs() when pg_cron cannot be used, saying why and what to do.';
 
 create function booking_guard.schedule_jobs(connection text default null)
@@ -284,23 +358,23 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    state  text := booking_guard.cron_state(connection);
+    state  text := booking_guard_internal.cron_state(connection);
     j      record;
 begin
-    perform booking_guard.attached();
+    perform booking_guard_internal.attached();
     if state <> 'ready' then
-        perform booking_guard.cron_not_ready(state);
+        perform booking_guard_internal.cron_not_ready(state);
         return;
     end if;
     for j in select * from booking_guard.jobs x order by x.job loop
         job := j.job;
         schedule := j.schedule;
-        command := booking_guard.job_command(j.job);
+        command := booking_guard_internal.job_command(j.job);
         cron_database := current_setting('cron.database_name');
         -- same name, same user: pg_cron updates the job instead of adding one
-        cron_jobid := (select r::bigint from booking_guard.cron_exec(
+        cron_jobid := (select r::bigint from booking_guard_internal.cron_exec(
                            format('select cron.schedule_in_database(%L, %L, %L, %L)::text',
-                                  booking_guard.job_name(j.job), j.schedule, command, current_database()),
+                                  booking_guard_internal.job_name(j.job), j.schedule, command, current_database()),
                            connection) r);
         insert into booking_guard.job_runs as r (job, scheduled_at, cron_database, cron_jobid)
         values (j.job, now(), cron_database, cron_jobid)
@@ -321,16 +395,16 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    state  text := booking_guard.cron_state(connection);
+    state  text := booking_guard_internal.cron_state(connection);
     n      integer;
 begin
     if state <> 'ready' then
-        perform booking_guard.cron_not_ready(state);
+        perform booking_guard_internal.cron_not_ready(state);
         return 0;
     end if;
-    n := (select r::integer from booking_guard.cron_exec(
+    n := (select r::integer from booking_guard_internal.cron_exec(
               format('select count(cron.unschedule(j.jobid))::text from cron.job j where j.jobname = any (%L::text[])',
-                     (select array_agg(booking_guard.job_name(x.job)) from booking_guard.jobs x)),
+                     (select array_agg(booking_guard_internal.job_name(x.job)) from booking_guard.jobs x)),
               connection) r);
     update booking_guard.job_runs set scheduled_at = null, cron_jobid = null, cron_database = null;
     return n;
@@ -340,14 +414,13 @@ $$;
 comment on function booking_guard.unschedule_jobs(text) is
     'Removes this database''s booking_guard jobs from pg_cron; returns how many were removed. Without pg_cron: a NOTICE, nothing else.';
 
--- pg_cron's view of the jobs. cron.job_run_details has row-level security (each user sees
--- their own runs): read through this SECURITY DEFINER function, with a fixed query.
+-- pg_cron's view of the jobs, with the caller's rights: cron.job_run_details has row-level
+-- security (a user sees the runs of the jobs it scheduled; a superuser sees all).
 create function booking_guard.job_status()
 returns table (job text, schedule text, scheduled_at timestamptz, last_success_at timestamptz,
                last_failure_at timestamptz, last_error text, stalled boolean, cron_jobid bigint, cron_active boolean,
                cron_last_status text, cron_last_start timestamptz, cron_last_message text)
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
@@ -355,8 +428,8 @@ declare
     cron  jsonb := '[]';
 begin
     begin
-        if booking_guard.cron_state() = 'ready' then
-            cron := (select r::jsonb from booking_guard.cron_exec(format($q$
+        if booking_guard_internal.cron_state() = 'ready' then
+            cron := (select r::jsonb from booking_guard_internal.cron_exec(format($q$
                 select coalesce(json_agg(json_build_object('jobname', j.jobname, 'jobid', j.jobid, 'active', j.active,
                                                            'status', d.status, 'start', d.start_time,
                                                            'message', d.return_message)), '[]')::text
@@ -364,7 +437,7 @@ begin
                   left join lateral (select r.status, r.start_time, r.return_message from cron.job_run_details r
                                       where r.jobid = j.jobid order by r.runid desc limit 1) d on true
                  where j.jobname = any (%L::text[])$q$,
-                (select array_agg(booking_guard.job_name(x.job)) from booking_guard.jobs x))) r);
+                (select array_agg(booking_guard_internal.job_name(x.job)) from booking_guard.jobs x))) r);
         end if;
     exception when others then
         cron := '[]';   -- pg_cron unreachable: job_runs still tells the story
@@ -377,13 +450,13 @@ begin
       from booking_guard.jobs j
       left join booking_guard.job_runs r on r.job = j.job
       left join lateral (select e from jsonb_array_elements(cron) e
-                          where e ->> 'jobname' = booking_guard.job_name(j.job)) x(c) on true
+                          where e ->> 'jobname' = booking_guard_internal.job_name(j.job)) x(c) on true
      order by j.job;
 end
 $$;
 
 comment on function booking_guard.job_status() is
-    'Every booking_guard job: schedule, last success and failure (job_runs), stalled or not, and pg_cron''s job and last run (cron.job_run_details, read as the extension owner).';
+    'Every booking_guard job: schedule, last success and failure (job_runs), stalled or not, and pg_cron''s job and last run (cron.job_run_details, as far as the caller may read it).';
 
 create function booking_guard.help()
 returns table (topic text, query text)
@@ -413,10 +486,3 @@ $$;
 
 comment on function booking_guard.help() is
     'The everyday psql queries of booking_guard: what is wrong, since when, what was repaired, what is left.';
-
-grant select on booking_guard.jobs, booking_guard.job_runs to booking_guard_monitor;
-grant execute on function booking_guard.job_status(), booking_guard.stalled_jobs(), booking_guard.help()
-   to booking_guard_monitor;
-grant execute on function booking_guard.schedule_jobs(text), booking_guard.unschedule_jobs(text),
-                          booking_guard.run_job(text), booking_guard.check_jobs()
-   to booking_guard_admin;

@@ -1,127 +1,18 @@
--- Metrics: every exported series in one call, booking_guard.metrics().
---
--- Counters are folded from booking_guard.events, never counted on the booking path: a
--- booking transaction only appends its events (as it does anyway). fold_metrics() adds the
--- events of finished transactions to metric_counters: those whose xid lies in
--- [last horizon, xmin of the current snapshot). Every transaction below a snapshot's xmin
--- has finished, and the xid ranges of successive folds are adjacent, so each event is
--- counted exactly once, whenever its transaction commits, and no booking transaction ever
--- waits for a shared row. Fold runs are serialised by a transaction-level advisory lock
--- (try-lock: a concurrent scrape just reads what is folded). metrics() folds first, then
--- reads only small tables: the counters, the label definitions, open alerts and review
--- items (partial indexes), the due list, the circuit breakers and the scheduled jobs.
+-- The alert types booking_guard raises that are not rules: the closed set of type labels, with
+-- the rules' names.
+create function booking_guard_internal.alert_types()
+returns table (alert_type text)
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    values ('appointment_validation_failed'), ('job_stalled'), ('alert_storm')
+$$;
 
-create table booking_guard.metric_definitions (
-    name     text primary key check (name ~ '^[a-z_][a-z0-9_]*$'),
-    type     text not null check (type in ('counter', 'gauge', 'histogram')),
-    help     text not null,
-    buckets  double precision[] check ((type = 'histogram') = (buckets is not null))
-);
+comment on function booking_guard_internal.alert_types() is
+    'The alert types booking_guard raises besides its rules'' names (appointment_validation_failed, job_stalled, alert_storm).';
 
-comment on table booking_guard.metric_definitions is
-    'The metric families metrics() exports: name (a counter''s with _total), type, help and, for histograms, the upper bounds of the buckets.';
-
-insert into booking_guard.metric_definitions (name, type, help, buckets) values
-    ('appointment_creation_success_total', 'counter',
-     'Bookings recorded by booking_guard.record_booking() that passed validation.', null),
-    ('appointment_creation_failure_total', 'counter',
-     'Bookings that booking_guard.record_booking() could not record, by reason.', null),
-    ('appointment_creation_duration_seconds', 'histogram',
-     'Duration of booking_guard.record_booking() calls, successful or not.',
-     '{0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10}'),
-    ('appointment_validation_total', 'counter',
-     'Post-booking validations run (booking_guard.validate_appointment_creation()).', null),
-    ('appointment_validation_failure_total', 'counter',
-     'Post-booking validations that failed, by type (the validation reason).', null),
-    ('appointment_validation_duration_seconds', 'histogram',
-     'Duration of post-booking validations.',
-     '{0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1}'),
-    ('appointment_validation_success_rate', 'gauge',
-     'Share of post-booking validations that passed over the last 24 hours (0 to 1; absent when none ran).', null),
-    ('data_inconsistency_detected_total', 'counter',
-     'Inconsistencies detected (new alerts), by type (the rule).', null),
-    ('data_inconsistency_auto_corrected_total', 'counter',
-     'Inconsistencies detected and corrected by booking_guard (new alerts marked auto_corrected).', null),
-    ('data_inconsistency_manual_review_total', 'counter',
-     'Items put on the manual review queue.', null),
-    ('circuit_breaker_state', 'gauge',
-     'Effective state of each circuit breaker: 1 for its current state, 0 for the two others.', null),
-    ('circuit_breaker_open_total', 'counter',
-     'Times each circuit breaker opened.', null),
-    ('circuit_breaker_state_changes_total', 'counter',
-     'State changes of all circuit breakers.', null),
-    ('circuit_breaker_fast_fail_total', 'counter',
-     'Calls rejected by an open (or saturated half-open) circuit breaker without being tried.', null),
-    ('circuit_breaker_recovery_time_seconds', 'histogram',
-     'Time from a circuit breaker opening to closing again.',
-     '{1,5,10,30,60,120,300,600,1800,3600}'),
-    ('booking_guard_open_alerts', 'gauge',
-     'Open (unresolved) alerts, by rule and severity.', null),
-    ('booking_guard_review_queue_items', 'gauge',
-     'Open items of the manual review queue, by status.', null),
-    ('booking_guard_due_verifications', 'gauge',
-     'Calls waiting for their verification grace to pass (booking_guard.due_verifications).', null),
-    ('booking_guard_due_verifications_overdue', 'gauge',
-     'Calls on the due list whose grace passed more than 10 seconds ago: nothing is running verify_due().', null),
-    ('booking_guard_job_last_success_timestamp_seconds', 'gauge',
-     'When each scheduled job (schedule_jobs()) last succeeded, or was scheduled if that is later (Unix time).', null),
-    ('booking_guard_job_expected_interval_seconds', 'gauge',
-     'How often each scheduled job is expected to succeed (booking_guard.jobs.expected_every), in seconds.', null),
-    ('booking_guard_metrics_events_folded_total', 'counter',
-     'Events folded into the metric counters.', null),
-    ('booking_guard_metrics_last_fold_timestamp_seconds', 'gauge',
-     'When events were last folded into the metric counters (Unix time).', null);
-
-create table booking_guard.metric_counters (
-    name        text not null,
-    labels      jsonb not null default '{}',
-    value       double precision not null default 0,
-    updated_at  timestamptz not null default now(),
-    primary key (name, labels)
-);
-
-comment on table booking_guard.metric_counters is
-    'Counter totals folded from booking_guard.events by fold_metrics(): one row per series (a histogram''s buckets are stored per bucket, not cumulated).';
-
--- 5-minute totals of the last two days, for rates over a window (validation success rate, the
--- status page's last 24 hours) that do not scan the events.
-create table booking_guard.metric_windows (
-    name    text not null,
-    bucket  timestamptz not null,
-    value   double precision not null default 0,
-    primary key (name, bucket)
-);
-
-comment on table booking_guard.metric_windows is
-    'Per-5-minute totals of the last two days folded from booking_guard.events: rates over a window without scanning the events.';
-
-create table booking_guard.metric_fold_state (
-    singleton      boolean primary key default true check (singleton),
-    horizon        xid8 not null,
-    folded_at      timestamptz,
-    events_folded  bigint not null default 0,
-    runs           bigint not null default 0
-);
-
-comment on table booking_guard.metric_fold_state is
-    'Where fold_metrics() stopped: the events of every transaction with an xid below horizon are in metric_counters.';
-
--- No event is older than this transaction, which creates the events table.
-insert into booking_guard.metric_fold_state (horizon) values (pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()));
-
--- Circuit transitions are folded per key by id: every change of a breaker holds the key's row lock
--- until its transaction ends and draws the transition id under it, so the transitions of one key
--- commit in id order, and the last folded id of a key is a safe watermark.
-create table booking_guard.metric_circuit_marks (
-    key         text primary key,
-    last_id     bigint not null,
-    open_since  timestamptz
-);
-
-comment on table booking_guard.metric_circuit_marks is
-    'Per breaker key: the last circuit_transitions id folded into the metrics, and when its current outage began (for the recovery time).';
-
-create function booking_guard.histogram_le(value double precision, buckets double precision[])
+create function booking_guard_internal.histogram_le(value double precision, buckets double precision[])
 returns text
 language sql
 immutable
@@ -130,11 +21,11 @@ as $$
     select coalesce((select min(b) from unnest(buckets) b where b >= value), 'Infinity'::double precision)::text
 $$;
 
-comment on function booking_guard.histogram_le(double precision, double precision[]) is
+comment on function booking_guard_internal.histogram_le(double precision, double precision[]) is
     'The upper bound (as text, Infinity for the last) of the histogram bucket a value falls in.';
 
--- Called by fold_metrics() under its advisory lock.
-create function booking_guard.fold_circuit_metrics()
+-- Called by fold_metrics() under the fold state's row lock.
+create function booking_guard_internal.fold_circuit_metrics()
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -169,7 +60,7 @@ begin
                 v_secs := greatest(extract(epoch from t.at - v_open_since)::double precision, 0);
                 insert into booking_guard.metric_counters as m (name, labels, value)
                 values ('circuit_breaker_recovery_time_seconds_bucket',
-                        jsonb_build_object('le', booking_guard.histogram_le(v_secs, v_bounds)), 1),
+                        jsonb_build_object('le', booking_guard_internal.histogram_le(v_secs, v_bounds)), 1),
                        ('circuit_breaker_recovery_time_seconds_sum', '{}', v_secs),
                        ('circuit_breaker_recovery_time_seconds_count', '{}', 1)
                 on conflict (name, labels) do update set value = m.value + excluded.value, updated_at = now();
@@ -191,7 +82,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.fold_circuit_metrics() is
+comment on function booking_guard_internal.fold_circuit_metrics() is
     'Internal (fold_metrics): folds new circuit_transitions, per key by id, into circuit_breaker_open_total, circuit_breaker_state_changes_total and circuit_breaker_recovery_time_seconds.';
 
 create function booking_guard.fold_metrics(max_events integer default 100000)
@@ -220,10 +111,11 @@ begin
        or current_setting('transaction_isolation') <> 'read committed' then
         return 0;
     end if;
-    if not pg_try_advisory_xact_lock('booking_guard.metric_fold_state'::regclass::oid::bigint) then
-        return 0;   -- another session is folding
+    -- one fold at a time: the row lock of the fold state (a concurrent scrape just reads what is folded)
+    select s.horizon into v_from from booking_guard.metric_fold_state s for update skip locked;
+    if not found then
+        return 0;
     end if;
-    select s.horizon into strict v_from from booking_guard.metric_fold_state s for update;
     v_to := pg_snapshot_xmin(pg_current_snapshot());
     -- At most max_events events per run, and only whole transactions: stop before the xid of
     -- the first event past the limit (or just after one transaction bigger than the limit).
@@ -238,7 +130,7 @@ begin
         v_to := v_cut;
     end if;
     if v_to <= v_from then
-        perform booking_guard.fold_circuit_metrics();
+        perform booking_guard_internal.fold_circuit_metrics();
         return 0;
     end if;
 
@@ -279,9 +171,14 @@ begin
     grouped as (
         select g.kind, g.ok, g.corrected, g.bucket, g.le::text as le,
                -- label values: identifier-like reasons and rule names as they are, never free text or ids
-               case when g.reason is null then 'unknown' when g.reason ~ '^[a-z][a-z0-9_]{0,62}$' then g.reason
+               -- label values from closed sets: a reason or rule nobody declared is 'other', so that
+               -- no input can grow the number of series
+               case when g.reason is null then 'unknown'
+                    when g.reason in (select v.reason from booking_guard.validation_reasons v) then g.reason
                     else 'other' end as reason,
-               case when g.rule is null then 'unknown' when g.rule ~ '^[a-z][a-z0-9_]{0,62}$' then g.rule
+               case when g.rule is null then 'unknown'
+                    when g.rule in (select r.name from booking_guard.rules r) or g.rule in (select x.alert_type from booking_guard_internal.alert_types() x)
+                        then g.rule
                     else 'other' end as rule,
                g.n, g.timed, g.seconds
           from (select ev.kind, ev.ok, ev.corrected, ev.bucket, ev.le, ev.reason, ev.rule,
@@ -348,32 +245,31 @@ begin
     update booking_guard.metric_fold_state s
        set horizon = v_to, folded_at = now(), events_folded = s.events_folded + n, runs = s.runs + 1;
     delete from booking_guard.metric_windows w where w.bucket < now() - interval '2 days';
-    perform booking_guard.fold_circuit_metrics();
+    perform booking_guard_internal.fold_circuit_metrics();
     return n;
 end
 $$;
 
 comment on function booking_guard.fold_metrics(integer) is
-    'Adds the events of finished transactions not folded yet (xid in [horizon, snapshot xmin)) to the metric counters, at most max_events per run, each exactly once; returns how many were folded. A concurrent run returns 0 at once. metrics() runs it; cron may too.';
+    'Adds the events of finished transactions not folded yet (xid in [horizon, snapshot xmin)) to the metric counters, at most max_events per run, each exactly once; returns how many were folded. A concurrent run returns 0 at once. metrics() runs it.';
 
 -- The label sets every scrape shows, at 0 until something happens: a counter series that first
 -- appears at 1 has no earlier sample, and Prometheus' rate() would miss that first increase.
-create function booking_guard.metric_label_seeds()
+create function booking_guard_internal.metric_label_seeds()
 returns table (name text, labels jsonb)
 language sql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
     select 'appointment_creation_success_total', '{}'::jsonb
-    union all select 'appointment_creation_failure_total', jsonb_build_object('reason', r)
-      from unnest(array['call_not_found', 'appointment_not_found', 'appointment_not_linked', 'booking_id_mismatch',
-                        'appointment_stale']) r
+    union all select 'appointment_creation_failure_total', jsonb_build_object('reason', v.reason)
+      from booking_guard.validation_reasons v where v.reason <> 'ok'
     union all select 'appointment_validation_total', '{}'
-    union all select 'appointment_validation_failure_total', jsonb_build_object('type', r)
-      from unnest(array['call_not_found', 'appointment_not_found', 'appointment_not_linked', 'booking_id_mismatch',
-                        'appointment_stale']) r
+    union all select 'appointment_validation_failure_total', jsonb_build_object('type', v.reason)
+      from booking_guard.validation_reasons v where v.reason <> 'ok'
     union all select 'data_inconsistency_detected_total', jsonb_build_object('type', r.name) from booking_guard.rules r
-    union all select 'data_inconsistency_detected_total', jsonb_build_object('type', 'appointment_validation_failed')
+    union all select 'data_inconsistency_detected_total', jsonb_build_object('type', x.alert_type)
+      from booking_guard_internal.alert_types() x
     union all select 'data_inconsistency_auto_corrected_total', '{}'
     union all select 'data_inconsistency_manual_review_total', '{}'
     union all select 'booking_guard_metrics_events_folded_total', '{}'
@@ -381,13 +277,12 @@ as $$
     union all select 'circuit_breaker_state_changes_total', '{}'
 $$;
 
-comment on function booking_guard.metric_label_seeds() is
+comment on function booking_guard_internal.metric_label_seeds() is
     'Counter series exported at 0 before their first event (every rule, every validation reason), so that rate() sees their first increase.';
 
 create function booking_guard.metrics()
 returns table (name text, type text, help text, labels jsonb, value double precision)
 language plpgsql
-security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -398,7 +293,7 @@ begin
         select d.name, d.type, d.help, d.buckets from booking_guard.metric_definitions d
     ),
     series as (   -- folded counters, with their zero-initialised label sets
-        select s.name, s.labels from booking_guard.metric_label_seeds() s
+        select s.name, s.labels from booking_guard_internal.metric_label_seeds() s
         union
         select c.name, c.labels from booking_guard.metric_counters c
     ),
@@ -502,11 +397,3 @@ $$;
 
 comment on function booking_guard.metrics() is
     'Every exported series, one row each: name (the sample name: _total for counters, _bucket/_sum/_count for histograms), type, help, labels, value. Folds new events first; reads only counters and small state tables, never the application tables.';
-
-grant select on booking_guard.metric_definitions, booking_guard.metric_counters, booking_guard.metric_windows,
-                booking_guard.metric_fold_state, booking_guard.metric_circuit_marks
-   to booking_guard_monitor;
-grant execute on function booking_guard.metrics(), booking_guard.fold_metrics(integer) to booking_guard_monitor;
-grant execute on function booking_guard.histogram_le(double precision, double precision[]),
-                          booking_guard.metric_label_seeds()
-   to booking_guard_monitor;

@@ -1,46 +1,11 @@
--- Alert delivery: the outbox the relay (booking-guard serve) works through.
---
--- Slack: each undelivered alert is claimed for a lease (FOR UPDATE SKIP LOCKED, so two relays
--- never claim the same alert), sent, and marked delivered (alerts.delivered_at). A relay that
--- dies between claim and send loses nothing: its lease runs out and the alert is claimed again
--- (at-least-once). A failed send releases the claim with the next attempt after backoff_delay().
--- E-mail: one digest per period (4 hours by default), claimed and marked sent the same way.
-
-create table booking_guard.alert_claims (
-    alert_id         bigint primary key references booking_guard.alerts (id) on delete cascade,
-    claimed_by       text,
-    claimed_until    timestamptz,
-    attempts         integer not null default 0,
-    next_attempt_at  timestamptz not null default now(),
-    last_error       text
-);
-
-comment on table booking_guard.alert_claims is
-    'Delivery state of alerts not delivered yet: who holds the claim and until when, attempts, when the next may start, the last error.';
-
-create table booking_guard.alert_digests (
-    period_end       timestamptz primary key,
-    period_start     timestamptz not null,
-    claimed_by       text,
-    claimed_until    timestamptz,
-    attempts         integer not null default 0,
-    next_attempt_at  timestamptz not null default now(),
-    last_error       text,
-    sent_at          timestamptz,
-    alerts           integer
-);
-
-comment on table booking_guard.alert_digests is
-    'E-mail digests: one row per period, claimed by a relay, sent_at once sent (alerts = 0: nothing to send).';
-
-create function booking_guard.relay_check(relay text, lease interval)
+create function booking_guard_internal.relay_check(relay text, lease interval)
 returns void
 language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if relay is null or relay !~ '\S' or lease is null or lease <= interval '0' or lease > interval '1 hour' then
+    if relay is null or relay !~ '\S' or length(relay) > 200 or lease is null or lease <= interval '0' or lease > interval '1 hour' then
         raise exception 'invalid relay claim: relay %, lease %', coalesce(quote_literal(relay), 'null'),
                         coalesce(lease::text, 'null')
             using errcode = 'BG005',
@@ -50,7 +15,7 @@ begin
 end
 $$;
 
-comment on function booking_guard.relay_check(text, interval) is
+comment on function booking_guard_internal.relay_check(text, interval) is
     'Internal: BG005 unless relay is a name and lease is in (0, 1 hour].';
 
 create function booking_guard.claim_alerts(relay text, max_alerts integer default 10, lease interval default '30 seconds')
@@ -60,7 +25,7 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    perform booking_guard.relay_check(relay, lease);
+    perform booking_guard_internal.relay_check(relay, lease);
     if max_alerts is null or max_alerts not between 1 and 1000 then
         raise exception 'invalid max_alerts %', coalesce(max_alerts::text, 'null')
             using errcode = 'BG005',
@@ -80,10 +45,11 @@ begin
            for update of a skip locked
     ),
     claimed as (
-        insert into booking_guard.alert_claims as c (alert_id, claimed_by, claimed_until, attempts)
-        select x.id, relay, clock_timestamp() + lease, 1 from candidates x
+        insert into booking_guard.alert_claims as c (alert_id, claimed_by, claimed_role, claimed_until, attempts)
+        select x.id, relay, session_user, clock_timestamp() + lease, 1 from candidates x
         on conflict (alert_id) do update
-           set claimed_by = excluded.claimed_by, claimed_until = excluded.claimed_until, attempts = c.attempts + 1
+           set claimed_by = excluded.claimed_by, claimed_role = excluded.claimed_role, claimed_until = excluded.claimed_until,
+               attempts = c.attempts + 1
          -- checked against the latest committed claim, not this statement's snapshot
          where (c.claimed_until is null or c.claimed_until <= now()) and c.next_attempt_at <= now()
         returning c.alert_id
@@ -104,17 +70,23 @@ as $$
 declare
     n  integer;
 begin
-    perform booking_guard.relay_check(relay, interval '1 second');
+    perform booking_guard_internal.relay_check(relay, interval '1 second');
+    -- only what this relay (name and role) claimed: a relay cannot silence what it never sent
+    with mine as (
+        delete from booking_guard.alert_claims c
+         where c.alert_id = any (alert_ids) and c.claimed_by = relay and c.claimed_role = session_user
+        returning c.alert_id
+    )
     update booking_guard.alerts a set delivered_at = now()
-     where a.id = any (alert_ids) and a.delivered_at is null;
+      from mine
+     where a.id = mine.alert_id and a.delivered_at is null;
     get diagnostics n = row_count;
-    delete from booking_guard.alert_claims c where c.alert_id = any (alert_ids);
     return n;
 end
 $$;
 
 comment on function booking_guard.alerts_delivered(text, bigint[]) is
-    'Marks alerts delivered (alerts.delivered_at) and ends their claims; returns how many were not marked before.';
+    'Marks alerts delivered (alerts.delivered_at) and ends their claims, for the alerts this relay (name and session role) holds a claim on; returns how many it marked.';
 
 create function booking_guard.alerts_failed(relay text, alert_ids bigint[], error text)
 returns timestamptz
@@ -125,11 +97,11 @@ as $$
 declare
     v_next  timestamptz;
 begin
-    perform booking_guard.relay_check(relay, interval '1 second');
+    perform booking_guard_internal.relay_check(relay, interval '1 second');
     update booking_guard.alert_claims c
        set claimed_by = null, claimed_until = null, last_error = left(error, 2000),
            next_attempt_at = clock_timestamp() + booking_guard.backoff_delay(greatest(c.attempts, 1), max_delay => '5 minutes')
-     where c.alert_id = any (alert_ids) and c.claimed_by = relay;
+     where c.alert_id = any (alert_ids) and c.claimed_by = relay and c.claimed_role = session_user;
     select max(c.next_attempt_at) into v_next from booking_guard.alert_claims c where c.alert_id = any (alert_ids);
     return v_next;
 end
@@ -148,7 +120,7 @@ as $$
 declare
     v_end  timestamptz;
 begin
-    perform booking_guard.relay_check(relay, lease);
+    perform booking_guard_internal.relay_check(relay, lease);
     if every is null or every < interval '1 second' or every > interval '7 days' then
         raise exception 'invalid digest period %', coalesce(every::text, 'null')
             using errcode = 'BG005',
@@ -162,7 +134,7 @@ begin
     delete from booking_guard.alert_digests d where d.period_end < now() - interval '30 days';
     return query
     update booking_guard.alert_digests d
-       set claimed_by = relay, claimed_until = clock_timestamp() + lease, attempts = d.attempts + 1
+       set claimed_by = relay, claimed_role = session_user, claimed_until = clock_timestamp() + lease, attempts = d.attempts + 1
      where d.period_end = v_end and d.sent_at is null
        and (d.claimed_until is null or d.claimed_until <= now()) and d.next_attempt_at <= now()
     returning d.period_start, d.period_end;
@@ -173,18 +145,23 @@ comment on function booking_guard.claim_digest(text, interval, interval) is
     'Claims the e-mail digest of the period that has just ended (periods of length every, aligned to midnight UTC) unless it is sent or claimed; no row otherwise.';
 
 create function booking_guard.digest_sent(relay text, period_end timestamptz, alerts integer)
-returns void
+returns boolean
 language sql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-    update booking_guard.alert_digests d
-       set sent_at = now(), alerts = digest_sent.alerts, claimed_by = digest_sent.relay, claimed_until = null
-     where d.period_end = digest_sent.period_end
+    with mine as (
+        update booking_guard.alert_digests d
+           set sent_at = now(), alerts = digest_sent.alerts, claimed_until = null
+         where d.period_end = digest_sent.period_end and d.sent_at is null
+           and d.claimed_by = digest_sent.relay and d.claimed_role = session_user
+        returning 1
+    )
+    select exists (select from mine)
 $$;
 
 comment on function booking_guard.digest_sent(text, timestamptz, integer) is
-    'Marks a period''s digest sent (alerts = how many it listed; 0 when there was nothing to send).';
+    'Marks a period''s digest sent (alerts = how many it listed; 0 when there was nothing to send), if this relay (name and session role) claimed it; true when it did.';
 
 create function booking_guard.digest_failed(relay text, period_end timestamptz, error text)
 returns timestamptz
@@ -196,17 +173,9 @@ as $$
        set claimed_by = null, claimed_until = null, last_error = left(digest_failed.error, 2000),
            next_attempt_at = clock_timestamp() + booking_guard.backoff_delay(greatest(d.attempts, 1), max_delay => '5 minutes')
      where d.period_end = digest_failed.period_end and d.claimed_by = digest_failed.relay
+       and d.claimed_role = session_user
     returning d.next_attempt_at
 $$;
 
 comment on function booking_guard.digest_failed(text, timestamptz, text) is
     'Releases a failed digest: the next attempt is due after backoff_delay(attempts) (at most 5 minutes); returns when.';
-
-grant select on booking_guard.alert_claims, booking_guard.alert_digests to booking_guard_monitor;
-grant execute on function booking_guard.claim_alerts(text, integer, interval), booking_guard.alerts_delivered(text, bigint[]),
-                          booking_guard.alerts_failed(text, bigint[], text),
-                          booking_guard.claim_digest(text, interval, interval),
-                          booking_guard.digest_sent(text, timestamptz, integer),
-                          booking_guard.digest_failed(text, timestamptz, text),
-                          booking_guard.relay_check(text, interval)
-   to booking_guard_monitor;

@@ -4,6 +4,7 @@ DATABASE_URL, which `make test` points at its throwaway cluster)."""
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,3 +103,37 @@ def core(attached: psycopg.Connection) -> psycopg.Connection:
     attached.execute("insert into companies (id, name) values (1, 'Acme Dental')")
     attached.execute("insert into customers (id, company_id, name) values (1, 1, 'Ada'), (2, 1, 'Bob')")
     return attached
+
+
+@pytest.fixture
+def login_role(db: psycopg.Connection) -> Iterator[Callable[..., tuple[str, psycopg.Connection]]]:
+    """Make login roles for one test (roles are cluster-wide): login_role(*member_of, grants=[...])
+    creates a role that is a member of the given roles, runs each GRANT statement (`{role}` names
+    it), and returns (name, an autocommit connection as it). Dropped with what they own afterwards."""
+    made: list[tuple[str, psycopg.Connection]] = []
+
+    def make(*member_of: str, grants: tuple[str, ...] = ()) -> tuple[str, psycopg.Connection]:
+        name = f"bg_role_{uuid.uuid4().hex[:10]}"
+        db.execute(f"create role {name} login")
+        for role in member_of:
+            db.execute(f"grant {role} to {name}")
+        for grant in grants:
+            db.execute(grant.format(role=name))
+        conn = psycopg.connect(host=db.info.host, port=db.info.port, user=name, dbname=db.info.dbname,
+                               autocommit=True)
+        made.append((name, conn))
+        return name, conn
+
+    yield make
+    for name, conn in made:
+        conn.close()
+        db.execute(f"reassign owned by {name} to current_user")
+        db.execute(f"drop owned by {name}")
+        db.execute(f"drop role {name}")
+
+
+#: The privileges an application's own role has on its tables, and nothing on booking_guard.
+APP_TABLE_GRANTS = (
+    "grant select, insert, update, delete on calls, appointments, companies, customers, services, staff to {role}",
+    "grant usage on all sequences in schema public to {role}",
+)

@@ -1,0 +1,87 @@
+-- booking_guard 0.2.0: what 0.2.0 changes in the tables, after 0.1.0's (schema/0.1.0.sql).
+--
+-- Run on a fresh install after 0.1.0's tables, and by the update from 0.1.0: both end with the
+-- same tables. Frozen once 0.2.0 is released; a later change goes into the next version's file.
+
+create schema booking_guard_internal;
+
+-- The columns booking_guard_worker may write (attach() grants UPDATE on exactly these).
+alter table booking_guard.required_columns add column written boolean not null default false;
+update booking_guard.required_columns set written = true
+ where (table_role, column_name) in (
+       ('calls', 'direction'), ('calls', 'session_outcome'), ('calls', 'appointment_made'),
+       ('calls', 'appointment_link_status'), ('calls', 'appointment_linked_at'), ('calls', 'customer_link_status'),
+       ('calls', 'customer_linked_at'), ('calls', 'customer_link_method'), ('calls', 'customer_link_confidence'),
+       ('calls', 'updated_at'), ('appointments', 'call_id'), ('appointments', 'updated_at'));
+comment on column booking_guard.required_columns.written is
+    'booking_guard writes this column (as booking_guard_worker): attach() grants UPDATE on it.';
+
+-- Bounds: one role cannot grow booking_guard's tables, alerts or metric series without limit.
+insert into booking_guard.settings (name, kind, integer_value, min_value, max_value, description) values
+    ('alert_storm_threshold', 'integer', 100, 1, 1000000,
+     'New alerts of one type per minute beyond which the rest are counted as occurrences of one alert_storm alert.'),
+    ('review_queue_max_open', 'integer', 10000, 1, 10000000,
+     'Open review items beyond which queue_for_review() refuses new ones (booking_guard''s own findings are still queued).'),
+    ('circuit_max_keys', 'integer', 1000, 1, 1000000,
+     'Circuit breaker keys beyond which a new key is refused (each key is a row and several metric series).'),
+    ('retries_max_open', 'integer', 10000, 1, 10000000,
+     'Pending and running retries beyond which schedule_retry() refuses new ones.'),
+    ('job_batch_size', 'integer', 1000, 1, 1000000,
+     'Rows (or findings) a scheduled job handles per transaction: the longest an application write waits for a job is one batch.');
+insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
+    ('monitor_overlap', 'interval', '5 minutes', 0, 86400,
+     'The scheduled run_monitor looks at rows created since its last run, less this much (rows committed late by long transactions).'),
+    ('monitor_recheck_interval', 'interval', '10 minutes', 0, 86400,
+     'The scheduled run_monitor re-checks an open alert it did not see again at most this often.');
+
+-- Serialisation of record_booking() per booking id (a row lock, not an advisory key).
+create table booking_guard_internal.booking_locks (
+    booking_id  text primary key
+);
+comment on table booking_guard_internal.booking_locks is
+    'Always empty: record_booking() inserts and deletes a booking id here so that concurrent calls for one booking id wait for each other.';
+
+-- Job leases, skips and the monitor's watermark.
+alter table booking_guard.job_runs
+    add column running_pid      integer,
+    add column running_since    timestamptz,
+    add column watermark        timestamptz,
+    add column skips            bigint not null default 0,
+    add column last_skipped_at  timestamptz;
+comment on column booking_guard.job_runs.running_pid is 'The backend running the job now (its lease); null when none is.';
+comment on column booking_guard.job_runs.watermark is 'run_monitor: the rows created before this were looked at by an earlier run.';
+comment on column booking_guard.job_runs.skips is 'Runs that found another run of the job in progress and did nothing.';
+
+-- A relay acknowledges only what it claimed: the claiming session's role, beside the relay's name.
+alter table booking_guard.alert_claims add column claimed_role name;
+alter table booking_guard.alert_digests add column claimed_role name;
+
+-- New alerts of a type in the last minute (alert storms).
+create index alerts_type_detected_at_idx on booking_guard.alerts (alert_type, detected_at);
+
+-- The validation reasons, in one place: validation, metrics labels and clients read them.
+create table booking_guard.validation_reasons (
+    reason       text primary key check (reason ~ '^[a-z][a-z0-9_]{0,62}$'),
+    description  text not null
+);
+comment on table booking_guard.validation_reasons is
+    'The reasons validate_appointment_creation() gives, ok first; metrics label failures with these (anything else is other).';
+insert into booking_guard.validation_reasons (reason, description) values
+    ('ok', 'the appointment stands: it exists, is linked to the call, carries the expected booking id and is recent'),
+    ('call_not_found', 'the call does not exist'),
+    ('appointment_not_found', 'no appointment by the given id, or none linked to the call and none carrying the booking id'),
+    ('appointment_not_linked', 'the appointment''s call_id is not the call'),
+    ('booking_id_mismatch', 'the appointment''s calcom_v2_booking_id differs from the given booking id, or the call''s'),
+    ('appointment_stale', 'the appointment was created longer ago than validation_recent_window');
+
+-- 0.1.0's descriptions named documents outside the repository; a fresh install already has these.
+update booking_guard.rules set description = regexp_replace(description, ' \(seed [^)]*\)', '', 'g')
+ where description ~ '\(seed ';
+update booking_guard.settings set description = replace(description, 'The seed waited 5 s.', 'Five seconds by default.')
+ where name = 'verification_grace';
+comment on table booking_guard.review_priorities is
+    'Priority of a review reason (1 = most urgent); reasons not listed get 5.';
+comment on table booking_guard.review_queue is
+    'Calls waiting for a person: one open item per call and reason.';
+comment on table booking_guard.circuit_policies is
+    'Circuit breaker policy per key pattern (LIKE syntax, e.g. appointment_booking:service:%); the longest matching pattern wins, the row % is the default.';

@@ -1,0 +1,1281 @@
+/*
+ * booking_guard's C module: the booking path's triggers, the switch to booking_guard_worker,
+ * the job runner and the appointment insert of record_booking().
+ *
+ * Why C:
+ *   - The triggers fire on every booking. Written in PL/pgSQL they cost more than the booking
+ *     itself (PL/pgSQL builds each expression's state again in every transaction). Here a row no
+ *     rule has anything to say about costs one index probe. Whatever a rule acts on (a correction,
+ *     an alert, a rejection) is still decided in PL/pgSQL (booking_guard_internal.calls_rules(),
+ *     judge_call(), sync_call_flags()).
+ *   - Identity. booking_guard writes the application's tables on its own account (a flag derived
+ *     at COMMIT, a repair by a job), and the table owner's triggers, defaults, CHECKs and policies
+ *     then run as whoever booking_guard runs as. That must never be a superuser, nor a role that
+ *     owns anything. SECURITY DEFINER can only take the rights of a function's owner, and an owner
+ *     can replace its functions; so this module switches to booking_guard_worker, a role that owns
+ *     nothing, the way PostgreSQL's own maintenance commands switch to a table's owner: with a
+ *     local user id change (no SET ROLE back), as a security-restricted operation (no temporary
+ *     objects, no cursors left behind) and in a GUC nest level that is undone afterwards, so that
+ *     code run as the worker cannot leave a setting behind for the caller.
+ *   - record_booking() inserts a jsonb object into the attached appointments table. Its plan is
+ *     kept here, keyed by table and set of keys: no session-level name the caller could prepare
+ *     first (0.1.0 executed a prepared statement whose name the caller could predict).
+ *
+ * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "common/hashfn.h"
+#include "common/md5.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "storage/proc.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+PG_MODULE_MAGIC;
+
+PG_FUNCTION_INFO_V1(calls_before);
+PG_FUNCTION_INFO_V1(calls_truth_check);
+PG_FUNCTION_INFO_V1(claim_check_needed);
+PG_FUNCTION_INFO_V1(appointments_sync);
+PG_FUNCTION_INFO_V1(appointments_truth_check);
+PG_FUNCTION_INFO_V1(rule_mode);
+PG_FUNCTION_INFO_V1(rules_changed);
+PG_FUNCTION_INFO_V1(run_job);
+PG_FUNCTION_INFO_V1(run_job_steps);
+PG_FUNCTION_INFO_V1(insert_appointment);
+
+void		_PG_init(void);
+
+#define ERRCODE_BG_ATTACHMENT	MAKE_SQLSTATE('B','G','0','0','3')
+#define ERRCODE_BG_NOT_FOUND	MAKE_SQLSTATE('B','G','0','0','4')
+#define ERRCODE_BG_BAD_INPUT	MAKE_SQLSTATE('B','G','0','0','5')
+
+#define WORKER_ROLE "booking_guard_worker"
+
+/* ---- the switch to booking_guard_worker ---- */
+
+typedef struct AsWorker
+{
+	Oid			saved_user;
+	int			saved_context;
+	int			nest_level;
+} AsWorker;
+
+static void
+become_worker(AsWorker *as)
+{
+	Oid			worker = get_role_oid(WORKER_ROLE, true);
+
+	if (!OidIsValid(worker))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("role %s does not exist", WORKER_ROLE),
+				 errdetail("booking_guard writes the application's tables as this role; the extension creates it."),
+				 errhint("Run ALTER EXTENSION booking_guard UPDATE, or drop and create the extension again.")));
+	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
+	SetUserIdAndSecContext(worker, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	as->nest_level = NewGUCNestLevel();
+}
+
+/* On error there is nothing to undo here: the (sub)transaction abort restores the user and the
+ * settings. */
+static void
+end_worker(AsWorker *as)
+{
+	AtEOXact_GUC(false, as->nest_level);
+	SetUserIdAndSecContext(as->saved_user, as->saved_context);
+}
+
+/* ---- transaction-local marks ---- */
+
+/*
+ *   verified_claim  the call whose flags calls_before() last found true to its appointments:
+ *                   the appointment-side check at COMMIT trusts it
+ *   unchecked_row   the calls row just written needs no commit-time check; the WHEN clause of
+ *                   the calls-side constraint triggers reads it once and clears it
+ * A subtransaction abort clears both: without a mark, the check at COMMIT simply runs.
+ */
+typedef struct CallMark
+{
+	bool		set;
+	LocalTransactionId lxid;
+	int64		call_id;
+} CallMark;
+
+static CallMark verified_claim;
+static CallMark unchecked_row;
+
+static void
+mark_set(CallMark *mark, int64 call_id)
+{
+	mark->set = true;
+	mark->lxid = MyProc->lxid;
+	mark->call_id = call_id;
+}
+
+static bool
+mark_is(const CallMark *mark, int64 call_id)
+{
+	return mark->set && mark->lxid == MyProc->lxid && mark->call_id == call_id;
+}
+
+/* ---- rules, read once per transaction ---- */
+
+typedef enum RuleMode
+{
+	MODE_UNKNOWN,				/* no such rule: rule_mode() returns null */
+	MODE_OFF,
+	MODE_OBSERVE,
+	MODE_CORRECT,
+	MODE_ENFORCE
+} RuleMode;
+
+static const char *const mode_names[] = {NULL, "off", "observe", "correct", "enforce"};
+
+typedef struct Rule
+{
+	NameData	name;
+	RuleMode	mode;
+	RuleMode	fallback_mode;
+	int			rollout_percent;
+} Rule;
+
+static Rule *rules;
+static int	nrules;
+static bool rules_loaded;
+static LocalTransactionId rules_lxid;
+
+static SPIPlanPtr rules_plan;
+static SPIPlanPtr probe_plan;
+static SPIPlanPtr judge_plan;
+static SPIPlanPtr judge_commit_plan;
+static SPIPlanPtr sync_plan;
+
+static void insert_plans_invalidate(Datum arg, Oid relid);
+
+static void
+forget_transaction_state(SubXactEvent event, SubTransactionId mySubid,
+						 SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		verified_claim.set = false;
+		unchecked_row.set = false;
+		rules_loaded = false;
+	}
+}
+
+void
+_PG_init(void)
+{
+	RegisterSubXactCallback(forget_transaction_state, NULL);
+	CacheRegisterRelcacheCallback(insert_plans_invalidate, (Datum) 0);
+}
+
+static RuleMode
+parse_mode(const char *text)
+{
+	for (int m = MODE_OFF; m <= MODE_ENFORCE; m++)
+		if (strcmp(text, mode_names[m]) == 0)
+			return (RuleMode) m;
+	elog(ERROR, "booking_guard: unknown rule mode \"%s\"", text);
+	return MODE_UNKNOWN;		/* keep the compiler quiet */
+}
+
+static SPIPlanPtr
+prepare_kept(const char *query, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(query, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "booking_guard: SPI_prepare failed for \"%s\": %s", query,
+			 SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "booking_guard: SPI_keepplan failed");
+	return plan;
+}
+
+/* Runs a kept query with bigint arguments (and at most one text argument after them), preparing it
+ * on first use in the session. */
+static void
+run_kept(SPIPlanPtr *plan, const char *query, int nargs, Oid *argtypes, Datum *args, bool read_only,
+		 long count, const char *what)
+{
+	int			rc;
+
+	if (*plan == NULL)
+		*plan = prepare_kept(query, nargs, argtypes);
+	rc = SPI_execute_plan(*plan, args, NULL, read_only, count);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "booking_guard: %s failed: %s", what, SPI_result_code_string(rc));
+}
+
+static void
+load_rules(void)
+{
+	MemoryContext oldcxt;
+	AsWorker	as;
+
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	run_kept(&rules_plan, "select r.name, r.mode, r.rollout_percent, r.fallback_mode from booking_guard.rules r",
+			 0, NULL, NULL, true, 0, "reading booking_guard.rules");
+
+	oldcxt = MemoryContextSwitchTo(TopMemoryContext);
+	if (rules != NULL)
+		pfree(rules);
+	rules = palloc0(sizeof(Rule) * Max(SPI_processed, 1));
+	MemoryContextSwitchTo(oldcxt);
+	nrules = 0;
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		Rule	   *rule = &rules[nrules++];
+		bool		isnull;
+
+		namestrcpy(&rule->name, SPI_getvalue(row, desc, 1));
+		rule->mode = parse_mode(SPI_getvalue(row, desc, 2));
+		rule->rollout_percent = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
+		rule->fallback_mode = parse_mode(SPI_getvalue(row, desc, 4));
+	}
+	SPI_finish();
+	end_worker(&as);
+	rules_loaded = true;
+	rules_lxid = MyProc->lxid;
+}
+
+/* The same bucket as the SQL function booking_guard.rollout_bucket(): the first 32 bits of
+ * md5(company_id) modulo 100. */
+static int
+rollout_bucket(const char *company)
+{
+	char		hex[33];
+	char		first[9];
+	const char *errstr = NULL;
+
+	if (!pg_md5_hash(company, strlen(company), hex, &errstr))
+		elog(ERROR, "booking_guard: md5 failed: %s", errstr);
+	memcpy(first, hex, 8);
+	first[8] = '\0';
+	return (int) (strtoul(first, NULL, 16) % 100);
+}
+
+/* The company of a row, as text, computed only when a rollout below 100 % needs it. */
+typedef struct Company
+{
+	bool		known;
+	const char *text;			/* null company: "" as in rollout_bucket(null) */
+	Datum		value;
+	bool		isnull;
+	Oid			type;
+} Company;
+
+static const char *
+company_text(Company *company)
+{
+	if (!company->known)
+	{
+		if (company->isnull)
+			company->text = "";
+		else
+		{
+			Oid			output;
+			bool		varlena;
+
+			getTypeOutputInfo(company->type, &output, &varlena);
+			company->text = OidOutputFunctionCall(output, company->value);
+		}
+		company->known = true;
+	}
+	return company->text;
+}
+
+static RuleMode
+mode_of(const char *rule_name, Company *company)
+{
+	if (!rules_loaded || rules_lxid != MyProc->lxid)
+		load_rules();
+	for (int i = 0; i < nrules; i++)
+	{
+		Rule	   *rule = &rules[i];
+
+		if (strcmp(NameStr(rule->name), rule_name) != 0)
+			continue;
+		if (rule->rollout_percent >= 100 || rollout_bucket(company_text(company)) < rule->rollout_percent)
+			return rule->mode;
+		return rule->fallback_mode;
+	}
+	return MODE_UNKNOWN;
+}
+
+static bool
+corrects(RuleMode mode)
+{
+	return mode == MODE_CORRECT || mode == MODE_ENFORCE;
+}
+
+/* ---- reading and writing the application's rows ---- */
+
+static bool
+text_is(Datum value, bool isnull, const char *expected)
+{
+	text	   *t;
+	size_t		len;
+
+	if (isnull)
+		return false;
+	t = DatumGetTextPP(value);
+	len = VARSIZE_ANY_EXHDR(t);
+	return len == strlen(expected) && memcmp(VARDATA_ANY(t), expected, len) == 0;
+}
+
+static bool
+text_distinct(Datum a, bool a_null, Datum b, bool b_null)
+{
+	text	   *ta;
+	text	   *tb;
+
+	if (a_null || b_null)
+		return a_null != b_null;
+	ta = DatumGetTextPP(a);
+	tb = DatumGetTextPP(b);
+	return VARSIZE_ANY_EXHDR(ta) != VARSIZE_ANY_EXHDR(tb)
+		|| memcmp(VARDATA_ANY(ta), VARDATA_ANY(tb), VARSIZE_ANY_EXHDR(ta)) != 0;
+}
+
+static int64
+id_value(Datum value, Oid type)
+{
+	return type == INT4OID ? (int64) DatumGetInt32(value) : DatumGetInt64(value);
+}
+
+/* What this module reads a column as. attach() checked the types, but a table owner may have
+ * renamed a column since and added another of the old name (the event trigger refuses that, but
+ * it can be disabled): every trigger call checks again before it reads a single datum. */
+typedef enum ColumnKind
+{
+	KIND_ID,					/* integer or bigint */
+	KIND_TEXT,					/* text or varchar */
+	KIND_BOOL,
+	KIND_TIMESTAMP,				/* timestamptz or timestamp */
+	KIND_NUMERIC,
+	KIND_ANY					/* only ever printed (company_id) */
+} ColumnKind;
+
+typedef struct Column
+{
+	int			attnum;
+	Oid			type;
+	int32		typmod;
+} Column;
+
+static bool
+kind_accepts(ColumnKind kind, Oid type)
+{
+	switch (kind)
+	{
+		case KIND_ID:
+			return type == INT4OID || type == INT8OID;
+		case KIND_TEXT:
+			return type == TEXTOID || type == VARCHAROID;
+		case KIND_BOOL:
+			return type == BOOLOID;
+		case KIND_TIMESTAMP:
+			return type == TIMESTAMPTZOID || type == TIMESTAMPOID;
+		case KIND_NUMERIC:
+			return type == NUMERICOID;
+		case KIND_ANY:
+			return true;
+	}
+	return false;
+}
+
+static const char *const kind_names[] = {"integer or bigint", "text or character varying", "boolean",
+	"timestamp with or without time zone", "numeric", "any type"};
+
+static Column
+column(Relation rel, const char *name, ColumnKind kind)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Column		col;
+
+	col.attnum = SPI_fnumber(desc, name);
+	if (col.attnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard: table %s has no column %s", RelationGetRelationName(rel), name),
+				 errdetail("booking_guard reads and writes this column on every row of the attached table."),
+				 errhint("Give the column back, or run select booking_guard.detach(); until the table fits again.")));
+	col.type = TupleDescAttr(desc, col.attnum - 1)->atttypid;
+	col.typmod = TupleDescAttr(desc, col.attnum - 1)->atttypmod;
+	if (!kind_accepts(kind, col.type))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard: column %s of table %s is %s, not %s", name, RelationGetRelationName(rel),
+						format_type_be(col.type), kind_names[kind]),
+				 errdetail("booking_guard reads this column on every row of the attached table, and will not read it as another type."),
+				 errhint("Give the column its type back, or run select booking_guard.detach(); until the table fits again.")));
+	return col;
+}
+
+/* A text or varchar value for a column, with the column's length limit applied as an
+ * assignment would. */
+static Datum
+text_for(Column col, const char *value)
+{
+	Datum		d = CStringGetTextDatum(value);
+
+	if (col.type == VARCHAROID && col.typmod >= 0)
+		d = DirectFunctionCall3(varchar, d, Int32GetDatum(col.typmod), BoolGetDatum(false));
+	return d;
+}
+
+/* now() for a timestamptz or timestamp column. */
+static Datum
+now_for(Column col)
+{
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+
+	if (col.type == TIMESTAMPOID)
+		return DirectFunctionCall1(timestamptz_timestamp, TimestampTzGetDatum(now));
+	return TimestampTzGetDatum(now);
+}
+
+/* Looks up a function of booking_guard_internal by name and argument types. Run as the worker,
+ * which may use that schema whoever the caller is. */
+static Oid
+internal_function(const char *name, int nargs, Oid *argtypes)
+{
+	return LookupFuncName(list_make2(makeString("booking_guard_internal"), makeString(pstrdup(name))),
+						  nargs, argtypes, false);
+}
+
+/* ---- the calls trigger ---- */
+
+typedef struct CallsTrigger
+{
+	Column		id, company_id, direction, session_outcome, appointment_made,
+				appointment_link_status, appointment_linked_at, customer_id,
+				customer_link_status, customer_linked_at, customer_link_method,
+				customer_link_confidence;
+	bool		rules_fn_ready;
+	FmgrInfo	rules_fn;		/* booking_guard_internal.calls_rules() */
+} CallsTrigger;
+
+static CallsTrigger *
+calls_trigger_state(FunctionCallInfo fcinfo, Relation rel)
+{
+	CallsTrigger *st = (CallsTrigger *) fcinfo->flinfo->fn_extra;
+
+	if (st == NULL)
+	{
+		st = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(CallsTrigger));
+		st->id = column(rel, "id", KIND_ID);
+		st->company_id = column(rel, "company_id", KIND_ANY);
+		st->direction = column(rel, "direction", KIND_TEXT);
+		st->session_outcome = column(rel, "session_outcome", KIND_TEXT);
+		st->appointment_made = column(rel, "appointment_made", KIND_BOOL);
+		st->appointment_link_status = column(rel, "appointment_link_status", KIND_TEXT);
+		st->appointment_linked_at = column(rel, "appointment_linked_at", KIND_TIMESTAMP);
+		st->customer_id = column(rel, "customer_id", KIND_ID);
+		st->customer_link_status = column(rel, "customer_link_status", KIND_TEXT);
+		st->customer_linked_at = column(rel, "customer_linked_at", KIND_TIMESTAMP);
+		st->customer_link_method = column(rel, "customer_link_method", KIND_TEXT);
+		st->customer_link_confidence = column(rel, "customer_link_confidence", KIND_NUMERIC);
+		fcinfo->flinfo->fn_extra = st;
+	}
+	return st;
+}
+
+/* Runs booking_guard_internal.calls_rules() on the row, as the worker, as if it were the
+ * trigger; returns its row. */
+static HeapTuple
+apply_rules_in_plpgsql(FunctionCallInfo fcinfo, CallsTrigger *st)
+{
+	LOCAL_FCINFO(inner, 0);
+	Datum		result;
+	AsWorker	as;
+
+	become_worker(&as);
+	if (!st->rules_fn_ready)
+	{
+		fmgr_info_cxt(internal_function("calls_rules", 0, NULL), &st->rules_fn, fcinfo->flinfo->fn_mcxt);
+		st->rules_fn_ready = true;
+	}
+	InitFunctionCallInfoData(*inner, &st->rules_fn, 0, InvalidOid, fcinfo->context, NULL);
+	result = FunctionCallInvoke(inner);
+	if (inner->isnull)
+		elog(ERROR, "booking_guard_internal.calls_rules() returned null");
+	end_worker(&as);
+	return (HeapTuple) DatumGetPointer(result);
+}
+
+static bool
+has_linked_appointment(int64 call_id)
+{
+	Oid			argtypes[1] = {INT8OID};
+	Datum		arg = Int64GetDatum(call_id);
+	bool		found;
+	AsWorker	as;
+
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	run_kept(&probe_plan, "select from booking_guard.guarded_appointments a "
+			 "where a.call_id operator(pg_catalog.=) $1 limit 1", 1, argtypes, &arg, true, 1,
+			 "probing a call's appointments");
+	found = SPI_processed > 0;
+	SPI_finish();
+	end_worker(&as);
+	return found;
+}
+
+/*
+ * calls, BEFORE INSERT OR UPDATE, for each row:
+ *   1. direction            rule missing_direction
+ *   2. customer link        rule customer_link (the plain link here, anything else in PL/pgSQL)
+ *   3. outcome vs flag      rules phantom_booking and outcome_flag_mismatch
+ *   4. the claim against the truth, now. A call whose flags agree with its appointments is marked
+ *      verified and the commit-time check skips it: this one index probe replaces a deferred
+ *      check. The UPDATE that verified a claim holds the call's row lock until COMMIT, so no other
+ *      transaction can change its appointments in between. A changed id is a new claim: it is
+ *      always checked at COMMIT.
+ */
+Datum
+calls_before(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	CallsTrigger *st;
+	bool		is_insert;
+	HeapTuple	newrow;
+	HeapTuple	oldrow;
+	Company		company = {0};
+	bool		isnull, old_null;
+	Datum		value, old_value;
+	Datum		outcome, link;
+	bool		outcome_null, link_null, made, made_null;
+	bool		delegate = false;
+	bool		link_customer = false;
+	int64		call_id;
+	bool		needs_check = false;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event)
+		|| TRIGGER_FIRED_BY_DELETE(td->tg_event) || TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
+		elog(ERROR, "booking_guard_internal.calls_before() must be a BEFORE INSERT OR UPDATE row trigger");
+	is_insert = TRIGGER_FIRED_BY_INSERT(td->tg_event);
+	newrow = is_insert ? td->tg_trigtuple : td->tg_newtuple;
+	oldrow = is_insert ? NULL : td->tg_trigtuple;
+	desc = RelationGetDescr(td->tg_relation);
+	st = calls_trigger_state(fcinfo, td->tg_relation);
+
+	company.value = heap_getattr(newrow, st->company_id.attnum, desc, &company.isnull);
+	company.type = st->company_id.type;
+
+	/* 1. direction, 3a. phantom booking, 3b. flag against another outcome: all PL/pgSQL */
+	(void) heap_getattr(newrow, st->direction.attnum, desc, &isnull);
+	delegate = isnull;
+	outcome = heap_getattr(newrow, st->session_outcome.attnum, desc, &outcome_null);
+	value = heap_getattr(newrow, st->appointment_made.attnum, desc, &made_null);
+	made = !made_null && DatumGetBool(value);
+	if (text_is(outcome, outcome_null, "appointment_booked") ? !made : (made && !outcome_null))
+		delegate = true;
+
+	/* 2. customer link: on insert, and when customer_id changes */
+	value = heap_getattr(newrow, st->customer_id.attnum, desc, &isnull);
+	if (!delegate && !isnull)
+	{
+		bool		changed = is_insert;
+
+		if (!is_insert)
+		{
+			old_value = heap_getattr(oldrow, st->customer_id.attnum, desc, &old_null);
+			changed = old_null
+				|| id_value(value, st->customer_id.type) != id_value(old_value, st->customer_id.type);
+		}
+		if (changed)
+		{
+			RuleMode	mode = mode_of("customer_link", &company);
+			bool		status_null;
+			Datum		status = heap_getattr(newrow, st->customer_link_status.attnum, desc, &status_null);
+			bool		linked = text_is(status, status_null, "linked");
+
+			if (corrects(mode))
+			{
+				/* a status the application wrote that contradicts the customer: an alert */
+				bool		written = is_insert;
+
+				if (!is_insert && !status_null)
+				{
+					old_value = heap_getattr(oldrow, st->customer_link_status.attnum, desc, &old_null);
+					written = text_distinct(status, false, old_value, old_null);
+				}
+				if (!linked && !status_null && written)
+					delegate = true;
+				else
+					link_customer = true;
+			}
+			else if (mode == MODE_OBSERVE && !linked)
+				delegate = true;
+		}
+	}
+
+	if (delegate)
+		newrow = apply_rules_in_plpgsql(fcinfo, st);
+	else if (link_customer)
+	{
+		int			cols[4];
+		Datum		values[4];
+		bool		nulls[4] = {false, false, false, false};
+
+		cols[0] = st->customer_link_status.attnum;
+		values[0] = text_for(st->customer_link_status, "linked");
+		cols[1] = st->customer_linked_at.attnum;
+		values[1] = now_for(st->customer_linked_at);
+		cols[2] = st->customer_link_method.attnum;
+		values[2] = heap_getattr(newrow, cols[2], desc, &isnull);
+		if (isnull)
+			values[2] = text_for(st->customer_link_method, "phone_match");
+		cols[3] = st->customer_link_confidence.attnum;
+		values[3] = heap_getattr(newrow, cols[3], desc, &isnull);
+		if (isnull)
+			values[3] = DirectFunctionCall3(numeric_in, CStringGetDatum("100.00"), ObjectIdGetDatum(InvalidOid),
+											Int32GetDatum(st->customer_link_confidence.typmod));
+		newrow = heap_modify_tuple_by_cols(newrow, desc, 4, cols, values, nulls);
+	}
+
+	/* 4. the claim against the truth, now */
+	call_id = id_value(heap_getattr(newrow, st->id.attnum, desc, &isnull), st->id.type);
+	outcome = heap_getattr(newrow, st->session_outcome.attnum, desc, &outcome_null);
+	link = heap_getattr(newrow, st->appointment_link_status.attnum, desc, &link_null);
+	value = heap_getattr(newrow, st->appointment_made.attnum, desc, &made_null);
+	made = !made_null && DatumGetBool(value);
+	{
+		bool		booked = text_is(outcome, outcome_null, "appointment_booked");
+		bool		linked = text_is(link, link_null, "linked");
+		bool		claims = made || booked || linked;
+		bool		flags_written = is_insert ? claims : false;
+		bool		id_changed = false;
+
+		if (!is_insert)
+		{
+			bool		was_null;
+			Datum		was = heap_getattr(oldrow, st->id.attnum, desc, &was_null);
+
+			id_changed = was_null || id_value(was, st->id.type) != call_id;
+			was = heap_getattr(oldrow, st->appointment_made.attnum, desc, &was_null);
+			flags_written = made_null != was_null || (!made_null && DatumGetBool(value) != DatumGetBool(was));
+			if (!flags_written)
+			{
+				was = heap_getattr(oldrow, st->session_outcome.attnum, desc, &was_null);
+				flags_written = text_distinct(outcome, outcome_null, was, was_null);
+			}
+			if (!flags_written)
+			{
+				was = heap_getattr(oldrow, st->appointment_link_status.attnum, desc, &was_null);
+				flags_written = text_distinct(link, link_null, was, was_null);
+			}
+		}
+		if (id_changed)
+		{
+			/* the appointments still point at the old id: judge the call under its new one at COMMIT */
+			verified_claim.set = false;
+			needs_check = true;
+		}
+		else if (flags_written)
+		{
+			bool		has_one = has_linked_appointment(call_id);
+			bool		verified;
+
+			if (has_one && claims && !linked && corrects(mode_of("unlinked_appointment", &company)))
+			{
+				int			cols[2];
+				Datum		values[2];
+				bool		nulls[2] = {false, false};
+
+				cols[0] = st->appointment_link_status.attnum;
+				values[0] = text_for(st->appointment_link_status, "linked");
+				cols[1] = st->appointment_linked_at.attnum;
+				values[1] = heap_getattr(newrow, cols[1], desc, &isnull);
+				if (isnull)
+					values[1] = now_for(st->appointment_linked_at);
+				newrow = heap_modify_tuple_by_cols(newrow, desc, 2, cols, values, nulls);
+				linked = true;
+			}
+			verified = (has_one && made && booked && linked) || !(claims || has_one);
+			if (verified)
+				mark_set(&verified_claim, call_id);
+			else
+				verified_claim.set = false;
+			needs_check = !verified;
+		}
+	}
+	if (needs_check)
+		unchecked_row.set = false;
+	else
+		mark_set(&unchecked_row, call_id);
+	return PointerGetDatum(newrow);
+}
+
+/*
+ * The WHEN clause of the calls-side constraint triggers: does the row just written need the
+ * truth check at COMMIT? Reads and clears the mark calls_before() left for it. It runs as
+ * whoever writes the calls table (EXECUTE is granted to PUBLIC) and tells only that.
+ */
+Datum
+claim_check_needed(PG_FUNCTION_ARGS)
+{
+	bool		skip = !PG_ARGISNULL(0) && mark_is(&unchecked_row, PG_GETARG_INT64(0));
+
+	unchecked_row.set = false;
+	PG_RETURN_BOOL(!skip);
+}
+
+/* ---- the checks at COMMIT and the appointment-side sync, as the worker ---- */
+
+/* Runs one of the kept calls of a PL/pgSQL function on a call id as the worker. */
+static void
+call_as_worker(SPIPlanPtr *plan, const char *query, int64 call_id, const char *rule)
+{
+	Oid			argtypes[2] = {INT8OID, TEXTOID};
+	Datum		args[2];
+	AsWorker	as;
+
+	args[0] = Int64GetDatum(call_id);
+	args[1] = rule ? CStringGetTextDatum(rule) : (Datum) 0;
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	run_kept(plan, query, rule ? 2 : 1, argtypes, args, false, 0, query);
+	SPI_finish();
+	end_worker(&as);
+}
+
+static void
+judge_call(int64 call_id, bool appointments_changed)
+{
+	if (appointments_changed)
+		call_as_worker(&judge_plan, "select booking_guard_internal.judge_call($1, false, true)", call_id, NULL);
+	else
+		call_as_worker(&judge_commit_plan, "select booking_guard_internal.judge_call($1)", call_id, NULL);
+}
+
+static Column *
+call_id_column(FunctionCallInfo fcinfo, Relation rel)
+{
+	Column	   *col = (Column *) fcinfo->flinfo->fn_extra;
+
+	if (col == NULL)
+	{
+		col = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Column));
+		*col = column(rel, "call_id", KIND_ID);
+		fcinfo->flinfo->fn_extra = col;
+	}
+	return col;
+}
+
+/* The old and new call_id of an appointment row (absent: has = false). */
+static void
+appointment_calls(TriggerData *td, Column *col, bool *has_new, int64 *new_id, bool *has_old, int64 *old_id)
+{
+	TupleDesc	desc = RelationGetDescr(td->tg_relation);
+	bool		isnull;
+	Datum		value;
+
+	*has_new = *has_old = false;
+	if (!TRIGGER_FIRED_BY_DELETE(td->tg_event))
+	{
+		HeapTuple	row = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple;
+
+		value = heap_getattr(row, col->attnum, desc, &isnull);
+		if (!isnull)
+		{
+			*has_new = true;
+			*new_id = id_value(value, col->type);
+		}
+	}
+	if (!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+	{
+		value = heap_getattr(td->tg_trigtuple, col->attnum, desc, &isnull);
+		if (!isnull)
+		{
+			*has_old = true;
+			*old_id = id_value(value, col->type);
+		}
+	}
+}
+
+/* calls, deferred constraint triggers AFTER INSERT and AFTER UPDATE (when claim_check_needed()):
+ * the call's flags against its appointments, at COMMIT. */
+Datum
+calls_truth_check(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	Column	   *id_col;
+	HeapTuple	row;
+	bool		isnull;
+	Datum		value;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event))
+		elog(ERROR, "booking_guard_internal.calls_truth_check() must be an AFTER row trigger");
+	id_col = (Column *) fcinfo->flinfo->fn_extra;
+	if (id_col == NULL)
+	{
+		id_col = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Column));
+		*id_col = column(td->tg_relation, "id", KIND_ID);
+		fcinfo->flinfo->fn_extra = id_col;
+	}
+	row = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple;
+	value = heap_getattr(row, id_col->attnum, RelationGetDescr(td->tg_relation), &isnull);
+	if (!isnull)
+		judge_call(id_value(value, id_col->type), false);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * appointments, AFTER DELETE OR UPDATE OF call_id, for each row: the flags of the calls that lost
+ * or gained an appointment are recomputed at once (rule unlinked_appointment). The two calls of a
+ * move are synced in id order: two sessions moving appointments in opposite directions between the
+ * same two calls would otherwise each hold one call's row and wait for the other's.
+ */
+Datum
+appointments_sync(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	bool		has_new, has_old;
+	int64		new_id = 0, old_id = 0;
+	int64		ids[2];
+	int			n = 0;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event)
+		|| TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		elog(ERROR, "booking_guard_internal.appointments_sync() must be an AFTER DELETE OR UPDATE row trigger");
+	appointment_calls(td, call_id_column(fcinfo, td->tg_relation), &has_new, &new_id, &has_old, &old_id);
+	if (has_old)
+		ids[n++] = old_id;
+	if (has_new && !(has_old && new_id == old_id))
+		ids[n++] = new_id;
+	if (n == 2 && ids[1] < ids[0])
+	{
+		int64		t = ids[0];
+
+		ids[0] = ids[1];
+		ids[1] = t;
+	}
+	for (int i = 0; i < n; i++)
+		call_as_worker(&sync_plan, "select booking_guard_internal.sync_call_flags($1, $2)", ids[i],
+					   "unlinked_appointment");
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * appointments, deferred constraint trigger AFTER INSERT OR DELETE OR UPDATE OF call_id: judges,
+ * at COMMIT, the calls whose appointments changed, except a call whose claim calls_before()
+ * verified after this appointment was written (the usual booking: appointment, then flags).
+ */
+Datum
+appointments_truth_check(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	bool		has_new, has_old;
+	int64		new_id = 0, old_id = 0;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event))
+		elog(ERROR, "booking_guard_internal.appointments_truth_check() must be an AFTER row trigger");
+	appointment_calls(td, call_id_column(fcinfo, td->tg_relation), &has_new, &new_id, &has_old, &old_id);
+	if (has_new && !mark_is(&verified_claim, new_id))
+		judge_call(new_id, true);
+	if (has_old && (TRIGGER_FIRED_BY_DELETE(td->tg_event) || !has_new || new_id != old_id))
+		judge_call(old_id, true);
+	return PointerGetDatum(NULL);
+}
+
+/* ---- SQL-callable rule lookup ---- */
+
+Datum
+rule_mode(PG_FUNCTION_ARGS)
+{
+	Company		company = {0};
+	RuleMode	mode;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	company.known = true;
+	company.text = PG_ARGISNULL(1) ? "" : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	mode = mode_of(text_to_cstring(PG_GETARG_TEXT_PP(0)), &company);
+	if (mode == MODE_UNKNOWN)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(mode_names[mode]));
+}
+
+/* Statement trigger on booking_guard.rules: this session reads the rules again. */
+Datum
+rules_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "booking_guard_internal.rules_changed() must be a trigger");
+	rules_loaded = false;
+	return PointerGetDatum(NULL);
+}
+
+/* ---- jobs: step by step as the worker, committing between steps where the caller allows ---- */
+
+/*
+ * A job is run by the steps of booking_guard_internal.job_begin(), job_step() and job_end(), each
+ * returning the job's state (jsonb, with "done" once there is nothing left). Who may run a job is
+ * who may execute its public function: one place (the grants) says it.
+ */
+static const struct
+{
+	const char *job;
+	const char *entry;
+}			job_entries[] = {
+	{"run_monitor", "booking_guard.run_monitor(pg_catalog.interval)"},
+	{"verify_due", "booking_guard.verify_due(pg_catalog.timestamptz)"},
+	{"reconcile", "booking_guard.reconcile(pg_catalog.int4)"},
+	{"daily_report", "booking_guard.store_daily_report(pg_catalog.date)"},
+};
+
+static void
+check_may_run(const char *job)
+{
+	for (int i = 0; i < lengthof(job_entries); i++)
+	{
+		if (strcmp(job_entries[i].job, job) != 0)
+			continue;
+		{
+			Oid			entry = DatumGetObjectId(DirectFunctionCall1(regprocedurein,
+																	CStringGetDatum(job_entries[i].entry)));
+
+			if (pg_proc_aclcheck(entry, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+				ereport(ERROR,
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("permission denied to run booking_guard job %s", job),
+						 errdetail("Running the job %s needs EXECUTE on %s.", job, job_entries[i].entry),
+						 errhint("Grant booking_guard_admin (every job) or booking_guard_serve (verify_due) to the role.")));
+			return;
+		}
+	}
+	{
+		StringInfoData known;
+
+		initStringInfo(&known);
+		for (int i = 0; i < lengthof(job_entries); i++)
+			appendStringInfo(&known, "%s%s", i ? ", " : "", job_entries[i].job);
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_NOT_FOUND),
+				 errmsg("unknown job \"%s\"", job),
+				 errdetail("Jobs: %s.", known.data),
+				 errhint("select job, schedule, description from booking_guard.jobs;")));
+	}
+}
+
+/* One call of a job function with (state or job, args) as the worker; returns the new state,
+ * copied into the caller's memory context, and whether it is done. */
+static Datum
+job_call(const char *query, int nargs, Datum *args, Oid *argtypes, bool *done, MemoryContext into)
+{
+	AsWorker	as;
+	Datum		state;
+	bool		isnull;
+	int			rc;
+	MemoryContext oldcxt;
+
+	become_worker(&as);
+	rc = SPI_execute_with_args(query, nargs, argtypes, args, NULL, false, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "booking_guard: %s failed: %s", query, SPI_result_code_string(rc));
+	state = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*done = isnull || DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	oldcxt = MemoryContextSwitchTo(into);
+	state = isnull ? (Datum) 0 : PointerGetDatum(DatumGetJsonbPCopy(state));
+	MemoryContextSwitchTo(oldcxt);
+	end_worker(&as);
+	return state;
+}
+
+static Datum
+run_steps(const char *job, Datum args, bool nonatomic)
+{
+	Oid			begin_types[2] = {TEXTOID, JSONBOID};
+	Oid			state_types[1] = {JSONBOID};
+	Datum		begin_args[2];
+	Datum		state;
+	bool		done;
+	MemoryContext caller = CurrentMemoryContext;
+
+	/* the state lives in a context of its own: a COMMIT frees the transaction's memory */
+	MemoryContext keep = AllocSetContextCreate(TopMemoryContext, "booking_guard job", ALLOCSET_SMALL_SIZES);
+
+	check_may_run(job);
+	begin_args[0] = CStringGetTextDatum(job);
+	begin_args[1] = args;
+	PG_TRY();
+	{
+		if (SPI_connect_ext(nonatomic ? SPI_OPT_NONATOMIC : 0) != SPI_OK_CONNECT)
+			elog(ERROR, "booking_guard: SPI_connect failed");
+		state = job_call("select s, (s ->> 'done')::boolean from booking_guard_internal.job_begin($1, $2) s",
+						 2, begin_args, begin_types, &done, keep);
+		while (!done)
+		{
+			if (nonatomic)
+				SPI_commit();
+			state = job_call("select s, (s ->> 'done')::boolean from booking_guard_internal.job_step($1) s",
+							 1, &state, state_types, &done, keep);
+		}
+		if (nonatomic)
+			SPI_commit();
+		state = job_call("select s, true from booking_guard_internal.job_end($1) s", 1, &state, state_types, &done, keep);
+		SPI_finish();
+		MemoryContextSwitchTo(caller);
+		state = PointerGetDatum(DatumGetJsonbPCopy(state));
+	}
+	PG_FINALLY();
+	{
+		MemoryContextDelete(keep);
+	}
+	PG_END_TRY();
+	return state;
+}
+
+/*
+ * booking_guard.run_job(job): a procedure. Called by CALL outside a transaction block (as pg_cron
+ * does), it commits after every step, so that no row a job repairs stays locked for longer than
+ * one batch; in a transaction block it runs every step in the caller's transaction.
+ */
+Datum
+run_job(PG_FUNCTION_ARGS)
+{
+	bool		nonatomic = fcinfo->context != NULL && IsA(fcinfo->context, CallContext)
+		&& !castNode(CallContext, fcinfo->context)->atomic;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("run_job() needs a job name"),
+				 errdetail("job: null"),
+				 errhint("call booking_guard.run_job('reconcile');")));
+	/* scheduled: run_monitor looks only at what is new, every job works in job_batch_size batches */
+	(void) run_steps(text_to_cstring(PG_GETARG_TEXT_PP(0)),
+					 DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"scheduled\": true}")), nonatomic);
+	PG_RETURN_VOID();
+}
+
+/* booking_guard_internal.run_job_steps(job, args): the same steps in the caller's transaction,
+ * for the functions reconcile(), run_monitor() and verify_due(); returns the final state. */
+Datum
+run_job_steps(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(run_steps(text_to_cstring(PG_GETARG_TEXT_PP(0)), PG_GETARG_DATUM(1), false));
+}
+
+/* ---- record_booking()'s insert: a plan per table and set of keys, kept here ---- */
+
+typedef struct InsertKey
+{
+	Oid			relid;
+	char		keys[NAMEDATALEN * 4];	/* the object's keys, comma-separated; longer sets are not kept */
+} InsertKey;
+
+typedef struct InsertPlan
+{
+	InsertKey	key;
+	SPIPlanPtr	plan;
+	bool		valid;
+} InsertPlan;
+
+static HTAB *insert_plans;
+
+/* A plan is planned against the table as it was: a change to the table marks its plans invalid
+ * (the plan cache would replan by itself, but the column list was checked against the old table).
+ * The plan is freed on its next use, never here: an invalidation may arrive while it runs. */
+static void
+insert_plans_invalidate(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS scan;
+	InsertPlan *entry;
+
+	if (insert_plans == NULL)
+		return;
+	hash_seq_init(&scan, insert_plans);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+		if (relid == InvalidOid || entry->key.relid == relid)
+			entry->valid = false;
+}
+
+/* The top-level keys of a jsonb object, in the object's own (fixed) order. */
+static List *
+object_keys(Jsonb *object)
+{
+	JsonbIterator *it = JsonbIteratorInit(&object->root);
+	JsonbValue	v;
+	JsonbIteratorToken token;
+	List	   *keys = NIL;
+
+	/* skipNested: the values of the top level come back whole, so every key seen is a top-level one */
+	while ((token = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+		if (token == WJB_KEY)
+			keys = lappend(keys, pnstrdup(v.val.string.val, v.val.string.len));
+	return keys;
+}
+
+/*
+ * booking_guard_internal.insert_appointment(tbl, appointment): inserts the object's keys into the
+ * columns of the same names and returns the new row's id. Runs as the caller: inserting is what the
+ * application could do itself, and the table owner's code on the table runs with the application's
+ * rights. An unknown key is a BG005 naming the table's columns.
+ */
+Datum
+insert_appointment(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Jsonb	   *object = PG_GETARG_JSONB_P(1);
+	List	   *keys;
+	ListCell   *lc;
+	StringInfoData joined;
+	InsertKey	key;
+	InsertPlan *entry = NULL;
+	bool		found = false;
+	SPIPlanPtr	plan;
+	Datum		arg = PointerGetDatum(object);
+	Oid			argtype = JSONBOID;
+	Datum		result;
+	bool		isnull;
+	int			rc;
+
+	if (!JB_ROOT_IS_OBJECT(object) || JB_ROOT_IS_SCALAR(object))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("the appointment must be a jsonb object"),
+				 errdetail("appointment: %s", JsonbToCString(NULL, &object->root, 200)),
+				 errhint("Pass the appointment's columns as an object: '{\"service_id\": 7}'.")));
+	keys = object_keys(object);
+	initStringInfo(&joined);
+	/* length-prefixed: keys may hold any character, and two key sets must never join alike */
+	foreach(lc, keys)
+		appendStringInfo(&joined, "%zu:%s,", strlen((char *) lfirst(lc)), (char *) lfirst(lc));
+
+	if (insert_plans == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(InsertKey);
+		ctl.entrysize = sizeof(InsertPlan);
+		insert_plans = hash_create("booking_guard insert plans", 16, &ctl, HASH_ELEM | HASH_BLOBS);
+	}
+	memset(&key, 0, sizeof(key));
+	key.relid = relid;
+	if (joined.len < (int) sizeof(key.keys))
+	{
+		memcpy(key.keys, joined.data, joined.len);
+		entry = hash_search(insert_plans, &key, HASH_FIND, &found);
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	if (found && entry->valid)
+		plan = entry->plan;
+	else
+	{
+		StringInfoData unknown, cols, query;
+		char	   *nsp = get_namespace_name(get_rel_namespace(relid));
+		char	   *table;
+
+		if (nsp == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_BG_ATTACHMENT),
+					 errmsg("booking_guard: the appointments table %u does not exist", relid),
+					 errhint("Run select booking_guard.detach(); and attach the tables again.")));
+		table = quote_qualified_identifier(nsp, get_rel_name(relid));
+		if (found && entry->plan)
+		{
+			SPI_freeplan(entry->plan);
+			entry->plan = NULL;
+		}
+
+		initStringInfo(&unknown);
+		initStringInfo(&cols);
+		foreach(lc, keys)
+		{
+			const char *name = lfirst(lc);
+			AttrNumber	attnum = get_attnum(relid, name);
+
+			if (attnum <= 0)
+				appendStringInfo(&unknown, "%s%s", unknown.len ? ", " : "", name);
+			appendStringInfo(&cols, "%s%s", cols.len ? ", " : "", quote_identifier(name));
+		}
+		if (unknown.len > 0)
+		{
+			StringInfoData known;
+			int			natts;
+			Relation	rel = RelationIdGetRelation(relid);
+
+			initStringInfo(&known);
+			natts = RelationGetNumberOfAttributes(rel);
+			for (int i = 0; i < natts; i++)
+			{
+				Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), i);
+
+				if (!att->attisdropped)
+					appendStringInfo(&known, "%s%s", known.len ? ", " : "", NameStr(att->attname));
+			}
+			RelationClose(rel);
+			ereport(ERROR,
+					(errcode(ERRCODE_BG_BAD_INPUT),
+					 errmsg("record_booking(): unknown appointment field(s): %s", unknown.data),
+					 errdetail("%s has no column(s) %s.", table, unknown.data),
+					 errhint("Known columns: %s.", known.data)));
+		}
+		initStringInfo(&query);
+		appendStringInfo(&query,
+						 "insert into %s as t (%s) select %s from pg_catalog.jsonb_populate_record(null::%s, $1) r "
+						 "returning t.id::pg_catalog.int8", table, cols.data, cols.data, table);
+		plan = SPI_prepare(query.data, 1, &argtype);
+		if (plan == NULL)
+			elog(ERROR, "booking_guard: SPI_prepare failed for \"%s\": %s", query.data,
+				 SPI_result_code_string(SPI_result));
+		if (joined.len < (int) sizeof(key.keys))
+		{
+			if (SPI_keepplan(plan) != 0)
+				elog(ERROR, "booking_guard: SPI_keepplan failed");
+			entry = hash_search(insert_plans, &key, HASH_ENTER, NULL);
+			entry->plan = plan;
+			entry->valid = true;
+		}
+	}
+	rc = SPI_execute_plan(plan, &arg, NULL, false, 0);
+	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "booking_guard: inserting the appointment failed: %s", SPI_result_code_string(rc));
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	SPI_finish();
+	if (isnull)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(result);
+}
