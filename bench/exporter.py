@@ -59,7 +59,7 @@ def populate(conn: psycopg.Connection, upto: int, start: int) -> None:
           from generate_series(%s + 1, %s) i cross join (values ('record_booking'), ('validation')) k(kind)""",
                  (start, upto))
     conn.execute("""
-        select booking_guard.raise_alert('phantom_booking', 'critical', 'call', i::text, 'planted', '{}', true),
+        select booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', i::text, 'planted', '{}', true),
                booking_guard.queue_for_review(i, 'appointment_validation_failed')
           from generate_series(%s + 1, %s, 100) i""", (start, upto))
     # all but the latest hundred alerts and review items are resolved, as they would be after a day

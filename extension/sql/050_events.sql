@@ -1,25 +1,29 @@
 -- The events log (table booking_guard.events): a record of what booking_guard did (corrections,
--- rollbacks, verdicts, validations). Reports, KPIs and metrics read it. Events are never
--- rewritten; the purge job removes those older than their retention (metrics keep their counts).
+-- rollbacks, verdicts, validations). Reports, KPIs and metrics read it.
 
+-- Events are history: nobody rewrites them, and only the purge (retention, as booking_guard_owner)
+-- deletes them, not even a superuser by hand.
 create function booking_guard_internal.events_append_only()
 returns trigger
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    raise exception 'booking_guard.events is never rewritten'
+    if tg_op = 'DELETE' and current_user = 'booking_guard_owner' then
+        return old;
+    end if;
+    raise exception 'booking_guard.events is append-only'
         using errcode = 'BG005',
-              detail = 'UPDATE of event rows is not allowed.',
-              hint = 'Events are history: booking_guard appends new ones; the purge job removes old ones.';
+              detail = format('%s of event rows is not allowed.', tg_op),
+              hint = 'Events are history: booking_guard appends new ones; the purge job removes those past their retention.';
 end
 $$;
 
 comment on function booking_guard_internal.events_append_only() is
-    'Trigger: rejects UPDATE on booking_guard.events.';
+    'Trigger: rejects UPDATE and DELETE on booking_guard.events, except the purge''s DELETE (as booking_guard_owner).';
 
 create trigger events_append_only
-    before update on booking_guard.events
+    before update or delete on booking_guard.events
     for each row execute function booking_guard_internal.events_append_only();
 
 -- PL/pgSQL, not SQL: an SQL function with a SET clause is never inlined and is planned again

@@ -161,12 +161,17 @@ begin
     if payload = '[]' then
         payload := '{}';   -- an empty list, as some JSON encoders write an empty map
     end if;
-    if jsonb_typeof(payload) <> 'object' or pg_column_size(payload) > 65536 then
-        raise exception 'record_booking(): the appointment must be a jsonb object of at most 64 kB, not % (% bytes)',
-                        jsonb_typeof(payload), pg_column_size(payload)
+    if jsonb_typeof(payload) <> 'object' then
+        raise exception 'record_booking(): the appointment must be a jsonb object, not %', jsonb_typeof(payload)
             using errcode = 'BG005',
                   detail = format('appointment: %s', left(payload::text, 200)),
                   hint = 'Pass the appointment''s columns as an object: ''{"service_id": 7, "staff_id": 3}''.';
+    end if;
+    if pg_column_size(payload) > 65536 then
+        raise exception 'record_booking(): the appointment is too large: % bytes', pg_column_size(payload)
+            using errcode = 'BG005',
+                  detail = 'An appointment''s columns fit in 64 kB.',
+                  hint = 'Pass the appointment''s columns, not documents: keep large texts out of the booking call.';
     end if;
     if current_setting('transaction_isolation') = 'repeatable read' then
         raise exception 'record_booking() cannot run in a REPEATABLE READ transaction'

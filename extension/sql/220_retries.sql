@@ -35,12 +35,6 @@ begin
                   detail = 'attempt is the number of the attempt that just failed: 1 gives the first delay (base).',
                   hint = 'select booking_guard.backoff_delay(1);';
     end if;
-    if attempt > 1000 then
-        raise exception 'backoff_delay(): attempt must be at most 1000, not %', attempt
-            using errcode = 'BG005',
-                  detail = 'No operation is tried a thousand times; retries allow at most 100 attempts.',
-                  hint = 'select booking_guard.backoff_delay(3);';
-    end if;
     if base_s is null or base_s <= 0 or max_s is null or max_s <= 0 or base_s > 86400 or max_s > 86400 then
         raise exception 'backoff_delay(): base and max_delay must be positive intervals of at most a day'
             using errcode = 'BG005',

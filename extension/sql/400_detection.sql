@@ -753,6 +753,7 @@ as $$
 declare
     result  jsonb;
 begin
+    perform booking_guard_internal.attached();
     perform booking_guard_internal.check_window(since);
     result := booking_guard_internal.run_job_steps('run_monitor', jsonb_build_object('since', since));
     if result ? 'skipped' then

@@ -299,6 +299,7 @@ begin
                   detail = 'batch_size is the most rows one statement of reconcile() may change or lock.',
                   hint = 'Give a number between 1 and 1000000, e.g. select booking_guard.reconcile(10000);';
     end if;
+    perform booking_guard_internal.attached();
     result := booking_guard_internal.run_job_steps('reconcile', jsonb_build_object('batch_size', reconcile.batch_size));
     if result ? 'skipped' then
         return jsonb_build_object('skipped', result ->> 'skipped');

@@ -1,8 +1,9 @@
 -- Every object the extension creates, its column types, comments and privileges.
 begin;
-select plan(62);
+select plan(67);
 
 select has_schema('booking_guard');
+select has_schema('booking_guard_internal');
 select has_extension('booking_guard');
 
 -- tables and views
@@ -18,10 +19,10 @@ select has_function('booking_guard', 'rule_mode', array['text', 'text']);
 select has_function('booking_guard', 'rollout_bucket', array['text']);
 select has_function('booking_guard', 'attach', array['regclass', 'regclass']);
 select has_function('booking_guard', 'detach', array[]::text[]);
-select has_function('booking_guard', 'attached', array[]::text[]);
-select has_function('booking_guard', 'attachment_problems', array['text', 'regclass']);
+select has_function('booking_guard_internal', 'attached', array[]::text[]);
+select has_function('booking_guard_internal', 'attachment_problems', array['text', 'regclass']);
 select has_function('booking_guard', 'environment', array[]::text[]);
-select has_function('booking_guard', 'replace_seeded_row', array[]::text[]);
+select has_function('booking_guard_internal', 'replace_seeded_row', array[]::text[]);
 select function_lang_is('booking_guard', 'environment', array[]::text[], 'plpython3u');
 select function_lang_is('booking_guard', 'set_setting', array['text', 'text'], 'plpgsql');
 
@@ -46,7 +47,7 @@ select is_empty($$select unnest(array['phantom_booking', 'missing_appointment', 
                                        'orphaned_appointment', 'outcome_flag_mismatch', 'unlinked_appointment',
                                        'booking_id_mismatch', 'duplicate_booking', 'customer_link'])
                   except select name from booking_guard.rules$$,
-                'the rules of DESIGN.md are seeded');
+                'the built-in rules are seeded');
 select results_eq($$select severity, mode from booking_guard.rules where name = 'phantom_booking'$$,
                   $$values ('critical', 'correct')$$, 'phantom_booking: critical, correct');
 select results_eq($$select severity, mode from booking_guard.rules where name = 'duplicate_booking'$$,
@@ -62,38 +63,46 @@ select is_empty($$select unnest(array['booking_guard.settings', 'booking_guard.r
                 'settings, rules, the attachment and review priorities are pg_dump config tables');
 
 -- roles
-select has_role(r) from unnest(array['booking_guard_app', 'booking_guard_monitor', 'booking_guard_admin']) r;
-select is_member_of('booking_guard_monitor', 'booking_guard_admin');
+select has_role(r) from unnest(array['booking_guard_app', 'booking_guard_monitor', 'booking_guard_admin',
+                                       'booking_guard_serve', 'booking_guard_owner', 'booking_guard_worker']) r;
+select is_member_of('booking_guard_monitor', array['booking_guard_admin', 'booking_guard_serve']);
 
 -- every function documented, none executable by PUBLIC
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
-                   where p.pronamespace = 'booking_guard'::regnamespace
+                   where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
                      and obj_description(p.oid, 'pg_proc') is null$$,
                 'every function has a COMMENT ON');
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
-                   where p.pronamespace = 'booking_guard'::regnamespace
+                   where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
                      and (p.proacl is null or exists (select from aclexplode(p.proacl) a where a.grantee = 0))
-                     and p.oid <> 'booking_guard.claim_check_needed(bigint)'::regprocedure$$,
+                     and p.oid <> 'booking_guard_internal.claim_check_needed(bigint)'::regprocedure$$,
                 'no function but the truth check''s WHEN clause is executable by PUBLIC');
-select ok(has_function_privilege('public', 'booking_guard.claim_check_needed(bigint)', 'execute'),
+select ok(has_function_privilege('public', 'booking_guard_internal.claim_check_needed(bigint)', 'execute'),
           'the WHEN clause of the calls-side truth check runs as any role that writes calls');
 select is_empty($$select c.oid::regclass::text from pg_class c
-                   where c.relnamespace = 'booking_guard'::regnamespace and c.relkind in ('r', 'v')
+                   where c.relnamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
+                     and c.relkind in ('r', 'v')
                      and exists (select from aclexplode(c.relacl) a where a.grantee = 0)$$,
                 'no table or view is granted to PUBLIC');
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
-                   where p.pronamespace = 'booking_guard'::regnamespace
+                   where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
                      and p.prolang <> (select oid from pg_language where lanname = 'c')
                      and not exists (select from unnest(p.proconfig) c where c = 'search_path=pg_catalog, pg_temp')$$,
                 'every SQL, PL/pgSQL and PL/Python function pins search_path = pg_catalog, pg_temp');
 -- C functions resolve no name through search_path: every query they run is schema-qualified
--- down to its operators. None is SECURITY DEFINER: they take the owner's rights only around
--- those queries.
-select is(array_agg(p.proname::text order by p.proname), array['appointments_truth_check', 'calls_before',
-          'claim_check_needed', 'rule_mode', 'rules_changed'],
+-- down to its operators. None is SECURITY DEFINER: where they need rights they switch to
+-- booking_guard_worker around their queries.
+select is(array_agg(p.proname::text order by p.proname),
+          array['appointments_sync', 'appointments_truth_check', 'calls_before', 'calls_truth_check', 'claim_check_needed',
+                'insert_appointment', 'rule_mode', 'rules_changed', 'run_job', 'run_job_steps'],
           'the C functions, none of them SECURITY DEFINER')
   from pg_proc p join pg_language l on l.oid = p.prolang and l.lanname = 'c'
- where p.pronamespace = 'booking_guard'::regnamespace and not p.prosecdef;
+ where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace) and not p.prosecdef;
+select is_empty($$select p.oid::regprocedure::text from pg_proc p
+                   where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
+                     and p.prolang = (select oid from pg_language where lanname = 'c')
+                     and p.probin <> '$libdir/booking_guard-' || (select extversion from pg_extension where extname = 'booking_guard')$$,
+                'every C function is in the library of this version');
 
 -- grants per role
 select ok(has_function_privilege('booking_guard_admin', 'booking_guard.set_setting(text, text)', 'execute'),

@@ -19,7 +19,7 @@ $$;
 
 -- ---- alerts: one open alert per fingerprint ----------------------------------------------
 
-select isnt(booking_guard.raise_alert('phantom_booking', 'critical', 'call', '42', 'first', '{"n": 1}'), null,
+select isnt(booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', '42', 'first', '{"n": 1}'), null,
             'raise_alert returns the new alert''s id');
 create temp table first_alert as select * from booking_guard.alerts where entity_id = '42';
 select results_eq($$select alert_type, severity, entity_type, entity_id, description, details, fingerprint, occurrences,
@@ -31,26 +31,26 @@ select results_eq($$select alert_type, severity, entity_type, entity_id, descrip
 select is(pg_temp.alert_events('phantom_booking:call:42'), 1::bigint, 'a new alert is logged as an event');
 
 select pg_temp.age_alert(id) from first_alert;
-select is(booking_guard.raise_alert('phantom_booking', 'critical', 'call', '42', 'second', '{"n": 2}', true),
+select is(booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', '42', 'second', '{"n": 2}', true),
           (select id from first_alert), 'a repeat returns the open alert''s id');
 select results_eq($$select occurrences, last_seen_at = now(), detected_at = now() - interval '1 hour',
                            description, details, auto_corrected
                       from booking_guard.alerts where fingerprint = 'phantom_booking:call:42'$$,
                   $$values (2, true, true, 'second', '{"n": 2}'::jsonb, true)$$,
                   'a repeat bumps occurrences and last_seen_at, keeps detected_at, takes the latest description and details');
-select booking_guard.raise_alert('phantom_booking', 'critical', 'call', '42', 'third', '{}', false);
+select booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', '42', 'third', '{}', false);
 select results_eq($$select occurrences, auto_corrected from booking_guard.alerts where fingerprint = 'phantom_booking:call:42'$$,
                   $$values (3, true)$$, 'once auto-corrected, an alert stays marked auto_corrected');
 select is((select count(*) from booking_guard.alerts where fingerprint = 'phantom_booking:call:42'), 1::bigint,
           'repeats add no row');
 select is(pg_temp.alert_events('phantom_booking:call:42'), 1::bigint, 'repeats log no event');
 
-select isnt(booking_guard.raise_alert('phantom_booking', 'critical', 'call', '43', 'other call'), (select id from first_alert),
+select isnt(booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', '43', 'other call'), (select id from first_alert),
             'another entity is another alert');
-select isnt(booking_guard.raise_alert('missing_appointment', 'critical', 'call', '42', 'other rule'), (select id from first_alert),
+select isnt(booking_guard_internal.raise_alert('missing_appointment', 'critical', 'call', '42', 'other rule'), (select id from first_alert),
             'another rule on the same entity is another alert');
-select is(booking_guard.raise_alert('reconcile_run', 'info', null, null, 'no entity'),
-          booking_guard.raise_alert('reconcile_run', 'info', null, null, 'no entity again'),
+select is(booking_guard_internal.raise_alert('reconcile_run', 'info', null, null, 'no entity'),
+          booking_guard_internal.raise_alert('reconcile_run', 'info', null, null, 'no entity again'),
           'an alert without entity has its own fingerprint too');
 select is((select fingerprint from booking_guard.alerts where alert_type = 'reconcile_run'), 'reconcile_run',
           'the fingerprint of an alert without entity is its type');
@@ -60,13 +60,13 @@ select throws_ok($$insert into booking_guard.alerts (alert_type, severity, descr
 
 -- bad input: BG005, nothing written
 create temp table alert_count as select count(*) as n from booking_guard.alerts;
-select throws_ok($$select booking_guard.raise_alert('x', 'fatal', 'call', '1', 'd')$$, 'BG005',
+select throws_ok($$select booking_guard_internal.raise_alert('x', 'fatal', 'call', '1', 'd')$$, 'BG005',
                  'invalid alert: type x, severity fatal', 'an unknown severity: BG005');
-select throws_ok($$select booking_guard.raise_alert('x', null, 'call', '1', 'd')$$, 'BG005', null, 'a null severity: BG005');
-select throws_ok($$select booking_guard.raise_alert(null, 'info', 'call', '1', 'd')$$, 'BG005', null, 'a null type: BG005');
-select throws_ok($$select booking_guard.raise_alert('x', 'info', 'call', '1', null)$$, 'BG005', null, 'a null description: BG005');
+select throws_ok($$select booking_guard_internal.raise_alert('x', null, 'call', '1', 'd')$$, 'BG005', null, 'a null severity: BG005');
+select throws_ok($$select booking_guard_internal.raise_alert(null, 'info', 'call', '1', 'd')$$, 'BG005', null, 'a null type: BG005');
+select throws_ok($$select booking_guard_internal.raise_alert('x', 'info', 'call', '1', null)$$, 'BG005', null, 'a null description: BG005');
 select is((select count(*) from booking_guard.alerts), (select n from alert_count), 'bad alerts wrote nothing');
-select lives_ok($$select booking_guard.raise_alert('nulls', 'warning', 'call', '7', 'null details', null)$$,
+select lives_ok($$select booking_guard_internal.raise_alert('nulls', 'warning', 'call', '7', 'null details', null)$$,
                 'null details are accepted ...');
 select is((select details from booking_guard.alerts where alert_type = 'nulls'), '{}'::jsonb, '... and stored as {}');
 
@@ -80,7 +80,7 @@ select results_eq($$select acknowledged_by, acknowledged_at = now() - interval '
                       from booking_guard.acknowledge_alert((select id from first_alert), 'bob')$$,
                   $$values ('alice'::name, true)$$, 'a second acknowledgement keeps the first (who and when)');
 select is((select acknowledged_by from booking_guard.acknowledge_alert(
-                  booking_guard.raise_alert('ack_default', 'info', 'call', '1', 'd'))),
+                  booking_guard_internal.raise_alert('ack_default', 'info', 'call', '1', 'd'))),
           current_user, 'acknowledged_by defaults to the current user');
 select throws_ok($$select booking_guard.acknowledge_alert(987654)$$, 'BG004', 'unknown alert 987654',
                  'acknowledging an unknown alert: BG004');
@@ -94,7 +94,7 @@ select results_eq($$select resolved_at = now(), occurrences from booking_guard.r
 select pg_temp.age_alert(id) from first_alert;
 select is((select resolved_at from booking_guard.resolve_alert((select id from first_alert))), now() - interval '1 hour',
           'resolving twice keeps the first resolution');
-select isnt(booking_guard.raise_alert('phantom_booking', 'critical', 'call', '42', 'again'), (select id from first_alert),
+select isnt(booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', '42', 'again'), (select id from first_alert),
             'after a resolution, a repeat opens a new alert');
 select results_eq($$select occurrences, resolved_at is null, acknowledged_at is null from booking_guard.alerts
                      where fingerprint = 'phantom_booking:call:42' order by id$$,
@@ -142,7 +142,7 @@ select isnt(booking_guard.queue_for_review(102, 'calcom_booking_failed'),
 select is(booking_guard.queue_for_review(null, 'orphaned_appointment', '{"appointment_id": 9}'),
           booking_guard.queue_for_review(null, 'orphaned_appointment', '{"appointment_id": 10}'),
           'items without a call are one open item per reason');
-select throws_ok($$select booking_guard.queue_for_review(1, null)$$, 'BG005', 'invalid review item for call 1',
+select throws_ok($$select booking_guard.queue_for_review(1, null)$$, 'BG005', 'invalid review reason: null',
                  'a null reason: BG005');
 select throws_ok($$select booking_guard.queue_for_review(1, 'x', '[1, 2]')$$, 'BG005', null, 'a context that is no object: BG005');
 select throws_ok($$select booking_guard.queue_for_review(1, 'x', null)$$, 'BG005', null, 'a null context: BG005');
@@ -223,7 +223,7 @@ select results_eq($$select status from booking_guard.review_queue where call_id 
 
 -- ---- events: append-only -------------------------------------------------------------------------
 
-select cmp_ok(booking_guard.log_event('test', 'some_rule', 'call', '1'), '>', 0::bigint, 'log_event returns the id');
+select cmp_ok(booking_guard_internal.log_event('test', 'some_rule', 'call', '1'), '>', 0::bigint, 'log_event returns the id');
 select is((select details from booking_guard.events where kind = 'test'), '{}'::jsonb, 'details default to {}');
 select throws_ok($$update booking_guard.events set kind = 'rewritten'$$, 'BG005', 'booking_guard.events is append-only',
                  'UPDATE of events: BG005');

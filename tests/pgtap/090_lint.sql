@@ -18,7 +18,7 @@ select is_empty($$
              where p.pronamespace = 'booking_guard'::regnamespace
             union
             -- run by the C trigger calls_before() on the calls table, not a trigger itself
-            select 'booking_guard.calls_rules()'::regprocedure, 'public.calls'::regclass) f
+            select 'booking_guard_internal.calls_rules()'::regprocedure, 'public.calls'::regclass) f
       cross join lateral (select * from plpgsql_check_function_tb(f.fn) where f.relid is null
                           union all
                           select * from plpgsql_check_function_tb(f.fn, f.relid) where f.relid is not null) r
@@ -29,7 +29,7 @@ select is_empty($$
     select p.oid::regprocedure::text from pg_proc p
      where p.pronamespace = 'booking_guard'::regnamespace and p.prorettype = 'trigger'::regtype
        and not exists (select from pg_trigger t where t.tgfoid = p.oid)
-       and p.oid <> 'booking_guard.calls_rules()'::regprocedure
+       and p.oid <> 'booking_guard_internal.calls_rules()'::regprocedure
 $$, 'every trigger function is in use, so plpgsql_check above has checked it against a real table');
 
 create function pg_temp.plpython_errors() returns setof text language plpgsql as $$

@@ -47,9 +47,9 @@ select throws_ok($$select booking_guard.backoff_delay(1, jitter => 1.5)$$, 'BG00
 select throws_ok($$select booking_guard.backoff_delay(1, strategy => 'decorrelated')$$, 'BG005',
                  'backoff_delay(): unknown strategy ''decorrelated''', 'an unknown strategy: BG005');
 select throws_ok($$select booking_guard.backoff_delay(1, base => '0')$$, 'BG005',
-                 'backoff_delay(): base and max_delay must be positive intervals', 'base 0: BG005');
+                 'backoff_delay(): base and max_delay must be positive intervals of at most a day', 'base 0: BG005');
 select throws_ok($$select booking_guard.backoff_delay(1, max_delay => '-1 second')$$, 'BG005',
-                 'backoff_delay(): base and max_delay must be positive intervals', 'a negative cap: BG005');
+                 'backoff_delay(): base and max_delay must be positive intervals of at most a day', 'a negative cap: BG005');
 select throws_ok($$select booking_guard.backoff_delay(1, factor => 0.5)$$, 'BG005',
                  'backoff_delay(): factor must be between 1 and 100, not 0.5', 'a shrinking factor: BG005');
 select throws_ok($$select booking_guard.backoff_delay(1, draw => 1)$$, 'BG005',
@@ -60,11 +60,11 @@ select is(booking_guard.setting('retry_claim_timeout'), '00:05:00', 'setting ret
 select throws_ok($$select booking_guard.schedule_retry(1, null)$$, 'BG005', 'schedule_retry(): an operation name is needed',
                  'no operation: BG005');
 select throws_ok($$select booking_guard.schedule_retry(1, 'record_booking', '[]')$$, 'BG005',
-                 'schedule_retry(): the payload must be a jsonb object', 'a payload that is not an object: BG005');
+                 'schedule_retry(): the payload must be a jsonb object of at most 64 kB', 'a payload that is not an object: BG005');
 select throws_ok($$select booking_guard.schedule_retry(1, 'record_booking', '{}', 0)$$, 'BG005',
                  'schedule_retry(): max_attempts must be between 1 and 100, not 0', 'max_attempts 0: BG005');
 select throws_ok($$select booking_guard.schedule_retry(1, 'record_booking', '{}', 3, '-1 second')$$, 'BG005',
-                 'schedule_retry(): delay must not be negative, not -00:00:01', 'a negative delay: BG005');
+                 'schedule_retry(): delay must be between 0 and a day, not -00:00:01', 'a negative delay: BG005');
 select is_empty('select from booking_guard.retries', 'bad schedule_retry calls wrote nothing');
 
 create temp table ids as
@@ -97,7 +97,7 @@ select throws_ok($$select booking_guard.finish_retry(-1, true)$$, 'BG004', 'unkn
 select throws_ok(format('select booking_guard.finish_retry(%s, true, null, %L)', (select now_due from ids), 'w1'), 'BG005',
                  format('retry %s is not claimed by w1', (select now_due from ids)), 'a worker whose claim expired: BG005');
 select throws_ok(format('select booking_guard.finish_retry(%s, null)', (select now_due from ids)), 'BG005',
-                 'finish_retry(): ok must be true or false', 'ok null: BG005');
+                 'finish_retry(): ok must be true or false, the error at most 2000 characters', 'ok null: BG005');
 select throws_ok(format('select booking_guard.finish_retry(%s, true)', (select later from ids)), 'BG005', null,
                  'finishing an unclaimed retry: BG005');
 

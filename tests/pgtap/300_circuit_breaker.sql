@@ -264,9 +264,9 @@ select is((pg_temp.b('appointment_booking:service:2')).failure_count, 0, '16: wi
 -- ---- policies: the longest matching pattern wins
 insert into booking_guard.circuit_policies (key_pattern, failure_threshold, half_open_max_calls)
 values ('appointment_booking:staff:%', 5, 2), ('appointment_booking:staff:7', 1, 1);
-select is((booking_guard.circuit_policy('appointment_booking:staff:7')).failure_threshold, 1, 'policy: the exact key wins');
-select is((booking_guard.circuit_policy('appointment_booking:staff:8')).failure_threshold, 5, 'policy: then the staff pattern');
-select is((booking_guard.circuit_policy('appointment_booking:global')).failure_threshold, 3, 'policy: then %');
+select is((booking_guard_internal.circuit_policy('appointment_booking:staff:7')).failure_threshold, 1, 'policy: the exact key wins');
+select is((booking_guard_internal.circuit_policy('appointment_booking:staff:8')).failure_threshold, 5, 'policy: then the staff pattern');
+select is((booking_guard_internal.circuit_policy('appointment_booking:global')).failure_threshold, 3, 'policy: then %');
 select is(booking_guard.circuit_record_failure('appointment_booking:staff:7'), 'open', 'policy: threshold 1 opens on one failure');
 select is(pg_temp.fail('appointment_booking:staff:8', 4), 'closed', 'policy: threshold 5 survives four');
 select is(pg_temp.fail('appointment_booking:staff:8', 1), 'open', 'policy: and opens on the fifth');
@@ -283,7 +283,7 @@ insert into booking_guard.circuit_policies (key_pattern, failure_threshold) valu
 select is((select failure_threshold from booking_guard.circuit_policies where key_pattern = '%'), 4,
           'policy: inserting % again replaces the seeded row (what pg_restore does)');
 delete from booking_guard.circuit_policies where key_pattern = '%';
-select is((booking_guard.circuit_policy('anything')).failure_threshold, 3, 'policy: without a % row the seed''s values apply');
+select is((booking_guard_internal.circuit_policy('anything')).failure_threshold, 3, 'policy: without a % row the seed''s values apply');
 
 -- ---- bad input: BG005, nothing written
 select throws_ok($$select booking_guard.circuit_acquire(null)$$, 'BG005', 'invalid circuit breaker key', 'null key: BG005');

@@ -34,7 +34,7 @@ def sentinel(db: psycopg.Connection, listener: psycopg.Connection) -> None:
 
 
 def raise_alert(db: psycopg.Connection, entity: str = "42", alert_type: str = "phantom_booking") -> int:
-    return db.execute("select booking_guard.raise_alert(%s, 'critical', 'call', %s, 'test alert')",
+    return db.execute("select booking_guard_internal.raise_alert(%s, 'critical', 'call', %s, 'test alert')",
                       (alert_type, entity)).fetchone()[0]
 
 

@@ -59,7 +59,7 @@ def findings(db, since: str = "1 hour") -> list[tuple[str, str, str]]:
 
 
 def validation_failure(db, call_id: int, reason: str = "appointment_not_found", duration_ms: float = 12.5) -> None:
-    db.execute("select booking_guard.log_event('validation', null, 'call', %s, %s)",
+    db.execute("select booking_guard_internal.log_event('validation', null, 'call', %s, %s)",
                (str(call_id), Jsonb({"success": False, "reason": reason, "duration_ms": duration_ms,
                                      "appointment_id": None})))
 
@@ -166,7 +166,7 @@ def test_recent_failures(attached):
     call_id, _ = booked_call(attached, company(attached))
     validation_failure(attached, call_id, "appointment_not_found")
     validation_failure(attached, call_id, "appointment_stale")
-    attached.execute("select booking_guard.log_event('validation', null, 'call', %s, %s)",
+    attached.execute("select booking_guard_internal.log_event('validation', null, 'call', %s, %s)",
                      (str(call_id), Jsonb({"success": True, "reason": "ok", "duration_ms": 3})))
     assert findings(attached) == [("recent_failures", "call", str(call_id))]
     details = attached.execute("select details from booking_guard.recent_failures_findings").fetchone()[0]

@@ -42,7 +42,7 @@ def test_dump_and_restore_keeps_configuration(db, connect):
                 "select (select count(*) from booking_guard.alerts), (select count(*) from booking_guard.review_queue),"
                 " (select count(*) from booking_guard.events)").fetchone() == history
             # the identity sequences came along: a new alert does not collide with a restored one
-            restored.execute("select booking_guard.raise_alert('restore_check', 'info', 'call', '0', 'after restore')")
+            restored.execute("select booking_guard_internal.raise_alert('restore_check', 'info', 'call', '0', 'after restore')")
             restored.commit()
     finally:
         admin.execute(f'drop database if exists "{target}" with (force)')

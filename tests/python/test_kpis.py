@@ -41,7 +41,7 @@ def test_planted_kpis(attached):
 
     # validation latency: 10, 20, ..., 200 ms; p95 = 190.5; one older event does not count
     for ms in range(10, 201, 10):
-        db.execute("select booking_guard.log_event('validation', null, 'call', '1', %s)",
+        db.execute("select booking_guard_internal.log_event('validation', null, 'call', '1', %s)",
                    (Jsonb({"success": True, "reason": "ok", "duration_ms": ms}),))
     db.execute("""insert into booking_guard.events (at, kind, entity_type, entity_id, details)
                   values (now() - interval '2 days', 'validation', 'call', '1', '{"duration_ms": 99999}')""")

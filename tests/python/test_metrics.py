@@ -88,11 +88,11 @@ def test_record_booking_feeds_the_creation_and_validation_series(attached):
 
 
 def test_unbounded_reasons_become_other_and_malformed_details_do_not_stop_the_fold(db):
-    db.execute("""select booking_guard.log_event('validation', null, 'call', '1',
+    db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '1',
                   '{"success": false, "reason": "Call 12345 failed at 10:42!", "duration_ms": "slow"}')""")
-    db.execute("""select booking_guard.log_event('validation', null, 'call', '2',
+    db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '2',
                   '{"success": "maybe", "reason": null, "duration_ms": 1e400}')""")
-    db.execute("""select booking_guard.log_event('validation', null, 'call', '3', '{"success": true, "duration_ms": 2}')""")
+    db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '3', '{"success": true, "duration_ms": 2}')""")
     s = series(db)
     assert s[("appointment_validation_failure_total", (("type", "other"),))] == 1
     assert s[("appointment_validation_total", ())] == 2          # the one without a boolean success is not a validation
@@ -108,8 +108,8 @@ def test_each_event_is_folded_exactly_once_whatever_the_commit_order(db, connect
     late = connect()
     # `early` takes its transaction id first and commits last: its events are folded after it commits
     early.execute("select pg_current_xact_id()")
-    early.execute("select booking_guard.log_event('review', 'r', 'call', '1')")
-    late.execute("select booking_guard.log_event('review', 'r', 'call', '2')")
+    early.execute("select booking_guard_internal.log_event('review', 'r', 'call', '1')")
+    late.execute("select booking_guard_internal.log_event('review', 'r', 'call', '2')")
     # the horizon waits for the oldest running transaction: `late` is delayed, not lost
     assert value(db, "data_inconsistency_manual_review_total") == 0
     assert db.execute("select count(*) from booking_guard.events where kind = 'review'").fetchone()[0] == 1
@@ -118,7 +118,7 @@ def test_each_event_is_folded_exactly_once_whatever_the_commit_order(db, connect
     assert value(db, "data_inconsistency_manual_review_total") == 2
     # a rolled-back transaction's events never count
     aborted = connect(autocommit=False)
-    aborted.execute("select booking_guard.log_event('review', 'r', 'call', '3')")
+    aborted.execute("select booking_guard_internal.log_event('review', 'r', 'call', '3')")
     aborted.rollback()
     assert value(db, "data_inconsistency_manual_review_total") == 2
 
@@ -132,9 +132,9 @@ def test_concurrent_writers_and_folds_count_every_event_once(db, connect):
             conn = connect()
             for i in range(per_writer):
                 with conn.transaction():
-                    conn.execute("select booking_guard.log_event('review', 'r', 'call', %s)", (f"{n}-{i}",))
+                    conn.execute("select booking_guard_internal.log_event('review', 'r', 'call', %s)", (f"{n}-{i}",))
                     if i % 7 == 0:
-                        conn.execute("select booking_guard.log_event('review', 'r', 'call', %s)", (f"{n}-{i}-b",))
+                        conn.execute("select booking_guard_internal.log_event('review', 'r', 'call', %s)", (f"{n}-{i}-b",))
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -262,10 +262,10 @@ def test_scheduled_jobs_export_their_last_success_and_period(attached):
 
 def test_folds_in_batches_of_whole_transactions(db):
     with db.transaction():   # one transaction bigger than the batch: folded whole, in one run
-        db.execute("select booking_guard.log_event('review', 'r', 'call', i::text) from generate_series(1, 120) i")
+        db.execute("select booking_guard_internal.log_event('review', 'r', 'call', i::text) from generate_series(1, 120) i")
     for n in range(3):        # then three transactions of 30
         with db.transaction():
-            db.execute("select booking_guard.log_event('review', 'r', 'call', %s || i) from generate_series(1, 30) i",
+            db.execute("select booking_guard_internal.log_event('review', 'r', 'call', %s || i) from generate_series(1, 30) i",
                        (f"t{n}-",))
     runs = [db.execute("select booking_guard.fold_metrics(50)").fetchone()[0] for _ in range(5)]
     # whole transactions: the 51st event is in the next transaction, so each run stops before it

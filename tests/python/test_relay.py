@@ -117,7 +117,7 @@ def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
 
 
 def raise_alerts(db, n: int, prefix: str) -> list[int]:
-    return [db.execute("select booking_guard.raise_alert('phantom_booking', 'critical', 'call', %s, %s)",
+    return [db.execute("select booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', %s, %s)",
                        (f"{prefix}-{i}", f"call {prefix}-{i} claims a booking")).fetchone()[0] for i in range(n)]
 
 

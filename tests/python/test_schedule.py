@@ -166,13 +166,13 @@ def test_pg_cron_missing_says_what_to_do(attached):
     attached.execute("set client_min_messages = notice")
     attached.execute("create extension dblink")
     # a "cron database" without pg_cron: the server's postgres database
-    conninfo = attached.execute("select replace(booking_guard.cron_connection(), "
+    conninfo = attached.execute("select replace(booking_guard_internal.cron_connection(), "
                                 "quote_literal(current_setting('cron.database_name')), 'postgres')").fetchone()[0]
-    assert attached.execute("select booking_guard.cron_state(%s)", (conninfo,)).fetchone()[0] == "not_created"
+    assert attached.execute("select booking_guard_internal.cron_state(%s)", (conninfo,)).fetchone()[0] == "not_created"
     assert attached.execute("select * from booking_guard.schedule_jobs(%s)", (conninfo,)).fetchall() == []
     assert "does not exist in cron.database_name" in notices[-1][1]
     # what a server without pg_cron in shared_preload_libraries is told
-    attached.execute("select booking_guard.cron_not_ready('not_loaded')")
+    attached.execute("select booking_guard_internal.cron_not_ready('not_loaded')")
     assert notices[-1][0].endswith("nothing was scheduled")
     assert "shared_preload_libraries" in notices[-1][1] and "shared_preload_libraries" in notices[-1][2]
     assert attached.execute("select count(*) from booking_guard.job_runs").fetchone()[0] == 0

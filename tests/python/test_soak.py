@@ -45,7 +45,7 @@ def test_verdict_counts_a_miss_and_a_false_positive(db):
     db.execute("insert into sim.faults (run_id, kind, path, expected, call_id, committed_at)"
                " values (%s, 'null_direction', 'raw_sql', 'commit', %s, now())", (result.run_id, a))
     # an alert on call b, where nothing was injected: a false positive
-    db.execute("select booking_guard.raise_alert('missing_direction', 'warning', 'call', %s, 'planted', %s, false)",
+    db.execute("select booking_guard_internal.raise_alert('missing_direction', 'warning', 'call', %s, 'planted', %s, false)",
                (str(b), Jsonb({})))
     v = verdict(db, result, settled, 0.5)
     assert v.by_kind["null_direction"].missed == 1
