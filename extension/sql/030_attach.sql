@@ -227,8 +227,29 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    t  record;
+    t    record;
+    nsp  regnamespace;
 begin
+    -- the tables' schemas, when the caller may grant on them (its own, or a superuser's call);
+    -- otherwise they must already be usable, and the error says which GRANT is missing
+    for nsp in select distinct c.relnamespace::regnamespace from pg_catalog.pg_class c where c.oid in (calls, appointments) loop
+        -- booking_guard_owner creates the guarded views there (it has no right on the tables themselves)
+        continue when not granting
+                   or (has_schema_privilege('booking_guard_worker', nsp, 'usage')
+                       and has_schema_privilege('booking_guard_monitor', nsp, 'usage')
+                       and has_schema_privilege('booking_guard_owner', nsp, 'usage'));
+        if pg_has_role(current_user, (select n.nspowner from pg_catalog.pg_namespace n where n.oid = nsp), 'USAGE')
+           or coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = current_user), false) then
+            execute format('grant usage on schema %s to booking_guard_worker, booking_guard_monitor, booking_guard_owner', nsp);
+        else
+            raise exception 'booking_guard''s roles cannot use schema %', nsp
+                using errcode = 'BG003',
+                      detail = format('booking_guard reads the attached tables in %s, and %s may not grant its roles the '
+                                      'use of that schema.', nsp, current_user),
+                      hint = format('As the owner of schema %s: grant usage on schema %s to booking_guard_worker, '
+                                    'booking_guard_monitor, booking_guard_owner;', nsp, nsp);
+        end if;
+    end loop;
     for t in
         select r.table_role, case r.table_role when 'calls' then calls else appointments end as tbl,
                string_agg(quote_ident(r.column_name), ', ' order by r.column_name) as readable,
@@ -248,7 +269,7 @@ end
 $$;
 
 comment on function booking_guard_internal.grant_columns(regclass, regclass, boolean) is
-    'Grants (or revokes) booking_guard_worker and booking_guard_monitor the required columns they read, and the worker the columns it writes (required_columns.written).';
+    'Grants (or revokes) booking_guard_worker and booking_guard_monitor the required columns they read, and the worker the columns it writes (required_columns.written); grants them the use of the tables'' schemas when the caller may.';
 
 create function booking_guard_internal.install_triggers(calls regclass, appointments regclass)
 returns void
@@ -270,6 +291,7 @@ begin
                     for each row execute function booking_guard_internal.appointments_sync()', appointments);
     execute format('create constraint trigger booking_guard_appointments_truth after insert or delete or update of call_id on %s
                     deferrable initially deferred for each row
+                    when (booking_guard_internal.commit_check_possible())
                     execute function booking_guard_internal.appointments_truth_check()', appointments);
 end
 $$;
@@ -465,7 +487,7 @@ begin
         select array_agg(format('%s %s was dropped', d.object_type, d.object_identity) order by d.object_identity)
           into problems
           from pg_catalog.pg_event_trigger_dropped_objects() d
-         where (d.classid = 'pg_catalog.pg_class'::regclass
+         where (d.classid = 'pg_catalog.pg_class'::regclass and d.objsubid = 0   -- a column: checked at ddl_command_end
                 and (d.objid in (a.calls_table, a.appointments_table)
                      or d.object_identity in ('booking_guard.guarded_calls', 'booking_guard.guarded_appointments')))
             or (d.object_type = 'trigger' and d.object_identity like 'booking\_guard\_%');

@@ -21,11 +21,13 @@ as $$
 declare
     alert_id  bigint;
 begin
-    if record_rollback.alert_type not in ('appointment_validation_failed', 'missing_appointment') then
-        raise exception 'a rollback is alerted as appointment_validation_failed or missing_appointment, not %',
+    if record_rollback.alert_type is distinct from 'missing_appointment'
+       and not exists (select from booking_guard.review_priorities p where p.reason = record_rollback.alert_type) then
+        raise exception 'a rollback is alerted as missing_appointment or a review reason, not %',
                         coalesce(quote_literal(left(record_rollback.alert_type, 100)), 'null')
             using errcode = 'BG005',
-                  detail = 'The alert type names why the booking did not stand.',
+                  detail = format('The alert type names why the booking did not stand: %s.',
+                                  (select string_agg(p.reason, ', ' order by p.reason) from booking_guard.review_priorities p)),
                   hint = 'Leave alert_type out: it defaults to appointment_validation_failed.';
     end if;
     perform booking_guard_internal.log_event('rollback', record_rollback.alert_type, 'call', record_rollback.call_id::text,
@@ -270,6 +272,17 @@ as 'MODULE_PATHNAME', 'claim_check_needed';
 
 comment on function booking_guard_internal.claim_check_needed(bigint) is
     'WHEN clause of the calls-side truth check: false when calls_before() found the row just written needs no check at COMMIT (its claim verified, or nothing claimed).';
+
+-- The WHEN clause of the appointments-side constraint trigger: false inside booking_guard's own
+-- writes as booking_guard_worker, where PostgreSQL does not allow queuing a deferred trigger.
+create function booking_guard_internal.commit_check_possible()
+returns boolean
+language c
+volatile
+as 'MODULE_PATHNAME', 'commit_check_possible';
+
+comment on function booking_guard_internal.commit_check_possible() is
+    'WHEN clause of the appointments-side truth check: false inside booking_guard''s own writes (a security-restricted operation, where no deferred trigger may be queued; what they write needs no check).';
 
 -- The due list's verdicts, batch by batch (a job step: 440_schedule.sql), as booking_guard_worker.
 create function booking_guard_internal.verify_step(state jsonb)

@@ -22,10 +22,10 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    r        booking_guard.job_runs;
-    holder   integer;
-    run_id   bigint;
-    started  timestamptz := clock_timestamp();
+    scheduled  boolean := coalesce((job_begin.args ->> 'scheduled')::boolean, false);
+    r          booking_guard.job_runs;
+    run_id     bigint;
+    started    timestamptz := clock_timestamp();
 begin
     if not exists (select from booking_guard.jobs j where j.job = job_begin.job) then
         raise exception 'unknown job "%"', coalesce(left(job_begin.job, 100), 'null')
@@ -33,19 +33,37 @@ begin
                   detail = format('Jobs: %s.', (select string_agg(j.job, ', ' order by j.job) from booking_guard.jobs j)),
                   hint = 'select job, schedule, description from booking_guard.jobs;';
     end if;
-    insert into booking_guard.job_runs as x (job) values (job_begin.job) on conflict (job) do nothing;
-    select * into r from booking_guard.job_runs x where x.job = job_begin.job for update;
-    holder := r.running_pid;
-    if holder is not null and holder <> pg_backend_pid()
-       and exists (select from pg_catalog.pg_stat_activity a where a.pid = holder) then
-        update booking_guard.job_runs x set skips = x.skips + 1, last_skipped_at = started where x.job = job_begin.job;
-        return jsonb_build_object('job', job_begin.job, 'done', true, 'skipped',
-                                  format('another run of %s is running (backend %s, since %s)', job_begin.job, holder,
-                                         r.running_since));
+    -- verify_due called as a function (the exporter's loop, every second) shares the due list
+    -- with any other run (SKIP LOCKED): it takes no lease and records nothing here
+    if job_begin.job = 'verify_due' and not scheduled then
+        return jsonb_build_object('job', job_begin.job, 'args', coalesce(job_begin.args, '{}'), 'started', started,
+                                  'steps', 0, 'done', false);
     end if;
-    update booking_guard.job_runs x
-       set running_pid = pg_backend_pid(), running_since = started, last_started_at = started
-     where x.job = job_begin.job;
+    -- One run of a job at a time. A run in a caller's transaction holds the job's row lock until
+    -- that transaction ends; a scheduled run commits between its steps and holds the lease
+    -- (running_pid) instead, which lapses with its backend.
+    select * into r from booking_guard.job_runs x where x.job = job_begin.job for update skip locked;
+    if not found then
+        if not exists (select from booking_guard.job_runs x where x.job = job_begin.job) then
+            insert into booking_guard.job_runs as x (job) values (job_begin.job) on conflict (job) do nothing;
+            select * into r from booking_guard.job_runs x where x.job = job_begin.job for update skip locked;
+        end if;
+    end if;
+    if r.job is null
+       or (r.running_pid is not null and r.running_pid <> pg_backend_pid()
+           and exists (select from pg_catalog.pg_stat_activity a where a.pid = r.running_pid)) then
+        if scheduled then
+            update booking_guard.job_runs x set skips = x.skips + 1, last_skipped_at = started
+             where x.job = job_begin.job and r.job is not null;
+        end if;
+        return jsonb_build_object('job', job_begin.job, 'done', true, 'skipped',
+                                  format('another run of %s is in progress', job_begin.job));
+    end if;
+    if scheduled then
+        update booking_guard.job_runs x
+           set running_pid = pg_backend_pid(), running_since = started, last_started_at = started
+         where x.job = job_begin.job;
+    end if;
     if job_begin.job = 'reconcile' then
         insert into booking_guard.reconciliation_runs as x (batch_size)
         values (coalesce((job_begin.args ->> 'batch_size')::integer,
@@ -54,12 +72,12 @@ begin
     end if;
     return jsonb_strip_nulls(jsonb_build_object('job', job_begin.job, 'args', coalesce(job_begin.args, '{}'),
                                                 'started', started, 'watermark', r.watermark, 'run_id', run_id,
-                                                'steps', 0, 'done', false));
+                                                'scheduled', scheduled, 'steps', 0, 'done', false));
 end
 $$;
 
 comment on function booking_guard_internal.job_begin(text, jsonb) is
-    'Starts a run of a job: takes its lease in job_runs (a run whose backend is gone is taken over) and returns the first state; a run that finds the lease held returns done with skipped.';
+    'Starts a run of a job: takes its row lock (and, scheduled, its lease) in job_runs and returns the first state; a run that finds another in progress returns done with skipped. verify_due as a function takes neither.';
 
 create function booking_guard_internal.job_step(state jsonb)
 returns jsonb
@@ -109,18 +127,21 @@ begin
     end if;
     result := result || jsonb_build_object('duration_ms',
                   round(extract(epoch from finished - (state ->> 'started')::timestamptz)::numeric * 1000, 1));
-    if job = 'reconcile' and state ? 'totals' then
-        result := jsonb_set(result, '{totals}', (state -> 'totals') || jsonb_build_object(
+    if job = 'reconcile' and state ? 'run_id' then
+        result := jsonb_set(result, '{totals}', coalesce(state -> 'totals', '{"calls_scanned": 0, "appointments_scanned": 0}') || jsonb_build_object(
             'run_id', (state ->> 'run_id')::bigint,
             'fixed', (select coalesce(sum((state -> 'totals' ->> k)::bigint), 0)
                         from unnest(array['directions', 'customer_links', 'flags', 'rolled_back', 'orphans', 'due_fixed']) k),
             'duration_ms', result -> 'duration_ms',
-            'rows_per_second', round(((state -> 'totals' ->> 'calls_scanned')::bigint
-                                      + (state -> 'totals' ->> 'appointments_scanned')::bigint)
+            'rows_per_second', round((coalesce((state -> 'totals' ->> 'calls_scanned')::bigint, 0)
+                                      + coalesce((state -> 'totals' ->> 'appointments_scanned')::bigint, 0))
                                      / greatest(extract(epoch from finished - (state ->> 'started')::timestamptz), 0.000001))));
         update booking_guard.reconciliation_runs x
            set finished_at = finished, counts = result -> 'totals', error = state ->> 'error'
          where x.id = (state ->> 'run_id')::bigint;
+    end if;
+    if not coalesce((state ->> 'scheduled')::boolean, false) then
+        return result;   -- run as a function: job_runs records the scheduled runs only
     end if;
     if state ? 'error' then
         update booking_guard.job_runs x

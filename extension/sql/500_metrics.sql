@@ -3,14 +3,18 @@
 create function booking_guard_internal.alert_types()
 returns table (alert_type text)
 language sql
-immutable
+stable
 set search_path = pg_catalog, pg_temp
 as $$
-    values ('appointment_validation_failed'), ('job_stalled'), ('alert_storm')
+    select r.name from booking_guard.rules r
+    union
+    select p.reason from booking_guard.review_priorities p
+    union
+    values ('job_stalled'), ('alert_storm')
 $$;
 
 comment on function booking_guard_internal.alert_types() is
-    'The alert types booking_guard raises besides its rules'' names (appointment_validation_failed, job_stalled, alert_storm).';
+    'Every alert type booking_guard raises: the rules, the review reasons (a rollback is alerted as one), job_stalled and alert_storm; metrics label anything else other.';
 
 create function booking_guard_internal.histogram_le(value double precision, buckets double precision[])
 returns text
@@ -177,8 +181,7 @@ begin
                     when g.reason in (select v.reason from booking_guard.validation_reasons v) then g.reason
                     else 'other' end as reason,
                case when g.rule is null then 'unknown'
-                    when g.rule in (select r.name from booking_guard.rules r) or g.rule in (select x.alert_type from booking_guard_internal.alert_types() x)
-                        then g.rule
+                    when g.rule in (select x.alert_type from booking_guard_internal.alert_types() x) then g.rule
                     else 'other' end as rule,
                g.n, g.timed, g.seconds
           from (select ev.kind, ev.ok, ev.corrected, ev.bucket, ev.le, ev.reason, ev.rule,
@@ -267,7 +270,6 @@ as $$
     union all select 'appointment_validation_total', '{}'
     union all select 'appointment_validation_failure_total', jsonb_build_object('type', v.reason)
       from booking_guard.validation_reasons v where v.reason <> 'ok'
-    union all select 'data_inconsistency_detected_total', jsonb_build_object('type', r.name) from booking_guard.rules r
     union all select 'data_inconsistency_detected_total', jsonb_build_object('type', x.alert_type)
       from booking_guard_internal.alert_types() x
     union all select 'data_inconsistency_auto_corrected_total', '{}'

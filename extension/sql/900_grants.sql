@@ -31,9 +31,10 @@ begin
 end
 $owner$;
 
--- The WHEN clause of the calls-side commit check runs as whoever writes the calls table, and tells
+-- The WHEN clauses of the commit-time checks run as whoever writes the attached tables, and tell
 -- only whether the row just written needs that check.
-grant execute on function booking_guard_internal.claim_check_needed(bigint) to public;
+grant execute on function booking_guard_internal.claim_check_needed(bigint), booking_guard_internal.commit_check_possible()
+   to public;
 
 grant usage on schema booking_guard to booking_guard_app, booking_guard_monitor, booking_guard_serve, booking_guard_admin,
     booking_guard_worker;

@@ -59,6 +59,7 @@ PG_MODULE_MAGIC;
 PG_FUNCTION_INFO_V1(calls_before);
 PG_FUNCTION_INFO_V1(calls_truth_check);
 PG_FUNCTION_INFO_V1(claim_check_needed);
+PG_FUNCTION_INFO_V1(commit_check_possible);
 PG_FUNCTION_INFO_V1(appointments_sync);
 PG_FUNCTION_INFO_V1(appointments_truth_check);
 PG_FUNCTION_INFO_V1(rule_mode);
@@ -745,7 +746,8 @@ calls_before(PG_FUNCTION_ARGS)
 /*
  * The WHEN clause of the calls-side constraint triggers: does the row just written need the
  * truth check at COMMIT? Reads and clears the mark calls_before() left for it. It runs as
- * whoever writes the calls table (EXECUTE is granted to PUBLIC) and tells only that.
+ * whoever writes the calls table (EXECUTE is granted to PUBLIC) and tells only that. A write by
+ * booking_guard itself (as the worker, a security-restricted operation: see below) needs none.
  */
 Datum
 claim_check_needed(PG_FUNCTION_ARGS)
@@ -753,7 +755,19 @@ claim_check_needed(PG_FUNCTION_ARGS)
 	bool		skip = !PG_ARGISNULL(0) && mark_is(&unchecked_row, PG_GETARG_INT64(0));
 
 	unchecked_row.set = false;
-	PG_RETURN_BOOL(!skip);
+	PG_RETURN_BOOL(!skip && !InSecurityRestrictedOperation());
+}
+
+/*
+ * The WHEN clause of the appointments-side constraint trigger. A deferred trigger cannot be queued
+ * in a security-restricted operation (PostgreSQL refuses: it would run later with other rights),
+ * and booking_guard's own writes as the worker are one: what they write is derived from the
+ * appointments and needs no check at COMMIT (a moved appointment's calls are synced at once).
+ */
+Datum
+commit_check_possible(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(!InSecurityRestrictedOperation());
 }
 
 /* ---- the checks at COMMIT and the appointment-side sync, as the worker ---- */

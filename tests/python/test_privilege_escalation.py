@@ -184,12 +184,17 @@ def test_a_squatter_cannot_stall_the_jobs_or_a_booking(core, login_role, connect
     """0.1.0 serialised run_monitor, reconcile and record_booking(booking id) on advisory keys any
     role can take: the jobs then reported success without running, and a booking waited."""
     _, squatter = login_role()
+    fold_key = core.execute("select 'booking_guard.metric_fold_state'::regclass::oid::bigint").fetchone()[0]
     squatter.execute("select pg_advisory_lock(hashtext('booking_guard.run_monitor'))")
     squatter.execute("select pg_advisory_lock(hashtext('booking_guard.reconcile'))")
     squatter.execute("select pg_advisory_lock(-1560708019, hashtext('cal-squat'))")
-    squatter.execute("select pg_advisory_lock('booking_guard.metric_fold_state'::regclass::oid::bigint)")
+    squatter.execute("select pg_advisory_lock(%s)", (fold_key,))
     assert "skipped" not in core.execute("select booking_guard.run_monitor()").fetchone()[0]
     assert "skipped" not in core.execute("select booking_guard.reconcile()").fetchone()[0]
+    before = core.execute("select events_folded from booking_guard.metric_fold_state").fetchone()[0]
+    new_call(core, direction=None)   # an alert: an event to fold
+    assert core.execute("select booking_guard.fold_metrics()").fetchone()[0] > 0
+    assert core.execute("select events_folded from booking_guard.metric_fold_state").fetchone()[0] > before
     call_id = new_call(core)
     booker = connect()
     booker.execute("set lock_timeout = '2s'")

@@ -48,6 +48,7 @@ alter table booking_guard.job_runs
     add column watermark        timestamptz,
     add column skips            bigint not null default 0,
     add column last_skipped_at  timestamptz;
+insert into booking_guard.job_runs (job) select j.job from booking_guard.jobs j on conflict (job) do nothing;
 comment on column booking_guard.job_runs.running_pid is 'The backend running the job now (its lease); null when none is.';
 comment on column booking_guard.job_runs.watermark is 'run_monitor: the rows created before this were looked at by an earlier run.';
 comment on column booking_guard.job_runs.skips is 'Runs that found another run of the job in progress and did nothing.';
