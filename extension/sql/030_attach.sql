@@ -465,9 +465,33 @@ $$;
 comment on function booking_guard_internal.attached() is
     'The attached tables; raises BG003 when booking_guard is not attached.';
 
--- The DDL guard. It runs after every DDL command in the database, as booking_guard_owner (it only
--- reads the catalogs and booking_guard's own tables), and costs one lookup while nothing is
--- attached. A command that leaves the attachment unhealthy is refused: its transaction aborts.
+-- The DDL guard. A DDL command that leaves the attachment less healthy than it found it is refused:
+-- its transaction aborts. At the start of every DDL command (while attached) it notes what is
+-- already wrong; at the end it refuses only what the command broke, so that a restore, which adds
+-- the tables' keys and triggers after their rows, or a repair of a broken attachment, goes through.
+-- It runs as booking_guard_owner (it reads only the catalogs and booking_guard's own tables) and
+-- costs one lookup while nothing is attached.
+create function booking_guard_internal.guard_ddl_start()
+returns event_trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    a  booking_guard.attached_tables;
+begin
+    select * into a from booking_guard.attached_tables;
+    if found then
+        perform set_config('booking_guard.ddl_health_before',
+                           coalesce((select to_jsonb(array_agg(h)) from booking_guard_internal.attachment_health(a) h),
+                                    '[]')::text, true);
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.guard_ddl_start() is
+    'Event trigger at the start of a DDL command: notes what is already wrong with the attachment, so that the end refuses only what the command broke.';
+
 create function booking_guard_internal.guard_ddl()
 returns event_trigger
 language plpgsql
@@ -477,7 +501,7 @@ as $$
 declare
     a          booking_guard.attached_tables;
     problems   text[];
-    touched    boolean;
+    before     jsonb;
 begin
     select * into a from booking_guard.attached_tables;
     if not found then
@@ -487,17 +511,18 @@ begin
         select array_agg(format('%s %s was dropped', d.object_type, d.object_identity) order by d.object_identity)
           into problems
           from pg_catalog.pg_event_trigger_dropped_objects() d
-         where (d.classid = 'pg_catalog.pg_class'::regclass and d.objsubid = 0   -- a column: checked at ddl_command_end
+         where (d.classid = 'pg_catalog.pg_class'::regclass
                 and (d.objid in (a.calls_table, a.appointments_table)
-                     or d.object_identity in ('booking_guard.guarded_calls', 'booking_guard.guarded_appointments')))
+                     or d.object_identity in ('booking_guard.guarded_calls', 'booking_guard.guarded_appointments'))
+                and (d.objsubid = 0
+                     or d.address_names[3] in (select r.column_name from booking_guard.required_columns r)))
             or (d.object_type = 'trigger' and d.object_identity like 'booking\_guard\_%');
-    else
-        touched := exists (select from pg_catalog.pg_event_trigger_ddl_commands() c
-                            where c.classid = 'pg_catalog.pg_class'::regclass
-                              and c.objid in (a.calls_table, a.appointments_table));
-        if touched then
-            select array_agg(h) into problems from booking_guard_internal.attachment_health(a) h;
-        end if;
+    elsif exists (select from pg_catalog.pg_event_trigger_ddl_commands() c
+                   where c.classid = 'pg_catalog.pg_class'::regclass and c.objid in (a.calls_table, a.appointments_table)) then
+        before := coalesce(nullif(current_setting('booking_guard.ddl_health_before', true), ''), '[]')::jsonb;
+        select array_agg(h) into problems
+          from booking_guard_internal.attachment_health(a) h
+         where not before ? h;
     end if;
     if problems is not null then
         raise exception 'this change would break booking_guard''s attachment to % and %', a.calls_table, a.appointments_table
@@ -511,7 +536,11 @@ end
 $$;
 
 comment on function booking_guard_internal.guard_ddl() is
-    'Event trigger: refuses (BG003) a DDL command that leaves the attachment unhealthy: a required column renamed, dropped or retyped, a booking_guard trigger disabled or dropped, a guarded view dropped.';
+    'Event trigger: refuses (BG003) a DDL command that breaks the attachment: a required column renamed, dropped or retyped, a booking_guard trigger disabled or dropped, a guarded view dropped.';
+
+drop event trigger if exists booking_guard_ddl_start;
+create event trigger booking_guard_ddl_start on ddl_command_start
+    execute function booking_guard_internal.guard_ddl_start();
 
 drop event trigger if exists booking_guard_ddl_end;
 create event trigger booking_guard_ddl_end on ddl_command_end

@@ -16,10 +16,10 @@ declare
     m       bigint;
 begin
     perform booking_guard_internal.attached();
-    if since is null or since <= interval '0' then
+    if since is null or since <= interval '0' or since > interval '10 years' then
         raise exception 'invalid KPI window: %', coalesce(since::text, 'null')
             using errcode = 'BG005',
-                  detail = 'The window is how far back the KPIs look: a positive interval.',
+                  detail = 'The window is how far back the KPIs look: a positive interval of at most 10 years.',
                   hint = 'select * from booking_guard.kpis(''1 day'');';
     end if;
     cutoff := now() - since;

@@ -151,7 +151,16 @@ begin
         raise warning 'booking_guard job % failed: %', job, state ->> 'error';
     else
         update booking_guard.job_runs x
-           set last_success_at = finished, last_result = result, runs = x.runs + 1,
+           set last_success_at = finished, runs = x.runs + 1,
+               -- the result, with verify_due's verdicts counted rather than listed
+               last_result = case when job_end.state ? 'verdicts'
+                                  then (result - 'verdicts') || jsonb_build_object(
+                                           'judged', jsonb_array_length(result -> 'verdicts'),
+                                           'verdicts', (select coalesce(jsonb_object_agg(v.verdict, v.n), '{}')
+                                                          from (select e ->> 'verdict' as verdict, count(*) as n
+                                                                  from jsonb_array_elements(result -> 'verdicts') e
+                                                                 group by 1) v))
+                                  else result end,
                watermark = coalesce((job_end.state ->> 'next_watermark')::timestamptz, x.watermark),
                running_pid = null, running_since = null
          where x.job = job_end.state ->> 'job';

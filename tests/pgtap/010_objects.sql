@@ -75,8 +75,9 @@ select is_empty($$select p.oid::regprocedure::text from pg_proc p
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
                    where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
                      and (p.proacl is null or exists (select from aclexplode(p.proacl) a where a.grantee = 0))
-                     and p.oid <> 'booking_guard_internal.claim_check_needed(bigint)'::regprocedure$$,
-                'no function but the truth check''s WHEN clause is executable by PUBLIC');
+                     and p.oid not in ('booking_guard_internal.claim_check_needed(bigint)'::regprocedure,
+                                       'booking_guard_internal.commit_check_possible()'::regprocedure)$$,
+                'no function but the truth checks'' WHEN clauses is executable by PUBLIC');
 select ok(has_function_privilege('public', 'booking_guard_internal.claim_check_needed(bigint)', 'execute'),
           'the WHEN clause of the calls-side truth check runs as any role that writes calls');
 select is_empty($$select c.oid::regclass::text from pg_class c
@@ -94,7 +95,7 @@ select is_empty($$select p.oid::regprocedure::text from pg_proc p
 -- booking_guard_worker around their queries.
 select is(array_agg(p.proname::text order by p.proname),
           array['appointments_sync', 'appointments_truth_check', 'calls_before', 'calls_truth_check', 'claim_check_needed',
-                'insert_appointment', 'rule_mode', 'rules_changed', 'run_job', 'run_job_steps'],
+                'commit_check_possible', 'insert_appointment', 'rule_mode', 'rules_changed', 'run_job', 'run_job_steps'],
           'the C functions, none of them SECURITY DEFINER')
   from pg_proc p join pg_language l on l.oid = p.prolang and l.lanname = 'c'
  where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace) and not p.prosecdef;

@@ -7,6 +7,7 @@ import psycopg
 import pytest
 from booking_guard import client
 from booking_guard.booking import REASONS, BookingResult, backoff_delay
+from conftest import APP_TABLE_GRANTS
 
 
 def new_call(conn: psycopg.Connection, retell_id: str, booking_id: str | None = None) -> int:
@@ -133,13 +134,11 @@ def test_retry_exhausted_goes_to_review_with_history(attached):
     assert [(h["attempt"], h["ok"], h["error"]) for h in history] == [(1, False, "boom 1"), (2, False, "boom 2")]
 
 
-def test_the_app_role_books_without_table_privileges(attached, connect):
-    """booking_guard_app has no privilege on the application's tables: the SECURITY DEFINER functions work anyway."""
+def test_the_app_role_books_with_its_own_table_privileges(attached, login_role):
+    """record_booking() writes what the application could write itself, with the application's own
+    rights: a role holding booking_guard_app and DML on its tables books, and nothing else is lent."""
     call_id = new_call(attached, "py-role")
-    conn = connect()
-    conn.execute("set role booking_guard_app")
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute("select count(*) from appointments")
+    _, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
     result = client.record_booking(conn, call_id, "cal-role", {"status": "confirmed"})
     assert result.success and result.created
     assert conn.execute("select reason from booking_guard.validate_appointment_creation(%s)", (call_id,)).fetchone()[0] == "ok"
@@ -149,6 +148,14 @@ def test_the_app_role_books_without_table_privileges(attached, connect):
     assert conn.execute("select booking_guard.backoff_delay(2, draw => 0)").fetchone()[0] == timedelta(seconds=2)
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("select * from booking_guard.retries")   # reading the queue is the monitor's
+
+
+def test_the_app_role_without_table_privileges_books_nothing(attached, login_role):
+    call_id = new_call(attached, "py-role-none")
+    _, conn = login_role("booking_guard_app")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        client.record_booking(conn, call_id, "cal-none", {"status": "confirmed"})
+    assert attached.execute("select count(*) from appointments").fetchone()[0] == 0
 
 
 def test_pending_retries_survive_dump_and_restore(attached):

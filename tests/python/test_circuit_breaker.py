@@ -4,7 +4,6 @@
 Time is moved with booking_guard.clock_offset or stopped with booking_guard.clock_at (superuser only),
 never slept through."""
 
-import json
 import subprocess
 import threading
 import uuid
@@ -151,19 +150,21 @@ def test_closed_acquire_and_success_take_no_row_lock(db, connect):
         holder.rollback()
 
 
-def test_transitions_are_notified(db, connect):
+def test_transitions_are_notified_by_id(db, connect):
+    """Any role may LISTEN on any channel: the notification carries the transition's id, and a
+    listener with the monitor's rights reads the rest from circuit_transitions."""
     listener = connect()
     listener.execute("listen booking_guard_circuit")
     trip(db, "appointment_booking:service:11")
     db.execute("select booking_guard.circuit_reset('appointment_booking:service:11')")
-    payloads = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
-    assert [(p["key"], p["from"], p["to"]) for p in payloads] == [
-        ("appointment_booking:service:11", "closed", "open"),
-        ("appointment_booking:service:11", "open", "closed"),
-    ]
+    payloads = [int(n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
     ids = [r[0] for r in db.execute("select id from booking_guard.circuit_transitions order by id").fetchall()]
-    assert [p["id"] for p in payloads] == ids
-    assert payloads[0]["reason"] == "failure_threshold: 3 consecutive failures: down 2"
+    assert payloads == ids
+    rows = db.execute("select key, from_state, to_state, reason from booking_guard.circuit_transitions "
+                      "where id = any(%s) order by id", (payloads,)).fetchall()
+    assert [r[:3] for r in rows] == [("appointment_booking:service:11", "closed", "open"),
+                                     ("appointment_booking:service:11", "open", "closed")]
+    assert rows[0][3] == "failure_threshold: 3 consecutive failures: down 2"
 
 
 def test_rejection_error_carries_state_retry_after_and_hint(db):

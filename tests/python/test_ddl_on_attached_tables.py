@@ -96,8 +96,9 @@ def test_the_renamed_and_retyped_column_crash(core):
 
 def test_every_required_column_is_type_checked_by_the_c_module(core):
     """Whatever a required column became behind booking_guard's back, a write is a BG003, never a crash."""
-    # the columns the C module reads on every write of calls (the rest are read by SQL, which checks types itself)
-    columns = [(c,) for c in ("company_id", "direction", "session_outcome", "appointment_made", "appointment_link_status",
+    # the columns the C module reads as a type on every write of calls (company_id it only prints,
+    # whatever its type; the rest are read by SQL, which checks types itself)
+    columns = [(c,) for c in ("direction", "session_outcome", "appointment_made", "appointment_link_status",
                               "appointment_linked_at", "customer_id", "customer_link_status", "customer_linked_at",
                               "customer_link_method", "customer_link_confidence")]
     core.execute("alter table calls add column touched integer not null default 0")
@@ -136,7 +137,8 @@ def test_long_and_multibyte_table_names_attach(db, name):
     indexes of one name (42P07)."""
     db.execute(f"""create table "{name}" (like calls including all);
                    create table "{name}_a" (like appointments including all)""")
-    created = db.execute(f"""select created_indexes from booking_guard.attach('public."{name}"', 'public."{name}_a"')""").fetchone()[0]
+    created = db.execute(f"""select created_indexes
+                               from booking_guard.attach('public."{name}"', 'public."{name}_a"')""").fetchone()[0]
     assert len(created) == 5
     assert len(set(created)) == 5
     assert all(len(ix.encode()) <= 63 * 2 + 5 for ix in created)

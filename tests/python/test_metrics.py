@@ -92,7 +92,8 @@ def test_unbounded_reasons_become_other_and_malformed_details_do_not_stop_the_fo
                   '{"success": false, "reason": "Call 12345 failed at 10:42!", "duration_ms": "slow"}')""")
     db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '2',
                   '{"success": "maybe", "reason": null, "duration_ms": 1e400}')""")
-    db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '3', '{"success": true, "duration_ms": 2}')""")
+    db.execute("""select booking_guard_internal.log_event('validation', null, 'call', '3',
+                  '{"success": true, "duration_ms": 2}')""")
     s = series(db)
     assert s[("appointment_validation_failure_total", (("type", "other"),))] == 1
     assert s[("appointment_validation_total", ())] == 2          # the one without a boolean success is not a validation
@@ -247,13 +248,13 @@ def test_scheduled_jobs_export_their_last_success_and_period(attached):
              db.execute("select name, labels, value from booking_guard.metrics()").fetchall()}
     assert not any(n == "booking_guard_job_last_success_timestamp_seconds" for n, _ in names)   # nothing scheduled
     # what schedule_jobs() records when it registers the job with pg_cron
-    db.execute("insert into booking_guard.job_runs (job, scheduled_at) values ('reconcile', now() - interval '3 hours')")
+    db.execute("update booking_guard.job_runs set scheduled_at = now() - interval '3 hours' where job = 'reconcile'")
     scheduled = db.execute("select extract(epoch from scheduled_at)::float8 from booking_guard.job_runs"
                            " where job = 'reconcile'").fetchone()[0]
     assert value(db, "booking_guard_job_last_success_timestamp_seconds", scheduled_job="reconcile") == pytest.approx(scheduled)
     assert value(db, "booking_guard_job_expected_interval_seconds", scheduled_job="reconcile") == 3600
-    result = db.execute("select booking_guard.run_job('reconcile')").fetchone()[0]
-    assert "error" not in result
+    db.execute("call booking_guard.run_job('reconcile')")
+    assert db.execute("select last_error from booking_guard.job_runs where job = 'reconcile'").fetchone()[0] is None
     succeeded = db.execute("select extract(epoch from last_success_at)::float8 from booking_guard.job_runs"
                            " where job = 'reconcile'").fetchone()[0]
     assert succeeded > scheduled

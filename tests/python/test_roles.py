@@ -26,44 +26,43 @@ EXPECTED = Path(__file__).resolve().parents[1] / "expected" / "grants.txt"
 # role attributes of booking_guard's roles, and what attach() grants on the application tables.
 GRANTS_SQL = """
 with objects as (
-    select 'table' as kind, c.oid, format('%I.%I', n.nspname, c.relname) as name, c.relacl as acl, c.relowner as owner
+    select 'table' as kind, c.oid::regclass::text as name, c.relacl as acl, c.relowner as owner
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where n.nspname like 'booking\\_guard%' and c.relkind in ('r', 'v', 'S', 'p')
     union all
-    select case when p.prokind = 'p' then 'procedure' else 'function' end, p.oid,
-           format('%I.%s', n.nspname, p.oid::regprocedure::text), p.proacl, p.proowner
+    select case when p.prokind = 'p' then 'procedure' else 'function' end, p.oid::regprocedure::text, p.proacl, p.proowner
       from pg_proc p join pg_namespace n on n.oid = p.pronamespace
      where n.nspname like 'booking\\_guard%'
     union all
-    select 'schema', n.oid, n.nspname, n.nspacl, n.nspowner from pg_namespace n where n.nspname like 'booking\\_guard%'
+    select 'schema', n.nspname, n.nspacl, n.nspowner from pg_namespace n where n.nspname like 'booking\\_guard%'
+),
+acl as (
+    select o.kind, o.name, a.grantee, a.privilege_type
+      from objects o cross join lateral aclexplode(o.acl) a
+     where a.grantee <> o.owner
 )
 select format('%s %s: %s', o.kind, o.name,
-              coalesce((select string_agg(format('%s=%s', case when a.grantee = 0 then 'PUBLIC' else a.grantee::regrole::text end,
-                                                 a.privilege_type), ', ' order by 1, 2)
-                          from aclexplode(o.acl) a
-                         where a.grantee <> o.owner), '-'))
+              coalesce((select string_agg(g, ', ' order by g)
+                          from (select format('%s=%s', case when a.grantee = 0 then 'PUBLIC' else a.grantee::regrole::text end,
+                                              a.privilege_type) as g
+                                  from acl a where a.kind = o.kind and a.name = o.name) x), '-'))
   from objects o
 union all
-select format('security definer %s owned by %s', format('%I.%s', n.nspname, p.oid::regprocedure::text), p.proowner::regrole)
+select format('security definer %s owned by %s', p.oid::regprocedure::text, p.proowner::regrole)
   from pg_proc p join pg_namespace n on n.oid = p.pronamespace
  where n.nspname like 'booking\\_guard%' and p.prosecdef
 union all
 select format('role %s: super=%s login=%s bypassrls=%s member of %s', r.rolname, r.rolsuper, r.rolcanlogin, r.rolbypassrls,
-              coalesce((select string_agg(m.roleid::regrole::text, ', ' order by 1)
+              coalesce((select string_agg(m.roleid::regrole::text, ', ' order by m.roleid::regrole::text)
                           from pg_auth_members m where m.member = r.oid), '-'))
   from pg_roles r where r.rolname like 'booking\\_guard\\_%'
 union all
-select format('application %s: %s', c.relname, string_agg(format('%s=%s', x.grantee::regrole, x.privilege_type), ', ' order by 1))
+select format('application %s%s: %s', c.relname, coalesce('.' || a.attname, ''),
+              string_agg(format('%s=%s', x.grantee::regrole, x.privilege_type), ', '
+                         order by x.grantee::regrole::text, x.privilege_type))
   from pg_class c
-  cross join lateral aclexplode(c.relacl) x
- where c.oid in ('public.calls'::regclass, 'public.appointments'::regclass)
-   and x.grantee::regrole::text like 'booking\\_guard\\_%'
- group by c.relname
-union all
-select format('application %s.%s: %s', c.relname, a.attname, string_agg(format('%s=%s', x.grantee::regrole, x.privilege_type), ', ' order by 1))
-  from pg_class c
-  join pg_attribute a on a.attrelid = c.oid and a.attnum > 0
-  cross join lateral aclexplode(a.attacl) x
+  left join pg_attribute a on a.attrelid = c.oid and a.attnum > 0
+  cross join lateral aclexplode(case when a.attnum is null then c.relacl else a.attacl end) x
  where c.oid in ('public.calls'::regclass, 'public.appointments'::regclass)
    and x.grantee::regrole::text like 'booking\\_guard\\_%'
  group by c.relname, a.attname
@@ -132,7 +131,7 @@ def test_a_dml_only_writer_gets_every_rule(core, login_role):
 # -- booking_guard_admin ------------------------------------------------------------------------
 
 def test_the_admin_role_does_what_it_is_for(db, login_role):
-    admin, conn = login_role("booking_guard_admin")
+    admin, conn = login_role("booking_guard_admin", grants=("grant create on schema public to {role}",))
     for table in ("calls", "appointments"):
         db.execute(f"alter table public.{table} owner to {admin}")
     conn.execute("select booking_guard.attach('public.calls', 'public.appointments')")
@@ -166,10 +165,10 @@ def raise_alert(db: psycopg.Connection, entity: str) -> int:
 def test_the_monitor_cannot_silence_paging(core, login_role):
     alert_id = raise_alert(core, "m1")
     _, monitor = login_role("booking_guard_monitor")
-    for statement in ("select booking_guard.alerts_delivered('relay-x', array[%s]::bigint[])" % alert_id,
+    for statement in (f"select booking_guard.alerts_delivered('relay-x', array[{alert_id}]::bigint[])",
                       "select booking_guard.digest_sent('relay-x', now(), 0)",
                       "select * from booking_guard.claim_alerts('relay-x')",
-                      "select booking_guard.acknowledge_alert(%s)" % alert_id,
+                      f"select booking_guard.acknowledge_alert({alert_id})",
                       "select * from booking_guard.verify_due()",
                       "update booking_guard.alerts set delivered_at = now()"):
         with pytest.raises(psycopg.Error) as caught:

@@ -37,7 +37,7 @@ def test_schedule_jobs_registers_once(attached, cron):
     dbname = attached.info.dbname
     rows = attached.execute("select job, schedule, command from booking_guard.schedule_jobs()").fetchall()
     assert {r[0]: r[1] for r in rows} == JOBS
-    expected = {f"booking_guard.{job}@{dbname}": (schedule, f"select booking_guard.run_job('{job}')", True)
+    expected = {f"booking_guard.{job}@{dbname}": (schedule, f"call booking_guard.run_job('{job}')", True)
                 for job, schedule in JOBS.items()}
     assert cron_jobs(cron, dbname) == expected
     ids = sorted(r[0] for r in cron.execute("select jobid from cron.job where database = %s", (dbname,)).fetchall())
@@ -84,7 +84,7 @@ def test_registered_commands_do_their_work(attached, cron):
                             "order by job").fetchall()
     assert runs == [(job, True, None, 1) for job in sorted(JOBS)]
     result = attached.execute("select last_result from booking_guard.job_runs where job = 'verify_due'").fetchone()[0]
-    assert result["verdicts"] == {"rolled_back": 1}
+    assert result["judged"] == 1 and result["verdicts"] == {"rolled_back": 1}
 
 
 def test_stalled_job_is_alerted(attached, cron):
@@ -93,25 +93,25 @@ def test_stalled_job_is_alerted(attached, cron):
     attached.execute("update booking_guard.job_runs set scheduled_at = now() - interval '1 day', "
                      "last_success_at = now() - interval '10 minutes' where job = 'verify_due'")
     attached.execute("update booking_guard.job_runs set last_success_at = now() where job <> 'verify_due'")
-    attached.execute("select booking_guard.run_job('run_monitor')")
+    attached.execute("call booking_guard.run_job('run_monitor')")
     assert attached.execute("select entity_id from booking_guard.alerts where alert_type = 'job_stalled' "
                             "and resolved_at is null").fetchall() == [("verify_due",)]
     assert attached.execute("select job from booking_guard.job_status() where stalled").fetchall() == [("verify_due",)]
-    attached.execute("select booking_guard.run_job('verify_due')")
-    attached.execute("select booking_guard.run_job('run_monitor')")
+    attached.execute("call booking_guard.run_job('verify_due')")
+    attached.execute("call booking_guard.run_job('run_monitor')")
     assert attached.execute("select count(*) from booking_guard.alerts where alert_type = 'job_stalled' "
                             "and resolved_at is null").fetchone()[0] == 0
 
 
 def test_failed_job_is_recorded_not_raised(attached):
+    """pg_cron's CALL succeeds; job_runs records the failure (the monitor alerts on a stale success)."""
     attached.execute("select booking_guard.detach()")
-    result = attached.execute("select booking_guard.run_job('run_monitor')").fetchone()[0]
-    assert result["error"].startswith("BG003")
-    row = attached.execute("select last_success_at, last_error is not null, failures from booking_guard.job_runs"
-                           ).fetchone()
-    assert row == (None, True, 1)
+    attached.execute("call booking_guard.run_job('run_monitor')")
+    row = attached.execute("select last_success_at, last_error, failures from booking_guard.job_runs "
+                           "where job = 'run_monitor'").fetchone()
+    assert row[0] is None and row[1].startswith("BG003") and row[2] == 1
     with pytest.raises(psycopg.Error) as caught:
-        attached.execute("select booking_guard.run_job('nope')")
+        attached.execute("call booking_guard.run_job('nope')")
     assert caught.value.diag.sqlstate == "BG004"
 
 
@@ -123,7 +123,7 @@ def test_without_dblink_a_notice_and_nothing_else(attached, cron):
     assert rows == []
     assert any("nothing was scheduled" in primary and "dblink" in detail for primary, detail in notices)
     assert cron_jobs(cron, attached.info.dbname) == {}
-    assert attached.execute("select count(*) from booking_guard.job_runs").fetchone()[0] == 0
+    assert attached.execute("select count(*) from booking_guard.job_runs where scheduled_at is not null").fetchone()[0] == 0
 
 
 def test_help_lists_the_everyday_queries(db):
@@ -175,4 +175,4 @@ def test_pg_cron_missing_says_what_to_do(attached):
     attached.execute("select booking_guard_internal.cron_not_ready('not_loaded')")
     assert notices[-1][0].endswith("nothing was scheduled")
     assert "shared_preload_libraries" in notices[-1][1] and "shared_preload_libraries" in notices[-1][2]
-    assert attached.execute("select count(*) from booking_guard.job_runs").fetchone()[0] == 0
+    assert attached.execute("select count(*) from booking_guard.job_runs where scheduled_at is not null").fetchone()[0] == 0
