@@ -665,8 +665,7 @@ declare
     counts   jsonb := coalesce(state -> 'counts',
                                jsonb_build_object('findings', 0, 'new', 0, 'repaired', 0, 'resolved', 0, 'by_rule', '{}'::jsonb));
     cutoff   timestamptz;
-    ids      jsonb;
-    slice    jsonb;
+    slice    text[];
     a        record;
     n        integer := 0;
     recheck  interval;
@@ -678,32 +677,37 @@ begin
             cutoff := greatest(cutoff, (state ->> 'watermark')::timestamptz
                                        - (select s.interval_value from booking_guard.settings s where s.name = 'monitor_overlap'));
         end if;
-        return state || jsonb_build_object(
-            'phase', 'calls', 'cutoff', cutoff, 'seen_from', now(), 'next_watermark', now(), 'counts', counts,
-            'calls', to_jsonb(booking_guard_internal.candidate_calls(cutoff)),
-            'appointments', to_jsonb(booking_guard_internal.candidate_appointments(cutoff)),
-            'bookings', to_jsonb(booking_guard_internal.candidate_bookings(cutoff)));
+        -- the candidates go into a queue taken a batch per step (left over by a run that died: dropped)
+        delete from booking_guard_internal.monitor_queue;
+        insert into booking_guard_internal.monitor_queue (kind, entity_id)
+        select 'call', unnest(booking_guard_internal.candidate_calls(cutoff))::text
+        union all
+        select 'appointment', unnest(booking_guard_internal.candidate_appointments(cutoff))::text
+        union all
+        select 'booking', unnest(booking_guard_internal.candidate_bookings(cutoff));
+        return state || jsonb_build_object('phase', 'call', 'cutoff', cutoff, 'seen_from', now(), 'next_watermark', now(),
+                                           'counts', counts);
     end if;
     cutoff := (state ->> 'cutoff')::timestamptz;
 
-    if phase in ('calls', 'appointments', 'bookings') then
-        ids := state -> phase;
-        slice := coalesce((select jsonb_agg(x.v order by x.i) from jsonb_array_elements(ids) with ordinality x (v, i)
-                            where x.i <= batch), '[]');
+    if phase in ('call', 'appointment', 'booking') then
+        with taken as (
+            delete from booking_guard_internal.monitor_queue q
+             where (q.kind, q.entity_id) in (select x.kind, x.entity_id from booking_guard_internal.monitor_queue x
+                                               where x.kind = phase order by x.entity_id limit batch)
+            returning q.entity_id
+        )
+        select array_agg(t.entity_id) into slice from taken t;
         counts := booking_guard_internal.monitor_findings(
             case phase
-                when 'calls' then array(select f from booking_guard_internal.call_findings(
-                                            array(select jsonb_array_elements_text(slice)::bigint)) f)
-                when 'appointments' then array(select f from booking_guard_internal.appointment_findings(
-                                                   array(select jsonb_array_elements_text(slice)::bigint)) f)
-                else array(select f from booking_guard_internal.booking_findings(array(select jsonb_array_elements_text(slice))) f)
+                when 'call' then array(select f from booking_guard_internal.call_findings(slice::bigint[]) f)
+                when 'appointment' then array(select f from booking_guard_internal.appointment_findings(slice::bigint[]) f)
+                else array(select f from booking_guard_internal.booking_findings(slice) f)
             end, counts, since);
-        ids := coalesce((select jsonb_agg(x.v order by x.i) from jsonb_array_elements(ids) with ordinality x (v, i)
-                          where x.i > batch), '[]');
-        return state || jsonb_build_object(phase, ids, 'counts', counts,
-                                           'phase', case when jsonb_array_length(ids) > 0 then phase
-                                                         when phase = 'calls' then 'appointments'
-                                                         when phase = 'appointments' then 'bookings'
+        return state || jsonb_build_object('counts', counts,
+                                           'phase', case when cardinality(slice) = batch then phase
+                                                         when phase = 'call' then 'appointment'
+                                                         when phase = 'appointment' then 'booking'
                                                          else 'failures' end);
     end if;
 
@@ -743,7 +747,7 @@ end
 $$;
 
 comment on function booking_guard_internal.monitor_step(jsonb) is
-    'Job run_monitor, one step: plan (the window''s candidates), calls, appointments, bookings, failures (findings alerted and repaired, job_batch_size entities a step), resolve (open alerts re-checked), jobs (job health).';
+    'Job run_monitor, one step: plan (the window''s candidates into monitor_queue), call, appointment, booking, failures (findings alerted and repaired, job_batch_size entities a step), resolve (open alerts re-checked), jobs (job health).';
 
 create function booking_guard.run_monitor(since interval default '1 hour')
 returns jsonb

@@ -120,7 +120,7 @@ as $$
 declare
     job       text := state ->> 'job';
     finished  timestamptz := clock_timestamp();
-    result    jsonb := state - array['args', 'done', 'calls', 'appointments', 'bookings'];
+    result    jsonb := state - array['args', 'done'];
 begin
     if state ? 'skipped' then
         return result;

@@ -140,6 +140,7 @@ grant insert, update, delete on booking_guard.review_priorities, booking_guard.c
 grant select on all tables in schema booking_guard to booking_guard_worker;
 grant insert, update, delete on booking_guard.due_verifications to booking_guard_worker;
 grant insert on booking_guard.events to booking_guard_worker;
+grant select, insert, delete on booking_guard_internal.monitor_queue to booking_guard_worker;
 grant execute on function
     booking_guard.rollback_on_failure(bigint, text, text),
     booking_guard.daily_report(date), booking_guard.daily_report_json(date),

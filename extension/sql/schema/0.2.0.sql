@@ -41,6 +41,15 @@ create table booking_guard_internal.booking_locks (
 comment on table booking_guard_internal.booking_locks is
     'Always empty: record_booking() inserts and deletes a booking id here so that concurrent calls for one booking id wait for each other.';
 
+-- The entities a run of the scheduled monitor still has to look at (one run at a time).
+create table booking_guard_internal.monitor_queue (
+    kind       text not null check (kind in ('call', 'appointment', 'booking')),
+    entity_id  text not null,
+    primary key (kind, entity_id)
+);
+comment on table booking_guard_internal.monitor_queue is
+    'run_monitor: the candidates of the current run not looked at yet, taken a batch at a time.';
+
 -- Job leases, skips and the monitor's watermark.
 alter table booking_guard.job_runs
     add column running_pid      integer,
