@@ -68,6 +68,16 @@ def pgbench(dbname: str, scripts: list[tuple[str, int]], clients: int, seconds: 
     return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a local server process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_is_local(conn: psycopg.Connection) -> bool:
+    return Path(f"/proc/{conn.info.backend_pid}/stat").exists()
+
+
 def machine() -> dict[str, str]:
     with psycopg.connect(conninfo("postgres")) as conn:
         version = conn.execute("select current_setting('server_version')").fetchone()[0]

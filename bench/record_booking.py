@@ -19,13 +19,12 @@ usage: bench/record_booking.py [--seconds 5] [--rounds 2] [--clients 1,8] [--cal
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import psycopg
-from _common import emit, figure, machine, pgbench, scratch_database
+from _common import cpu_seconds, emit, figure, machine, pgbench, scratch_database
 
 DB = "bg_bench_record_booking"
 HISTORY = 100_000   # booked calls with their appointments before the run
@@ -75,11 +74,6 @@ def populate(dsn: str, calls: int) -> None:
         conn.execute("select booking_guard.attach('calls', 'appointments')")
         conn.execute("select booking_guard.set_setting('verification_grace', '0')")
         conn.execute("vacuum analyze")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_cpu_per_booking(dsn: str, bookings: int, rounds: int) -> dict[str, float] | None:

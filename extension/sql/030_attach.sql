@@ -141,6 +141,15 @@ $$;
 comment on function booking_guard_internal.check_owner(text, regclass) is
     'BG003 unless the current user owns the table (is a member of its owner role) or is a superuser.';
 
+-- Every session reads the attachment again once this transaction commits (the C module keeps it).
+create function booking_guard_internal.attachment_changed()
+returns void
+language c
+as 'MODULE_PATHNAME', 'attachment_changed';
+
+comment on function booking_guard_internal.attachment_changed() is
+    'Tells every session (from its next transaction) that the attachment changed: the C module reads it again.';
+
 -- The pair as it stands, locked for the rest of the transaction; null when not attached.
 create function booking_guard_internal.attachment_lock()
 returns booking_guard.attached_tables
@@ -164,6 +173,7 @@ begin
     insert into booking_guard.attached_tables (calls_table, appointments_table, created_indexes, attached_by)
     values (calls, appointments, created, session_user);
     perform booking_guard_internal.create_guarded_views(calls, appointments);
+    perform booking_guard_internal.attachment_changed();
 end
 $$;
 
@@ -180,6 +190,7 @@ begin
     -- the attachment goes first: the DDL guard then lets the views and triggers go
     delete from booking_guard.attached_tables;
     drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    perform booking_guard_internal.attachment_changed();
 end
 $$;
 

@@ -25,15 +25,24 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_proc.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
 #include "common/md5.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -43,6 +52,7 @@
 #include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
@@ -51,6 +61,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
@@ -67,6 +78,7 @@ PG_FUNCTION_INFO_V1(rules_changed);
 PG_FUNCTION_INFO_V1(run_job);
 PG_FUNCTION_INFO_V1(run_job_steps);
 PG_FUNCTION_INFO_V1(insert_appointment);
+PG_FUNCTION_INFO_V1(attachment_changed);
 
 void		_PG_init(void);
 
@@ -164,10 +176,33 @@ typedef struct Rule
 	int			rollout_percent;
 } Rule;
 
+/*
+ * The rules, read once per session and again after they change: a change to booking_guard.rules
+ * invalidates the table's relcache entry in every session (rules_changed() below), and the callback
+ * drops this copy. A session sees another's change from the start of its next transaction, when
+ * PostgreSQL delivers the invalidation.
+ */
 static Rule *rules;
 static int	nrules;
 static bool rules_loaded;
-static LocalTransactionId rules_lxid;
+static Oid	rules_relid;
+
+/*
+ * The attachment, read once per session: the appointments table, the index that leads with
+ * call_id (the claim's probe) and that column's type. attach() and detach() invalidate the relcache
+ * entry of booking_guard.attached_tables (attachment_changed()), and any DDL on the appointments
+ * table invalidates its own: either drops this copy.
+ */
+typedef struct Attachment
+{
+	bool		known;
+	Oid			attached_relid;	/* booking_guard.attached_tables */
+	Oid			appointments;	/* InvalidOid: not attached */
+	Oid			probe_index;	/* InvalidOid: probe with SQL */
+	Oid			call_id_type;
+} Attachment;
+
+static Attachment attachment;
 
 static SPIPlanPtr rules_plan;
 static SPIPlanPtr probe_plan;
@@ -176,6 +211,15 @@ static SPIPlanPtr judge_commit_plan;
 static SPIPlanPtr sync_plan;
 
 static void insert_plans_invalidate(Datum arg, Oid relid);
+
+static void
+forget_cached(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == rules_relid)
+		rules_loaded = false;
+	if (relid == InvalidOid || relid == attachment.attached_relid || relid == attachment.appointments)
+		attachment.known = false;
+}
 
 static void
 forget_transaction_state(SubXactEvent event, SubTransactionId mySubid,
@@ -194,6 +238,7 @@ _PG_init(void)
 {
 	RegisterSubXactCallback(forget_transaction_state, NULL);
 	CacheRegisterRelcacheCallback(insert_plans_invalidate, (Datum) 0);
+	CacheRegisterRelcacheCallback(forget_cached, (Datum) 0);
 }
 
 static RuleMode
@@ -266,8 +311,8 @@ load_rules(void)
 	}
 	SPI_finish();
 	end_worker(&as);
+	rules_relid = get_relname_relid("rules", get_namespace_oid("booking_guard", false));
 	rules_loaded = true;
-	rules_lxid = MyProc->lxid;
 }
 
 /* The same bucket as the SQL function booking_guard.rollout_bucket(): the first 32 bits of
@@ -319,7 +364,7 @@ company_text(Company *company)
 static RuleMode
 mode_of(const char *rule_name, Company *company)
 {
-	if (!rules_loaded || rules_lxid != MyProc->lxid)
+	if (!rules_loaded)
 		load_rules();
 	for (int i = 0; i < nrules; i++)
 	{
@@ -536,6 +581,65 @@ apply_rules_in_plpgsql(FunctionCallInfo fcinfo, CallsTrigger *st)
 	return (HeapTuple) DatumGetPointer(result);
 }
 
+static void
+load_attachment(void)
+{
+	AsWorker	as;
+	bool		isnull;
+	Datum		value;
+
+	memset(&attachment, 0, sizeof(attachment));
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	if (SPI_execute("select a.appointments_table::pg_catalog.oid, 'booking_guard.attached_tables'::pg_catalog.regclass::pg_catalog.oid"
+					" from pg_catalog.pg_class c left join booking_guard.attached_tables a on true"
+					" where c.oid operator(pg_catalog.=) 'booking_guard.attached_tables'::pg_catalog.regclass", true, 1)
+		!= SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "booking_guard: reading booking_guard.attached_tables failed");
+	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	attachment.appointments = isnull ? InvalidOid : DatumGetObjectId(value);
+	attachment.attached_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	SPI_finish();
+	end_worker(&as);
+
+	/* the probe: a plain table's valid btree index whose first column is call_id */
+	if (OidIsValid(attachment.appointments) && get_rel_relkind(attachment.appointments) == RELKIND_RELATION)
+	{
+		Relation	rel = table_open(attachment.appointments, AccessShareLock);
+		AttrNumber	call_id = get_attnum(attachment.appointments, "call_id");
+		ListCell   *lc;
+
+		if (call_id > 0)
+			attachment.call_id_type = TupleDescAttr(RelationGetDescr(rel), call_id - 1)->atttypid;
+		if (attachment.call_id_type == INT4OID || attachment.call_id_type == INT8OID)
+		{
+			foreach(lc, RelationGetIndexList(rel))
+			{
+				Relation	index = index_open(lfirst_oid(lc), AccessShareLock);
+				bool		fits = index->rd_rel->relam == BTREE_AM_OID && index->rd_index->indisvalid
+					&& index->rd_index->indkey.values[0] == call_id && heap_attisnull(index->rd_indextuple,
+																					 Anum_pg_index_indpred, NULL)
+					&& index->rd_opcintype[0] == attachment.call_id_type;
+
+				index_close(index, AccessShareLock);
+				if (fits)
+				{
+					attachment.probe_index = lfirst_oid(lc);
+					break;
+				}
+			}
+		}
+		table_close(rel, AccessShareLock);
+	}
+	attachment.known = true;
+}
+
+/*
+ * Has the call an appointment? One index probe, read directly: no SQL, no user code (no policy,
+ * no function) runs, so no identity needs switching. A partitioned table, or one without a
+ * suitable index, is probed with SQL as the worker.
+ */
 static bool
 has_linked_appointment(int64 call_id)
 {
@@ -543,6 +647,37 @@ has_linked_appointment(int64 call_id)
 	Datum		arg = Int64GetDatum(call_id);
 	bool		found;
 	AsWorker	as;
+
+	if (!attachment.known)
+		load_attachment();
+	if (OidIsValid(attachment.probe_index))
+	{
+		Relation	heap;
+		Relation	index;
+		IndexScanDesc scan;
+		TupleTableSlot *slot;
+		ScanKeyData key;
+
+		if (attachment.call_id_type == INT4OID)
+		{
+			if (call_id < PG_INT32_MIN || call_id > PG_INT32_MAX)
+				return false;	/* no int4 call_id holds it */
+			ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT4EQ, Int32GetDatum((int32) call_id));
+		}
+		else
+			ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(call_id));
+		heap = table_open(attachment.appointments, AccessShareLock);
+		index = index_open(attachment.probe_index, AccessShareLock);
+		scan = index_beginscan(heap, index, GetActiveSnapshot(), 1, 0);
+		index_rescan(scan, &key, 1, NULL, 0);
+		slot = table_slot_create(heap, NULL);
+		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		index_endscan(scan);
+		ExecDropSingleTupleTableSlot(slot);
+		index_close(index, AccessShareLock);
+		table_close(heap, AccessShareLock);
+		return found;
+	}
 
 	become_worker(&as);
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -947,14 +1082,30 @@ rule_mode(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(mode_names[mode]));
 }
 
-/* Statement trigger on booking_guard.rules: this session reads the rules again. */
+/* Statement trigger on booking_guard.rules: this session reads the rules again at once, every
+ * other session once this transaction commits. */
 Datum
 rules_changed(PG_FUNCTION_ARGS)
 {
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "booking_guard_internal.rules_changed() must be a trigger");
 	rules_loaded = false;
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(td->tg_relation));
 	return PointerGetDatum(NULL);
+}
+
+/* attach() and detach(): every session reads the attachment again once this transaction commits. */
+Datum
+attachment_changed(PG_FUNCTION_ARGS)
+{
+	Oid			relid = get_relname_relid("attached_tables", get_namespace_oid("booking_guard", false));
+
+	attachment.known = false;
+	if (OidIsValid(relid))
+		CacheInvalidateRelcacheByRelid(relid);
+	PG_RETURN_VOID();
 }
 
 /* ---- jobs: step by step as the worker, committing between steps where the caller allows ---- */
