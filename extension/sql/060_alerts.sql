@@ -53,6 +53,22 @@ begin
        and (select count(*) from (select from booking_guard.alerts a
                                    where a.alert_type = raise_alert.alert_type and a.detected_at > now() - interval '1 minute'
                                    limit v_threshold) recent) >= v_threshold then
+        -- One row all of the storm's sessions bump: one held by another transaction is not waited for
+        -- (that occurrence goes uncounted), so that a storm cannot chain writers and jobs into a deadlock.
+        update booking_guard.alerts a
+           set occurrences = a.occurrences + 1, last_seen_at = now(),
+               details = a.details || jsonb_build_object('last_entity',
+                                                         concat_ws(':', raise_alert.entity_type, raise_alert.entity_id))
+         where a.id = (select x.id from booking_guard.alerts x
+                        where x.fingerprint = concat_ws(':', 'alert_storm', 'rule', raise_alert.alert_type)
+                          and x.resolved_at is null
+                          for update skip locked)
+        returning a.id into v_id;
+        if found or exists (select from booking_guard.alerts x
+                             where x.fingerprint = concat_ws(':', 'alert_storm', 'rule', raise_alert.alert_type)
+                               and x.resolved_at is null) then
+            return v_id;
+        end if;
         return booking_guard_internal.raise_alert('alert_storm', raise_alert.severity, 'rule', raise_alert.alert_type,
             format('More than %s new %s alerts within a minute: the rest are counted here', v_threshold, raise_alert.alert_type),
             jsonb_build_object('rule', raise_alert.alert_type, 'threshold', v_threshold,

@@ -582,6 +582,17 @@ begin
         counts := jsonb_set(counts, array['by_rule', f.rule], to_jsonb(coalesce((counts -> 'by_rule' ->> f.rule)::bigint, 0) + 1));
         v_fingerprint := concat_ws(':', f.rule, f.entity_type, f.entity_id);
         fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint and x.resolved_at is null);
+        -- An entity an application transaction holds is not repaired now (its own write is judged by
+        -- the triggers; the next run sees it again): a job never waits for an application's lock.
+        if (f.entity_type = 'call'
+            and not exists (select from booking_guard.guarded_calls g where g.id = f.entity_id::bigint
+                               for no key update skip locked))
+           or (f.entity_type = 'appointment'
+               and not exists (select from booking_guard.guarded_appointments a where a.id = f.entity_id::bigint
+                                  for no key update skip locked)) then
+            counts := jsonb_set(counts, '{skipped_locked}', to_jsonb(coalesce((counts ->> 'skipped_locked')::bigint, 0) + 1));
+            continue;
+        end if;
         repaired := booking_guard_internal.repair_finding(f);
         if repaired is null and booking_guard.rule_mode(f.rule, f.details ->> 'company_id') in ('correct', 'enforce')
            and not booking_guard_internal.finding_holds(f.rule, f.entity_type, f.entity_id, since) then
