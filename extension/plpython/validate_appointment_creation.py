@@ -35,18 +35,18 @@ select c.id::bigint as call_id, c.retell_call_id::text as retell_call_id, c.book
        a.id::bigint as id, a.call_id::bigint as appointment_call_id, a.calcom_v2_booking_id::text as booking_id,
        a.created_at::text as created_at, extract(epoch from now() - a.created_at)::float8 as age_seconds
   from booking_guard.settings s
-  left join booking_guard.guarded_calls c on c.id = $1
+  left join booking_guard_internal.guarded_calls c on c.id = $1
 """
 
 LOOKUP_BY_ID_SQL = _CALL_COLUMNS + """
-  left join booking_guard.guarded_appointments a on a.id = $2 and c.id is not null
+  left join booking_guard_internal.guarded_appointments a on a.id = $2 and c.id is not null
  where s.name = 'validation_recent_window'
 """
 
 LOOKUP_SQL = _CALL_COLUMNS + """
   left join lateral (
         select g.id, g.call_id, g.calcom_v2_booking_id, g.created_at
-          from booking_guard.guarded_appointments g
+          from booking_guard_internal.guarded_appointments g
          where g.call_id = $1 or g.calcom_v2_booking_id = coalesce($3, c.booking_id::text)
          order by coalesce(g.call_id = $1 and g.calcom_v2_booking_id = coalesce($3, c.booking_id::text), false) desc,
                   coalesce(g.call_id = $1, false) desc, g.created_at desc nulls last, g.id desc

@@ -77,9 +77,9 @@ as $$
       left join pg_catalog.pg_trigger g on g.tgrelid = t.tbl and g.tgname = t.name
      where g.oid is null or g.tgenabled = 'D'
     union all
-    select format('view booking_guard.%s is missing', v.name)
+    select format('view booking_guard_internal.%s is missing', v.name)
       from (values ('guarded_calls'), ('guarded_appointments')) v (name)
-     where to_regclass('booking_guard.' || v.name) is null
+     where to_regclass('booking_guard_internal.' || v.name) is null
 $$;
 
 comment on function booking_guard_internal.attachment_health(booking_guard.attached_tables) is
@@ -189,7 +189,7 @@ as $$
 begin
     -- the attachment goes first: the DDL guard then lets the views and triggers go
     delete from booking_guard.attached_tables;
-    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    drop view if exists booking_guard_internal.guarded_calls, booking_guard_internal.guarded_appointments;
     perform booking_guard_internal.attachment_changed();
 end
 $$;
@@ -199,7 +199,8 @@ comment on function booking_guard_internal.attachment_forget() is
 
 -- booking_guard reads and writes the application's tables through two views with fixed names, so
 -- that its functions use static SQL (planned once per session and cached) instead of EXECUTE with
--- a table name. They are simple, hence auto-updatable, views over the required columns only, and
+-- a table name. They live in booking_guard_internal, a schema of the extension: DROP EXTENSION
+-- ... CASCADE takes them with it. They are simple, hence auto-updatable, views over the required columns only, and
 -- security_invoker: whoever reads or writes through them needs the rights on the table itself, so
 -- that the views never lend their owner's rights to anyone.
 create function booking_guard_internal.create_guarded_views(calls regclass, appointments regclass)
@@ -209,22 +210,23 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if to_regclass('booking_guard.guarded_calls') is not null or to_regclass('booking_guard.guarded_appointments') is not null then
-        drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    if to_regclass('booking_guard_internal.guarded_calls') is not null
+       or to_regclass('booking_guard_internal.guarded_appointments') is not null then
+        drop view if exists booking_guard_internal.guarded_calls, booking_guard_internal.guarded_appointments;
     end if;
-    execute format('create view booking_guard.guarded_calls with (security_invoker = true) as select %s from %s',
+    execute format('create view booking_guard_internal.guarded_calls with (security_invoker = true) as select %s from %s',
                    (select string_agg(quote_ident(column_name), ', ' order by column_name)
                       from booking_guard.required_columns where table_role = 'calls'), calls);
-    execute format('create view booking_guard.guarded_appointments with (security_invoker = true) as select %s from %s',
+    execute format('create view booking_guard_internal.guarded_appointments with (security_invoker = true) as select %s from %s',
                    (select string_agg(quote_ident(column_name), ', ' order by column_name)
                       from booking_guard.required_columns where table_role = 'appointments'), appointments);
-    comment on view booking_guard.guarded_calls is
+    comment on view booking_guard_internal.guarded_calls is
         'The attached calls table, as booking_guard reads and writes it (created by attach()).';
-    comment on view booking_guard.guarded_appointments is
+    comment on view booking_guard_internal.guarded_appointments is
         'The attached appointments table, as booking_guard reads and writes it (created by attach()).';
-    grant select, update on booking_guard.guarded_calls, booking_guard.guarded_appointments
+    grant select, update on booking_guard_internal.guarded_calls, booking_guard_internal.guarded_appointments
        to booking_guard_worker, booking_guard_app;
-    grant select on booking_guard.guarded_calls, booking_guard.guarded_appointments to booking_guard_monitor;
+    grant select on booking_guard_internal.guarded_calls, booking_guard_internal.guarded_appointments to booking_guard_monitor;
 end
 $$;
 
@@ -524,7 +526,7 @@ begin
           from pg_catalog.pg_event_trigger_dropped_objects() d
          where (d.classid = 'pg_catalog.pg_class'::regclass
                 and (d.objid in (a.calls_table, a.appointments_table)
-                     or d.object_identity in ('booking_guard.guarded_calls', 'booking_guard.guarded_appointments'))
+                     or d.object_identity in ('booking_guard_internal.guarded_calls', 'booking_guard_internal.guarded_appointments'))
                 and (d.objsubid = 0
                      or d.address_names[3] in (select r.column_name from booking_guard.required_columns r)))
             or (d.object_type = 'trigger' and d.object_identity like 'booking\_guard\_%');

@@ -183,7 +183,7 @@ declare
 begin
     select g.company_id::text as company, g.appointment_made, g.session_outcome, g.appointment_link_status
       into c
-      from booking_guard.guarded_calls g
+      from booking_guard_internal.guarded_calls g
      where g.id = sync_call_flags.call_id
        for no key update;
     if not found
@@ -191,13 +191,13 @@ begin
            and booking_guard.rule_mode(governing_rule, c.company) not in ('correct', 'enforce')) then
         return false;
     end if;
-    has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = sync_call_flags.call_id);
+    has_one := exists (select from booking_guard_internal.guarded_appointments a where a.call_id = sync_call_flags.call_id);
     if has_one then
         if c.appointment_made is true and c.session_outcome = 'appointment_booked'
            and c.appointment_link_status = 'linked' then
             return false;
         end if;
-        update booking_guard.guarded_calls g
+        update booking_guard_internal.guarded_calls g
            set appointment_made = true,
                session_outcome = 'appointment_booked',
                appointment_link_status = 'linked',
@@ -209,7 +209,7 @@ begin
            and c.appointment_link_status is distinct from 'linked' then
             return false;
         end if;
-        update booking_guard.guarded_calls g
+        update booking_guard_internal.guarded_calls g
            set appointment_made = false,
                session_outcome = case when g.session_outcome = 'appointment_booked' then 'appointment_cancelled'
                                       else g.session_outcome end,

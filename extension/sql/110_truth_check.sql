@@ -75,7 +75,7 @@ begin
     perform booking_guard_internal.attached();   -- BG003 rather than "relation guarded_calls does not exist"
     select g.retell_call_id, g.session_outcome, g.appointment_made, g.appointment_link_status
       into before
-      from booking_guard.guarded_calls g
+      from booking_guard_internal.guarded_calls g
      where g.id = rollback_on_failure.call_id
        for no key update;
     if not found then
@@ -84,7 +84,7 @@ begin
                   detail = format('The attached calls table has no row with id %s.', rollback_on_failure.call_id),
                   hint = 'Pass the id of an existing call.';
     end if;
-    update booking_guard.guarded_calls g
+    update booking_guard_internal.guarded_calls g
        set appointment_made = false,
            session_outcome = 'creation_failed',
            appointment_link_status = 'creation_failed',
@@ -132,11 +132,11 @@ begin
         if locked then
             select g.company_id::text as company, g.retell_call_id, g.appointment_made, g.session_outcome,
                    g.appointment_link_status
-              into c from booking_guard.guarded_calls g where g.id = judge_call.call_id for no key update;
+              into c from booking_guard_internal.guarded_calls g where g.id = judge_call.call_id for no key update;
         else
             select g.company_id::text as company, g.retell_call_id, g.appointment_made, g.session_outcome,
                    g.appointment_link_status
-              into c from booking_guard.guarded_calls g where g.id = judge_call.call_id;
+              into c from booking_guard_internal.guarded_calls g where g.id = judge_call.call_id;
         end if;
         if not found then
             delete from booking_guard.due_verifications d where d.call_id = judge_call.call_id;
@@ -147,7 +147,7 @@ begin
         -- unlinked_appointment path with a false critical alert
         claims := c.appointment_made is true or c.session_outcome is not distinct from 'appointment_booked'
                   or c.appointment_link_status is not distinct from 'linked';
-        has_one := exists (select from booking_guard.guarded_appointments a where a.call_id = judge_call.call_id);
+        has_one := exists (select from booking_guard_internal.guarded_appointments a where a.call_id = judge_call.call_id);
         if claims = has_one and (not has_one or c.appointment_made is true) then
             -- The application set the booking flags itself (appointment_made and session_outcome,
             -- usually never the link): link sync would have set appointment_link_status when the

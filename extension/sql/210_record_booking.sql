@@ -201,7 +201,7 @@ begin
     perform booking_guard_internal.lock_booking(record_booking.calcom_booking_id);
     select a.id::bigint as id, a.call_id::bigint as call_id
       into existing
-      from booking_guard.guarded_appointments a
+      from booking_guard_internal.guarded_appointments a
      where a.calcom_v2_booking_id = record_booking.calcom_booking_id
      order by coalesce(a.call_id = record_booking.call_id, false) desc, (a.call_id is null) desc, a.id
      limit 1;
@@ -218,7 +218,7 @@ begin
                 the_id := booking_guard_internal.insert_appointment(tbl, payload);
             elsif existing.call_id is null then
                 -- the calendar's webhook was first: link the orphaned appointment to this call
-                update booking_guard.guarded_appointments a
+                update booking_guard_internal.guarded_appointments a
                    set call_id = record_booking.call_id, updated_at = now()
                  where a.id = existing.id;
                 the_id := existing.id;
@@ -227,7 +227,7 @@ begin
             end if;
             -- then flag the call: with its appointment already there, the calls trigger finds the
             -- claim true and the commit-time check has nothing left to judge
-            update booking_guard.guarded_calls g
+            update booking_guard_internal.guarded_calls g
                set appointment_made = true,
                    session_outcome = 'appointment_booked',
                    appointment_link_status = 'linked',
@@ -259,7 +259,7 @@ begin
             result := (true, v.reason, v.details, the_id, existing.id is null);
         else
             if v.reason <> 'call_not_found'
-               and not exists (select from booking_guard.guarded_appointments a where a.call_id = record_booking.call_id) then
+               and not exists (select from booking_guard_internal.guarded_appointments a where a.call_id = record_booking.call_id) then
                 rolled_back := booking_guard.rollback_on_failure(record_booking.call_id, v.reason);
             end if;
             result := (false, v.reason,

@@ -55,12 +55,12 @@ begin
                g.created_at::timestamptz as created_at,
                greatest(g.created_at, g.updated_at)::timestamptz as since,
                ap.n as appointments, ap.booking_ids
-          from booking_guard.guarded_calls g
+          from booking_guard_internal.guarded_calls g
          cross join lateral (
                select count(*) as n,
                       coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
                                    filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
-                 from booking_guard.guarded_appointments a
+                 from booking_guard_internal.guarded_appointments a
                 where a.call_id = g.id) ap
          where g.id = any (call_ids)
     )
@@ -116,16 +116,16 @@ begin
                'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
                'source', a.source, 'created_at', a.created_at::timestamptz,
                'since', greatest(a.created_at, a.updated_at)::timestamptz,
-               'matching_calls', (select count(*) from booking_guard.guarded_calls m
+               'matching_calls', (select count(*) from booking_guard_internal.guarded_calls m
                                    where m.booking_id = a.calcom_v2_booking_id)))
-      from booking_guard.guarded_appointments a
+      from booking_guard_internal.guarded_appointments a
       join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
      where a.id = any (appointment_ids)
        and a.source = 'retell_webhook'
        -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
        -- as a hashed subplan over the whole calls table)
        and (a.call_id is null
-            or (select true from booking_guard.guarded_calls c where c.id = a.call_id) is null);
+            or (select true from booking_guard_internal.guarded_calls c where c.id = a.call_id) is null);
 end
 $$;
 
@@ -149,7 +149,7 @@ begin
                    array_agg(a.id order by a.id) as appointment_ids,
                    array_agg(distinct a.call_id) filter (where a.call_id is not null) as call_ids,
                    min(a.created_at)::timestamptz as first_at, max(a.created_at)::timestamptz as last_at
-              from booking_guard.guarded_appointments a
+              from booking_guard_internal.guarded_appointments a
              where a.calcom_v2_booking_id = any (booking_ids)
              group by a.calcom_v2_booking_id
             having count(*) > 1) d
@@ -219,9 +219,9 @@ stable
 set search_path = pg_catalog, pg_temp
 as $$
     select coalesce(array_agg(c.id order by c.id), '{}')
-      from (select g.id::bigint as id from booking_guard.guarded_calls g where g.created_at >= cutoff
+      from (select g.id::bigint as id from booking_guard_internal.guarded_calls g where g.created_at >= cutoff
             union
-            select a.call_id::bigint from booking_guard.guarded_appointments a
+            select a.call_id::bigint from booking_guard_internal.guarded_appointments a
              where a.created_at >= cutoff and a.call_id is not null
             union
             select d.call_id from booking_guard.due_verifications d where d.due_at <= clock_timestamp()) c
@@ -237,7 +237,7 @@ stable
 set search_path = pg_catalog, pg_temp
 as $$
     select coalesce(array_agg(a.id::bigint order by a.id), '{}')
-      from booking_guard.guarded_appointments a where a.created_at >= cutoff
+      from booking_guard_internal.guarded_appointments a where a.created_at >= cutoff
 $$;
 
 comment on function booking_guard_internal.candidate_appointments(timestamptz) is
@@ -250,7 +250,7 @@ stable
 set search_path = pg_catalog, pg_temp
 as $$
     select coalesce(array_agg(distinct a.calcom_v2_booking_id::text), '{}')
-      from booking_guard.guarded_appointments a
+      from booking_guard_internal.guarded_appointments a
      where a.created_at >= cutoff and a.calcom_v2_booking_id is not null
 $$;
 
@@ -369,7 +369,7 @@ begin
                   detail = 'call_id is null.',
                   hint = 'select * from booking_guard.check_call(42);';
     end if;
-    if not exists (select from booking_guard.guarded_calls g where g.id = check_call.call_id) then
+    if not exists (select from booking_guard_internal.guarded_calls g where g.id = check_call.call_id) then
         raise exception 'unknown call %', check_call.call_id
             using errcode = 'BG004',
                   detail = format('The attached calls table has no row with id %s.', check_call.call_id),
@@ -378,7 +378,7 @@ begin
     return query select * from booking_guard_internal.call_findings(array[check_call.call_id]);
     return query
     select * from booking_guard_internal.booking_findings(array(
-               select a.calcom_v2_booking_id::text from booking_guard.guarded_appointments a
+               select a.calcom_v2_booking_id::text from booking_guard_internal.guarded_appointments a
                 where a.call_id = check_call.call_id and a.calcom_v2_booking_id is not null));
     return query select * from booking_guard_internal.failure_findings(now() - interval '1 hour', array[check_call.call_id::text]);
 end
@@ -441,7 +441,7 @@ begin
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                 return null;
             end if;
-            update booking_guard.guarded_calls g
+            update booking_guard_internal.guarded_calls g
                set direction = (select s.text_value from booking_guard.settings s where s.name = 'default_direction'),
                    updated_at = now()
              where g.id = v_id and g.direction is null;
@@ -450,7 +450,7 @@ begin
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
                 return null;
             end if;
-            update booking_guard.guarded_calls g
+            update booking_guard_internal.guarded_calls g
                set customer_link_status = 'linked', customer_linked_at = coalesce(g.customer_linked_at, now()),
                    customer_link_method = coalesce(g.customer_link_method, 'reconcile'), updated_at = now()
              where g.id = v_id and g.customer_id is not null
@@ -473,14 +473,14 @@ begin
             return case when verdict = 'rolled_back' then 'rolled back to creation_failed and queued for review' end;
         when 'orphaned_appointment' then
             select array_agg(c.id order by c.id) into matches
-              from booking_guard.guarded_calls c
+              from booking_guard_internal.guarded_calls c
              where c.booking_id = f.details ->> 'calcom_v2_booking_id';
             if cardinality(matches) = 1 then
                 if booking_guard.rule_mode(f.rule,
-                       (select c.company_id::text from booking_guard.guarded_calls c where c.id = matches[1])) not in ('correct', 'enforce') then
+                       (select c.company_id::text from booking_guard_internal.guarded_calls c where c.id = matches[1])) not in ('correct', 'enforce') then
                     return null;
                 end if;
-                update booking_guard.guarded_appointments a
+                update booking_guard_internal.guarded_appointments a
                    set call_id = matches[1], updated_at = now()
                  where a.id = v_id;
                 return format('linked to call %s', matches[1]);
@@ -585,10 +585,10 @@ begin
         -- An entity an application transaction holds is not repaired now (its own write is judged by
         -- the triggers; the next run sees it again): a job never waits for an application's lock.
         if (f.entity_type = 'call'
-            and not exists (select from booking_guard.guarded_calls g where g.id = f.entity_id::bigint
+            and not exists (select from booking_guard_internal.guarded_calls g where g.id = f.entity_id::bigint
                                for no key update skip locked))
            or (f.entity_type = 'appointment'
-               and not exists (select from booking_guard.guarded_appointments a where a.id = f.entity_id::bigint
+               and not exists (select from booking_guard_internal.guarded_appointments a where a.id = f.entity_id::bigint
                                   for no key update skip locked)) then
             counts := jsonb_set(counts, '{skipped_locked}', to_jsonb(coalesce((counts ->> 'skipped_locked')::bigint, 0) + 1));
             continue;

@@ -41,7 +41,7 @@ declare
     grace       interval := (select s.interval_value from booking_guard.settings s where s.name = 'verification_grace');
 begin
     select max(b.id), count(*) into hi, n
-      from (select g.id from booking_guard.guarded_calls g where g.id > after order by g.id limit batch_size) b;
+      from (select g.id from booking_guard_internal.guarded_calls g where g.id > after order by g.id limit batch_size) b;
     last_id := hi;
     if n = 0 then
         counts := jsonb_build_object('calls_scanned', 0);
@@ -71,14 +71,14 @@ begin
                    g.appointment_made, g.session_outcome, g.appointment_link_status,
                    greatest(g.created_at, g.updated_at)::timestamptz as since,
                    a.call_id is not null as has_one
-              from booking_guard.guarded_calls g
-              left join (select distinct ap.call_id from booking_guard.guarded_appointments ap
+              from booking_guard_internal.guarded_calls g
+              left join (select distinct ap.call_id from booking_guard_internal.guarded_appointments ap
                           where ap.call_id > after and ap.call_id <= hi) a on a.call_id = g.id
              where g.id > after and g.id <= hi) x;
 
     -- Rows another transaction holds (an application's booking in flight) are skipped, never waited
     -- for: the next run repairs them. The rest stay locked until this batch's transaction ends.
-    locked := array(select g.id from booking_guard.guarded_calls g
+    locked := array(select g.id from booking_guard_internal.guarded_calls g
                      where g.id = any (coalesce(dirs, '{}') || coalesce(custs, '{}') || coalesce(syncs, '{}')
                                        || coalesce(claims, '{}'))
                        for no key update skip locked);
@@ -92,7 +92,7 @@ begin
 
     if dirs is not null then
         with u as (
-            update booking_guard.guarded_calls g
+            update booking_guard_internal.guarded_calls g
                set direction = (select s.text_value from booking_guard.settings s where s.name = 'default_direction'),
                    updated_at = now()
              where g.id = any (dirs) and g.direction is null
@@ -107,7 +107,7 @@ begin
 
     if custs is not null then
         with u as (
-            update booking_guard.guarded_calls g
+            update booking_guard_internal.guarded_calls g
                set customer_link_status = 'linked', customer_linked_at = coalesce(g.customer_linked_at, now()),
                    customer_link_method = coalesce(g.customer_link_method, 'reconcile'), updated_at = now()
              where g.id = any (custs) and g.customer_id is not null and g.customer_link_status is distinct from 'linked'
@@ -160,7 +160,7 @@ declare
     n_unmatched bigint := 0;
 begin
     select max(b.id), count(*) into hi, n
-      from (select a.id from booking_guard.guarded_appointments a where a.id > after order by a.id limit batch_size) b;
+      from (select a.id from booking_guard_internal.guarded_appointments a where a.id > after order by a.id limit batch_size) b;
     last_id := hi;
     if n = 0 then
         counts := jsonb_build_object('appointments_scanned', 0);
@@ -169,16 +169,16 @@ begin
 
     with o as materialized (
         select a.id, a.calcom_v2_booking_id::text as booking_id, m.ids as matches, m.company
-          from booking_guard.guarded_appointments a
+          from booking_guard_internal.guarded_appointments a
           left join lateral (select array_agg(c.id order by c.id) as ids, min(c.company_id::text) as company
-                               from booking_guard.guarded_calls c
+                               from booking_guard_internal.guarded_calls c
                               where c.booking_id = a.calcom_v2_booking_id) m on true
          where a.id > after and a.id <= hi
            and a.source = 'retell_webhook'
-           and (a.call_id is null or not exists (select from booking_guard.guarded_calls c where c.id = a.call_id))
+           and (a.call_id is null or not exists (select from booking_guard_internal.guarded_calls c where c.id = a.call_id))
            for no key update of a skip locked
     ), u as (
-        update booking_guard.guarded_appointments a
+        update booking_guard_internal.guarded_appointments a
            set call_id = o.matches[1], updated_at = now()
           from o
          where a.id = o.id and cardinality(o.matches) = 1

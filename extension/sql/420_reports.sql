@@ -77,8 +77,8 @@ begin
     t0 := daily_report_json.day::timestamptz;
     t1 := (daily_report_json.day + 1)::timestamptz;
 
-    n_calls := (select count(*) from booking_guard.guarded_calls g where g.created_at >= t0 and g.created_at < t1);
-    n_appts := (select count(*) from booking_guard.guarded_appointments a where a.created_at >= t0 and a.created_at < t1);
+    n_calls := (select count(*) from booking_guard_internal.guarded_calls g where g.created_at >= t0 and g.created_at < t1);
+    n_appts := (select count(*) from booking_guard_internal.guarded_appointments a where a.created_at >= t0 and a.created_at < t1);
 
     n_inc := (select count(*) from booking_guard_internal.day_alerts(t0, t1));
     n_recovered := (select count(*) from booking_guard_internal.day_alerts(t0, t1) x where x.auto_corrected or x.resolved_at is not null);

@@ -31,8 +31,8 @@ begin
                               and (c.session_outcome = 'appointment_booked') = (c.appointment_made is true))
       into n, m
       from (select g.appointment_made, g.session_outcome,
-                   exists (select from booking_guard.guarded_appointments a where a.call_id = g.id) as has_one
-              from booking_guard.guarded_calls g
+                   exists (select from booking_guard_internal.guarded_appointments a where a.call_id = g.id) as has_one
+              from booking_guard_internal.guarded_calls g
              where g.created_at >= cutoff and g.session_outcome is not null
                and not exists (select from booking_guard.due_verifications d
                                 where d.call_id = g.id and d.due_at > clock_timestamp())) c;

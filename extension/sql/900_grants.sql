@@ -13,8 +13,8 @@ revoke all on all routines in schema booking_guard, booking_guard_internal from 
 
 -- booking_guard_owner: the identity of every SECURITY DEFINER function, with rights on booking_guard's
 -- own tables and nothing else (it never touches the application's tables).
-grant usage, create on schema booking_guard to booking_guard_owner;   -- create: the guarded views
-grant usage on schema booking_guard_internal to booking_guard_owner;
+grant usage on schema booking_guard to booking_guard_owner;
+grant usage, create on schema booking_guard_internal to booking_guard_owner;   -- create: the guarded views
 grant select, insert, update, delete on all tables in schema booking_guard, booking_guard_internal to booking_guard_owner;
 grant usage, select, update on all sequences in schema booking_guard, booking_guard_internal to booking_guard_owner;
 grant execute on all routines in schema booking_guard, booking_guard_internal to booking_guard_owner;

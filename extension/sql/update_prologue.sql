@@ -28,7 +28,14 @@ begin
     loop
         execute format('drop trigger %I on %s', r.tgname, r.tbl);
     end loop;
-    drop view if exists booking_guard.guarded_calls, booking_guard.guarded_appointments;
+    -- the guarded views: in booking_guard up to 0.1.0, in booking_guard_internal since
+    for r in
+        select c.oid::regclass as view
+          from pg_catalog.pg_class c
+         where c.relnamespace = any (schemas) and c.relname in ('guarded_calls', 'guarded_appointments')
+    loop
+        execute format('drop view %s', r.view);
+    end loop;
     -- views, routines and types of the extension, in dependency order: what others of them still
     -- depend on is tried again after those are gone
     loop

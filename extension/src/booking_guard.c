@@ -179,12 +179,14 @@ typedef struct Rule
 /*
  * The rules, read once per session and again after they change: a change to booking_guard.rules
  * invalidates the table's relcache entry in every session (rules_changed() below), and the callback
- * drops this copy. A session sees another's change from the start of its next transaction, when
- * PostgreSQL delivers the invalidation.
+ * marks this copy stale. A transaction keeps the rules it read (one reading, not a query per row):
+ * another session's change applies from this session's next transaction; its own change at once.
  */
 static Rule *rules;
 static int	nrules;
 static bool rules_loaded;
+static bool rules_invalidated;	/* by another session: read again from the next transaction */
+static LocalTransactionId rules_lxid;
 static Oid	rules_relid;
 
 /*
@@ -216,7 +218,7 @@ static void
 forget_cached(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == rules_relid)
-		rules_loaded = false;
+		rules_invalidated = true;
 	if (relid == InvalidOid || relid == attachment.attached_relid || relid == attachment.appointments)
 		attachment.known = false;
 }
@@ -313,6 +315,8 @@ load_rules(void)
 	end_worker(&as);
 	rules_relid = get_relname_relid("rules", get_namespace_oid("booking_guard", false));
 	rules_loaded = true;
+	rules_invalidated = false;
+	rules_lxid = MyProc->lxid;
 }
 
 /* The same bucket as the SQL function booking_guard.rollout_bucket(): the first 32 bits of
@@ -364,7 +368,7 @@ company_text(Company *company)
 static RuleMode
 mode_of(const char *rule_name, Company *company)
 {
-	if (!rules_loaded)
+	if (!rules_loaded || (rules_invalidated && rules_lxid != MyProc->lxid))
 		load_rules();
 	for (int i = 0; i < nrules; i++)
 	{
@@ -682,7 +686,7 @@ has_linked_appointment(int64 call_id)
 	become_worker(&as);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
-	run_kept(&probe_plan, "select from booking_guard.guarded_appointments a "
+	run_kept(&probe_plan, "select from booking_guard_internal.guarded_appointments a "
 			 "where a.call_id operator(pg_catalog.=) $1 limit 1", 1, argtypes, &arg, true, 1,
 			 "probing a call's appointments");
 	found = SPI_processed > 0;

@@ -36,8 +36,8 @@ def still_guarded(db: psycopg.Connection) -> None:
     ("alter table appointments rename column call_id to the_call", ["call_id"]),
     ("alter table calls drop column customer_link_method cascade", ["customer_link_method"]),
     ("alter table appointments drop column staff_id cascade", ["staff_id"]),
-    ("drop view booking_guard.guarded_calls", ["guarded_calls"]),
-    ("drop view booking_guard.guarded_appointments cascade", ["guarded_appointments"]),
+    ("drop view booking_guard_internal.guarded_calls", ["guarded_calls"]),
+    ("drop view booking_guard_internal.guarded_appointments cascade", ["guarded_appointments"]),
     ("alter table calls drop constraint calls_pkey", ["id"]),
 ])
 def test_ddl_that_would_break_the_attachment_is_refused(core, ddl, words):

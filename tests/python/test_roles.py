@@ -108,8 +108,8 @@ def test_the_privileged_owner_has_no_right_on_the_application(attached):
                has_any_column_privilege('booking_guard_owner', 'public.appointments', 'select, insert, update')
     """).fetchone() == (False, False, False, False)
     views = attached.execute("""select c.relname, c.reloptions from pg_class c
-                                 where c.oid in ('booking_guard.guarded_calls'::regclass,
-                                                 'booking_guard.guarded_appointments'::regclass)""").fetchall()
+                                 where c.oid in ('booking_guard_internal.guarded_calls'::regclass,
+                                                 'booking_guard_internal.guarded_appointments'::regclass)""").fetchall()
     assert all("security_invoker=true" in (options or []) for _, options in views)
 
 
