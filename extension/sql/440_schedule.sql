@@ -96,6 +96,7 @@ begin
         when 'verify_due' then return booking_guard_internal.verify_step(state);
         when 'reconcile' then return booking_guard_internal.reconcile_step(state);
         when 'daily_report' then return booking_guard_internal.report_step(state);
+        when 'purge' then return booking_guard_internal.purge_step(state);
     end case;
 exception when others then
     -- this step's work is undone; the steps before it are kept (committed, under run_job())
@@ -109,7 +110,7 @@ end
 $$;
 
 comment on function booking_guard_internal.job_step(jsonb) is
-    'One step of a job, as booking_guard_worker: dispatches to monitor_step(), verify_step(), reconcile_step() or report_step(); an error ends the run with the error in the state.';
+    'One step of a job, as booking_guard_worker: dispatches to monitor_step(), verify_step(), reconcile_step(), report_step() or purge_step(); an error ends the run with the error in the state.';
 
 create function booking_guard_internal.job_end(state jsonb)
 returns jsonb

@@ -131,7 +131,6 @@ begin
     v_end := date_bin(every, now() - least(every * 0.1, interval '1 minute'), timestamptz '2000-01-01 00:00+00');
     insert into booking_guard.alert_digests (period_end, period_start) values (v_end, v_end - every)
     on conflict (period_end) do nothing;
-    delete from booking_guard.alert_digests d where d.period_end < now() - interval '30 days';
     return query
     update booking_guard.alert_digests d
        set claimed_by = relay, claimed_role = session_user, claimed_until = clock_timestamp() + lease, attempts = d.attempts + 1

@@ -36,6 +36,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_am.h"
+#include "catalog/partition.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
@@ -199,7 +200,8 @@ typedef struct Attachment
 {
 	bool		known;
 	Oid			attached_relid;	/* booking_guard.attached_tables */
-	Oid			appointments;	/* InvalidOid: not attached */
+	Oid			calls;			/* InvalidOid: not attached */
+	Oid			appointments;
 	Oid			probe_index;	/* InvalidOid: probe with SQL */
 	Oid			call_id_type;
 } Attachment;
@@ -213,13 +215,15 @@ static SPIPlanPtr judge_commit_plan;
 static SPIPlanPtr sync_plan;
 
 static void insert_plans_invalidate(Datum arg, Oid relid);
+static bool is_attached(Relation rel, bool calls);
 
 static void
 forget_cached(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == rules_relid)
 		rules_invalidated = true;
-	if (relid == InvalidOid || relid == attachment.attached_relid || relid == attachment.appointments)
+	if (relid == InvalidOid || relid == attachment.attached_relid || relid == attachment.appointments
+		|| relid == attachment.calls)
 		attachment.known = false;
 }
 
@@ -529,6 +533,7 @@ internal_function(const char *name, int nargs, Oid *argtypes)
 
 typedef struct CallsTrigger
 {
+	bool		attached;		/* false: a leftover trigger, which does nothing */
 	Column		id, company_id, direction, session_outcome, appointment_made,
 				appointment_link_status, appointment_linked_at, customer_id,
 				customer_link_status, customer_linked_at, customer_link_method,
@@ -545,6 +550,10 @@ calls_trigger_state(FunctionCallInfo fcinfo, Relation rel)
 	if (st == NULL)
 	{
 		st = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(CallsTrigger));
+		fcinfo->flinfo->fn_extra = st;
+		st->attached = is_attached(rel, true);
+		if (!st->attached)
+			return st;
 		st->id = column(rel, "id", KIND_ID);
 		st->company_id = column(rel, "company_id", KIND_ANY);
 		st->direction = column(rel, "direction", KIND_TEXT);
@@ -557,7 +566,6 @@ calls_trigger_state(FunctionCallInfo fcinfo, Relation rel)
 		st->customer_linked_at = column(rel, "customer_linked_at", KIND_TIMESTAMP);
 		st->customer_link_method = column(rel, "customer_link_method", KIND_TEXT);
 		st->customer_link_confidence = column(rel, "customer_link_confidence", KIND_NUMERIC);
-		fcinfo->flinfo->fn_extra = st;
 	}
 	return st;
 }
@@ -596,7 +604,8 @@ load_attachment(void)
 	become_worker(&as);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
-	if (SPI_execute("select a.appointments_table::pg_catalog.oid, 'booking_guard.attached_tables'::pg_catalog.regclass::pg_catalog.oid"
+	if (SPI_execute("select a.appointments_table::pg_catalog.oid, 'booking_guard.attached_tables'::pg_catalog.regclass::pg_catalog.oid,"
+					" a.calls_table::pg_catalog.oid"
 					" from pg_catalog.pg_class c left join booking_guard.attached_tables a on true"
 					" where c.oid operator(pg_catalog.=) 'booking_guard.attached_tables'::pg_catalog.regclass", true, 1)
 		!= SPI_OK_SELECT || SPI_processed != 1)
@@ -604,6 +613,8 @@ load_attachment(void)
 	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	attachment.appointments = isnull ? InvalidOid : DatumGetObjectId(value);
 	attachment.attached_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull);
+	attachment.calls = isnull ? InvalidOid : DatumGetObjectId(value);
 	SPI_finish();
 	end_worker(&as);
 
@@ -637,6 +648,27 @@ load_attachment(void)
 		table_close(rel, AccessShareLock);
 	}
 	attachment.known = true;
+}
+
+/*
+ * Is the trigger's table the attached one (itself, or one of its partitions)? A booking_guard
+ * trigger on any other table is a leftover (a partial restore brings triggers back without their
+ * attachment): it does nothing, until attach() takes it over or detach() removes it.
+ */
+static bool
+is_attached(Relation rel, bool calls)
+{
+	Oid			relid = RelationGetRelid(rel);
+	Oid			attached;
+
+	if (!attachment.known)
+		load_attachment();
+	attached = calls ? attachment.calls : attachment.appointments;
+	if (!OidIsValid(attached))
+		return false;
+	if (relid == attached)
+		return true;
+	return rel->rd_rel->relispartition && list_member_oid(get_partition_ancestors(relid), attached);
 }
 
 /*
@@ -733,6 +765,8 @@ calls_before(PG_FUNCTION_ARGS)
 	oldrow = is_insert ? NULL : td->tg_trigtuple;
 	desc = RelationGetDescr(td->tg_relation);
 	st = calls_trigger_state(fcinfo, td->tg_relation);
+	if (!st->attached)
+		return PointerGetDatum(newrow);
 
 	company.value = heap_getattr(newrow, st->company_id.attnum, desc, &company.isnull);
 	company.type = st->company_id.type;
@@ -938,18 +972,28 @@ judge_call(int64 call_id, bool appointments_changed)
 		call_as_worker(&judge_commit_plan, "select booking_guard_internal.judge_call($1)", call_id, NULL);
 }
 
-static Column *
-call_id_column(FunctionCallInfo fcinfo, Relation rel)
+/* The column a trigger of the commit-time checks reads, per statement; NULL for a leftover
+ * trigger (its table is not the attached one), which does nothing. */
+typedef struct KeyColumn
 {
-	Column	   *col = (Column *) fcinfo->flinfo->fn_extra;
+	bool		attached;
+	Column		col;
+} KeyColumn;
 
-	if (col == NULL)
+static Column *
+key_column(FunctionCallInfo fcinfo, Relation rel, bool calls, const char *name)
+{
+	KeyColumn  *key = (KeyColumn *) fcinfo->flinfo->fn_extra;
+
+	if (key == NULL)
 	{
-		col = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Column));
-		*col = column(rel, "call_id", KIND_ID);
-		fcinfo->flinfo->fn_extra = col;
+		key = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(KeyColumn));
+		fcinfo->flinfo->fn_extra = key;
+		key->attached = is_attached(rel, calls);
+		if (key->attached)
+			key->col = column(rel, name, KIND_ID);
 	}
-	return col;
+	return key->attached ? &key->col : NULL;
 }
 
 /* The old and new call_id of an appointment row (absent: has = false). */
@@ -996,13 +1040,9 @@ calls_truth_check(PG_FUNCTION_ARGS)
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event))
 		elog(ERROR, "booking_guard_internal.calls_truth_check() must be an AFTER row trigger");
-	id_col = (Column *) fcinfo->flinfo->fn_extra;
+	id_col = key_column(fcinfo, td->tg_relation, true, "id");
 	if (id_col == NULL)
-	{
-		id_col = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Column));
-		*id_col = column(td->tg_relation, "id", KIND_ID);
-		fcinfo->flinfo->fn_extra = id_col;
-	}
+		return PointerGetDatum(NULL);
 	row = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple;
 	value = heap_getattr(row, id_col->attnum, RelationGetDescr(td->tg_relation), &isnull);
 	if (!isnull)
@@ -1020,6 +1060,7 @@ Datum
 appointments_sync(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
+	Column	   *col;
 	bool		has_new, has_old;
 	int64		new_id = 0, old_id = 0;
 	int64		ids[2];
@@ -1028,7 +1069,10 @@ appointments_sync(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event)
 		|| TRIGGER_FIRED_BY_INSERT(td->tg_event))
 		elog(ERROR, "booking_guard_internal.appointments_sync() must be an AFTER DELETE OR UPDATE row trigger");
-	appointment_calls(td, call_id_column(fcinfo, td->tg_relation), &has_new, &new_id, &has_old, &old_id);
+	col = key_column(fcinfo, td->tg_relation, false, "call_id");
+	if (col == NULL)
+		return PointerGetDatum(NULL);
+	appointment_calls(td, col, &has_new, &new_id, &has_old, &old_id);
 	if (has_old)
 		ids[n++] = old_id;
 	if (has_new && !(has_old && new_id == old_id))
@@ -1055,12 +1099,16 @@ Datum
 appointments_truth_check(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
+	Column	   *col;
 	bool		has_new, has_old;
 	int64		new_id = 0, old_id = 0;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event))
 		elog(ERROR, "booking_guard_internal.appointments_truth_check() must be an AFTER row trigger");
-	appointment_calls(td, call_id_column(fcinfo, td->tg_relation), &has_new, &new_id, &has_old, &old_id);
+	col = key_column(fcinfo, td->tg_relation, false, "call_id");
+	if (col == NULL)
+		return PointerGetDatum(NULL);
+	appointment_calls(td, col, &has_new, &new_id, &has_old, &old_id);
 	if (has_new && !mark_is(&verified_claim, new_id))
 		judge_call(new_id, true);
 	if (has_old && (TRIGGER_FIRED_BY_DELETE(td->tg_event) || !has_new || new_id != old_id))
@@ -1128,6 +1176,7 @@ static const struct
 	{"verify_due", "booking_guard.verify_due(pg_catalog.timestamptz)"},
 	{"reconcile", "booking_guard.reconcile(pg_catalog.int4)"},
 	{"daily_report", "booking_guard.store_daily_report(pg_catalog.date)"},
+	{"purge", "booking_guard.purge()"},
 };
 
 static void

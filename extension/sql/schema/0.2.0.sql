@@ -34,6 +34,24 @@ insert into booking_guard.settings (name, kind, interval_value, min_value, max_v
     ('monitor_recheck_interval', 'interval', '10 minutes', 0, 86400,
      'The scheduled run_monitor re-checks an open alert it did not see again at most this often.');
 
+-- Retention: how long each growing table keeps its rows; the purge job removes the rest.
+insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
+    ('events_retention', 'interval', '30 days', 60, 315360000,
+     'Events older than this are purged (once folded into the metric counters). Reports and KPIs look back at most this far: keep 8 days or more.'),
+    ('alerts_retention', 'interval', '90 days', 60, 315360000,
+     'Resolved alerts resolved longer ago than this are purged; open alerts never are.'),
+    ('review_retention', 'interval', '180 days', 60, 315360000,
+     'Resolved review items resolved longer ago than this are purged; open ones never are.'),
+    ('retries_retention', 'interval', '30 days', 60, 315360000,
+     'Finished retries (succeeded or failed) finished longer ago than this are purged.'),
+    ('circuit_history_retention', 'interval', '90 days', 60, 315360000,
+     'Circuit breaker transitions older than this are purged (once folded into the metric counters).'),
+    ('runs_retention', 'interval', '90 days', 60, 315360000,
+     'Reconciliation runs, alert digests and daily reports older than this are purged.');
+insert into booking_guard.jobs (job, schedule, expected_every, description) values
+    ('purge', '15 * * * *', '1 hour', 'removes what is past its retention (purge())');
+insert into booking_guard.job_runs (job) values ('purge') on conflict (job) do nothing;
+
 -- Serialisation of record_booking() per booking id (a row lock, not an advisory key).
 create table booking_guard_internal.booking_locks (
     booking_id  text primary key
