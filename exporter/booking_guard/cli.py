@@ -23,6 +23,8 @@ def duration(value: str) -> float:
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    from booking_guard.connection import POOLER_MODES
+
     env = os.environ.get
     group = parser.add_argument_group("alert relay (Slack-compatible webhook, e-mail digest)")
     group.add_argument("--slack-webhook", default=env("BOOKING_GUARD_SLACK_WEBHOOK"),
@@ -43,6 +45,11 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="how long a claimed alert is reserved for the relay that claimed it (default 30s)")
     group.add_argument("--relay-batch", type=int, default=10, help="alerts per webhook message (default 10)")
     group.add_argument("--relay-name", default=None, help="this relay's name in the claims (default host:pid)")
+    group.add_argument("--pooler", choices=POOLER_MODES,
+                       default=env("BOOKING_GUARD_POOLER", "auto"),
+                       help="what is between the relay and PostgreSQL: with 'transaction' the relay does not LISTEN and"
+                            " only polls (notifications need a direct or session-mode connection); 'auto' (default,"
+                            " $BOOKING_GUARD_POOLER) assumes 'transaction' when it detects a pooler")
 
 
 def relay_config(args: argparse.Namespace):
@@ -55,7 +62,7 @@ def relay_config(args: argparse.Namespace):
                          smtp_port=args.smtp_port, smtp_from=args.smtp_from, smtp_to=recipients,
                          smtp_user=args.smtp_user, smtp_password=args.smtp_password, smtp_starttls=args.smtp_starttls,
                          digest_every=args.digest_every, poll_interval=args.poll_interval, lease=args.claim_lease,
-                         batch=args.relay_batch)
+                         batch=args.relay_batch, pooler=args.pooler)
     if args.relay_name:
         config.name = args.relay_name
     return config
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--verify-interval", type=duration, default=duration("1s"),
                            help="how often verify_due() runs (default 1s)")
     serve_cmd.add_argument("--no-verify", action="store_true", help="do not run the due-verification loop")
+    serve_cmd.add_argument("--health-grace", type=duration, default=duration("60s"),
+                           help="/healthz answers 503 when the verification loop or the relay has had no successful run"
+                                " for this long plus its interval (default 60s)")
     add_relay_options(serve_cmd)
 
     relay_cmd = commands.add_parser("relay", help="only the alert relay")
@@ -155,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             parse_listen(args.listen)
-        except ValueError as error:
+            relay = relay_config(args)
+        except ValueError as error:   # also a $BOOKING_GUARD_POOLER that is not one of --pooler's choices
             parser.error(str(error))
         return serve(ServeConfig(dsn=args.dsn, listen=args.listen, scrape_timeout=args.scrape_timeout,
                                  verify_interval=args.verify_interval, verify=not args.no_verify,
-                                 relay=relay_config(args)))
+                                 relay=relay, health_grace=args.health_grace))
     if args.command == "relay":
         import logging
         import signal
@@ -167,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from booking_guard.relay import Relay
 
-        config = relay_config(args)
+        try:
+            config = relay_config(args)
+        except ValueError as error:
+            parser.error(str(error))
         if config is None:
             parser.error("relay: give --slack-webhook, or --smtp-host with --smtp-to")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

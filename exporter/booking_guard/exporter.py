@@ -22,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from booking_guard.connection import connect, set_local_timeouts
+
 log = logging.getLogger("booking_guard.exporter")
 
 T = TypeVar("T")
@@ -39,9 +41,10 @@ class Unavailable(Exception):
 class BoundedConnection:
     """One autocommit connection, used by one call at a time, each call bounded by `timeout` seconds.
 
-    The server is also told to give up (statement_timeout) a little before the client does.
-    A call that outlives its deadline is abandoned: its socket is shut down, which ends it at
-    once, and the next call connects again.
+    Each call is one transaction in which the server is also told to give up (statement_timeout,
+    lock_timeout, set locally so that they also hold through a transaction pooler, see
+    connection.py) a little before the client does. A call that outlives its deadline is
+    abandoned: its socket is shut down, which ends it at once, and the next call connects again.
     """
 
     def __init__(self, dsn: str, timeout: float = 1.5, application_name: str = "booking-guard") -> None:
@@ -53,12 +56,14 @@ class BoundedConnection:
 
     def _connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            statement_ms = max(100, int(self.timeout * 800))
-            self._conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=max(2, int(self.timeout + 0.999)),
-                application_name=self.application_name,
-                options=f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}")
+            self._conn = connect(self.dsn, self.application_name, connect_timeout=max(2, int(self.timeout + 0.999)))
         return self._conn
+
+    def _bounded(self, conn: psycopg.Connection, fn: Callable[[psycopg.Connection], T]) -> T:
+        statement_ms = max(100, int(self.timeout * 800))
+        with conn.transaction():
+            set_local_timeouts(conn, statement_ms, lock_ms=statement_ms)
+            return fn(conn)
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
@@ -90,7 +95,7 @@ class BoundedConnection:
 
         def work() -> None:
             try:
-                outcome["value"] = fn(self._connect())
+                outcome["value"] = self._bounded(self._connect(), fn)
             except Exception as error:  # noqa: BLE001 - reported to the caller as Unavailable
                 outcome["error"] = error
                 self._discard()

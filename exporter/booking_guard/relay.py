@@ -8,6 +8,11 @@ between claim and send loses nothing: the lease runs out and another (or the res
 relay claims the alerts again, so delivery is at-least-once; two relays running normally
 never send the same alert. LISTEN booking_guard_alert wakes the relay at once; it also
 polls, so a missed NOTIFY only delays an alert.
+
+Behind a transaction pooler (PgBouncer pool_mode = transaction) notifications cannot reach the
+relay: LISTEN registers whichever server connection ran it, which then serves other clients.
+The relay then does not LISTEN at all and only polls (every --poll-interval); it says so once
+in its log. `--pooler` (connection.py) says what is in between; by default it is detected.
 """
 
 import http.client
@@ -24,6 +29,9 @@ from datetime import timedelta
 from email.message import EmailMessage
 
 import psycopg
+
+from booking_guard.connection import POOLER_MODES, behind_pooler, connect
+from booking_guard.health import LoopHealth, first_line
 
 log = logging.getLogger("booking_guard.relay")
 
@@ -47,6 +55,11 @@ class RelayConfig:
     lease: float = 30.0
     batch: int = 10
     send_timeout: float = 10.0
+    pooler: str = "auto"       # one of connection.POOLER_MODES
+
+    def __post_init__(self) -> None:
+        if self.pooler not in POOLER_MODES:
+            raise ValueError(f"pooler must be one of {', '.join(POOLER_MODES)}, not {self.pooler!r}")
 
     @property
     def email(self) -> bool:
@@ -102,6 +115,9 @@ class Relay:
         self.last_activity = time.monotonic()
         self._next_digest_check = 0.0
         self._next_retry: float | None = None
+        self.health = LoopHealth("relay", config.poll_interval)
+        self.health.details["notifications"] = None     # unknown until connected: LISTEN used, or polling only
+        self._said_polling = False
 
     # --- sending -------------------------------------------------------------------------------
     def post_slack(self, payload: dict) -> None:
@@ -176,7 +192,27 @@ class Relay:
             log.info("sent the digest of %s alerts up to %s", len(alerts), end)
         return True
 
-    # --- the loop ------------------------------------------------------------------------------
+    # --- the loop ---------------------------------------------------------------------------------
+    def _listen(self, conn: psycopg.Connection) -> bool:
+        """LISTEN, unless a transaction pooler is in between; True if notifications will come."""
+        mode = self.config.pooler
+        detected = mode == "auto" and behind_pooler(conn)
+        if mode == "transaction" or detected:
+            self.health.details["notifications"] = False
+            if not self._said_polling:
+                self._said_polling = True
+                how = ("a connection pooler was detected (the server process differs from the one the connection"
+                       " announced; assuming transaction pooling, say --pooler session if it pools sessions)"
+                       if detected else "--pooler transaction")
+                # one line, the same everywhere: notifications need a direct or session-mode connection
+                log.log(logging.WARNING if detected else logging.INFO,
+                        "relay: %s: notifications need a direct or session-mode connection; polling for new alerts"
+                        " every %g s instead", how, self.config.poll_interval)
+            return False
+        conn.execute(f"listen {CHANNEL}")
+        self.health.details["notifications"] = True
+        return True
+
     def run(self, stop: threading.Event) -> None:
         c = self.config
         if not c.slack_webhook and not c.email:
@@ -185,9 +221,8 @@ class Relay:
         failures = 0
         while not stop.is_set():
             try:
-                with psycopg.connect(c.dsn, autocommit=True, connect_timeout=5,
-                                     application_name="booking-guard relay") as conn:
-                    conn.execute(f"listen {CHANNEL}")
+                with connect(c.dsn, "booking-guard relay") as conn:
+                    listening = self._listen(conn)
                     failures = 0
                     while not stop.is_set():
                         self.last_activity = time.monotonic()
@@ -196,21 +231,24 @@ class Relay:
                             busy = self.deliver_alerts(conn) >= c.batch
                         if c.email:
                             self.deliver_digest(conn)
+                        self.health.succeeded()
                         if not busy:
-                            self._wait(conn, stop)
+                            self._wait(conn, stop, listening)
             except psycopg.Error as error:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                self.health.failed(first_line(error))
                 log.warning("relay: database error (%s); reconnecting in %.1f s", str(error).strip(), delay)
                 stop.wait(delay)
-            except Exception:   # a bug must not end delivery for good: log it, back off, go on
+            except Exception as error:   # a bug must not end delivery for good: log it, back off, go on
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                self.health.failed(f"{type(error).__name__}: {first_line(error)}")
                 log.exception("relay: unexpected error; starting again in %.1f s", delay)
                 stop.wait(delay)
 
-    def _wait(self, conn: psycopg.Connection, stop: threading.Event) -> None:
-        """Until a NOTIFY, the poll interval, or stop (checked every second)."""
+    def _wait(self, conn: psycopg.Connection, stop: threading.Event, listening: bool = True) -> None:
+        """Until a NOTIFY (when listening), the poll interval, or stop (checked every second)."""
         deadline = time.monotonic() + self.config.poll_interval
         if self._next_retry is not None:
             deadline = min(deadline, self._next_retry + 0.05)
@@ -221,5 +259,9 @@ class Relay:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
+            if not listening:
+                # a notification a pooled server connection passes on belongs to someone else's LISTEN
+                stop.wait(left)
+                continue
             for _ in conn.notifies(timeout=min(left, 1.0), stop_after=1):
                 return

@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from booking_guard import status_page
+from booking_guard.connection import connect, set_local_timeouts
 from booking_guard.exporter import BoundedConnection, MetricsCollector
+from booking_guard.health import DEFAULT_GRACE, LoopHealth, first_line
 from booking_guard.relay import Relay, RelayConfig
 
 log = logging.getLogger("booking_guard.serve")
@@ -35,16 +37,28 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 class VerificationLoop:
     """Calls booking_guard.verify_due() every `interval` seconds on its own connection, then folds
-    new events into the metric counters (fold_metrics()), so that scrapes find little left to fold."""
+    new events into the metric counters (fold_metrics()), so that scrapes find little left to fold.
+    Each is a transaction of its own with a local statement_timeout (poolers, see connection.py)."""
+
+    STATEMENT_MS = 30_000
 
     def __init__(self, dsn: str, interval: float = 1.0) -> None:
         self.dsn = dsn
         self.interval = interval
-        self.last_run: float | None = None      # monotonic time of the last successful call
         self.verified = 0
+        self.health = LoopHealth("verify_due", interval)
         self._problem: str | None = None
 
+    @property
+    def last_run(self) -> float | None:
+        """Monotonic time of the last successful run."""
+        return self.health.last_success
+
     def _report(self, problem: str | None) -> None:
+        if problem is None:
+            self.health.succeeded()
+        else:
+            self.health.failed(problem)
         if problem != self._problem:
             if problem:
                 log.warning("verification loop: %s", problem)
@@ -52,24 +66,36 @@ class VerificationLoop:
                 log.info("verification loop: running")
             self._problem = problem
 
+    def _run_once(self, conn: psycopg.Connection) -> None:
+        error: psycopg.Error | None = None
+        try:
+            with conn.transaction():
+                set_local_timeouts(conn, self.STATEMENT_MS)
+                self.verified += len(conn.execute("select call_id, verdict from booking_guard.verify_due()").fetchall())
+        except psycopg.Error as failed:
+            error = failed
+        # folded even when verify_due() failed: the counters need not wait for it
+        if not conn.broken:
+            try:
+                with conn.transaction():
+                    set_local_timeouts(conn, self.STATEMENT_MS)
+                    conn.execute("select booking_guard.fold_metrics(100000)")
+            except psycopg.Error as failed:
+                error = error or failed
+        if error is not None:
+            raise error
+
     def run(self, stop: threading.Event) -> None:
         conn: psycopg.Connection | None = None
         while not stop.is_set():
             started = time.monotonic()
             try:
                 if conn is None or conn.closed:
-                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5,
-                                           application_name="booking-guard verify_due",
-                                           options="-c statement_timeout=30000")
-                try:
-                    self.verified += len(conn.execute("select call_id, verdict from booking_guard.verify_due()").fetchall())
-                    self.last_run = time.monotonic()
-                    self._report(None)
-                finally:
-                    if not conn.broken:
-                        conn.execute("select booking_guard.fold_metrics(100000)")
+                    conn = connect(self.dsn, "booking-guard verify_due")
+                self._run_once(conn)
+                self._report(None)
             except psycopg.Error as error:
-                self._report(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                self._report(first_line(error))
                 if conn is not None and (conn.closed or conn.broken):
                     conn = None
             stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
@@ -85,6 +111,7 @@ class ServeConfig:
     verify_interval: float = 1.0
     verify: bool = True
     relay: RelayConfig | None = None
+    health_grace: float = DEFAULT_GRACE     # see health.py
 
 
 class Service:
@@ -107,14 +134,26 @@ class Service:
         return self.server.server_address[:2]
 
     def health(self) -> tuple[int, dict]:
-        body: dict = {"status": "ok", "threads": {}}
+        """200 while every thread runs and every loop has succeeded lately (health.py); else 503
+        with the problems: which thread stopped, which loop fails and its last error."""
+        now = time.monotonic()
+        body: dict = {"status": "ok", "problems": [], "threads": {}, "loops": {}}
         for name, thread in self.threads.items():
             body["threads"][name] = "running" if thread.is_alive() else "stopped"
+            if not thread.is_alive():
+                body["problems"].append(f"thread {name} has stopped")
+        loops = [("verify_due", self.verifier), ("relay", self.relay)]
+        for name, loop in loops:
+            if loop is None:
+                continue
+            state = loop.health.state(self.config.health_grace, now)
+            body["loops"][name] = state
+            if "problem" in state:
+                body["problems"].append(state.pop("problem"))
         if self.verifier is not None:
-            body["verify_due_last_run_seconds_ago"] = (
-                None if self.verifier.last_run is None else round(time.monotonic() - self.verifier.last_run, 3))
+            body["verify_due_last_run_seconds_ago"] = body["loops"]["verify_due"]["last_success_seconds_ago"]
             body["verify_due_problem"] = self.verifier._problem
-        if any(state != "running" for state in body["threads"].values()) and not self.stop.is_set():
+        if body["problems"] and not self.stop.is_set():
             body["status"] = "degraded"
             return 503, body
         return 200, body

@@ -45,13 +45,20 @@ as $$
      where r.table_role = attachment_problems.table_role
        and (a.attnum is null or not format_type(a.atttypid, null) = any (r.accepted_types))
     union all
-    select format('%s table %s: column id is not a primary key or unique', table_role, tbl)
+    -- id alone unique; a table partitioned by time cannot have that, and its key (id, created_at)
+    -- is accepted: the application's ids come from one sequence
+    select format('%s table %s: column id is not a primary key or unique%s', table_role, tbl,
+                  case when (select c.relkind from pg_catalog.pg_class c where c.oid = tbl) = 'p'
+                       then ' (nor part of a unique key)' else '' end)
      where attachment_problems.table_role = 'calls'
        and exists (select from pg_catalog.pg_attribute where attrelid = tbl and attname = 'id' and not attisdropped)
        and not exists (
                select from pg_catalog.pg_index i
-                 join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
-                where i.indrelid = tbl and i.indisunique and i.indnkeyatts = 1 and a.attname = 'id')
+                 join pg_catalog.pg_attribute a on a.attrelid = i.indrelid
+                where i.indrelid = tbl and i.indisunique and i.indpred is null and a.attname = 'id'
+                  and (a.attnum = i.indkey[0] and i.indnkeyatts = 1
+                       or ((select c.relkind from pg_catalog.pg_class c where c.oid = tbl) = 'p'
+                           and a.attnum = any (i.indkey::int2[]))))
 $$;
 
 comment on function booking_guard_internal.attachment_problems(text, regclass) is
@@ -417,6 +424,13 @@ begin
     perform booking_guard_internal.drop_triggers(array[calls, appointments]);
     perform booking_guard_internal.attachment_record(calls, appointments, created);
     perform booking_guard_internal.install_triggers(calls, appointments);
+    if booking_guard_internal.subscribed_tables() is not null then
+        raise warning 'booking_guard is attached to tables a logical replication subscription writes: %',
+                      booking_guard_internal.subscribed_tables()
+            using detail = 'The publisher''s booking_guard judges and repairs these rows; here the jobs do nothing, and the '
+                           'triggers do not fire for replicated rows (unless enabled ALWAYS or REPLICA, which would alert twice).',
+                  hint = 'Attach booking_guard on the publisher. Leave booking_guard''s triggers enabled as they are here.';
+    end if;
     return query select * from booking_guard.attachment;
 end
 $$;
@@ -562,3 +576,36 @@ create event trigger booking_guard_ddl_end on ddl_command_end
 drop event trigger if exists booking_guard_ddl_drop;
 create event trigger booking_guard_ddl_drop on sql_drop
     execute function booking_guard_internal.guard_ddl();
+
+-- What DROP EXTENSION cannot do for itself: the pg_cron jobs live in another extension, and the
+-- indexes attach() created belong to the application's tables.
+create function booking_guard.prepare_drop()
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    current   booking_guard.attached_tables := booking_guard_internal.attachment_lock();
+    jobs      integer;
+    ix        text;
+    dropped   text[] := '{}';
+begin
+    jobs := booking_guard.unschedule_jobs();
+    if current.calls_table is not null then
+        perform booking_guard.detach();
+        foreach ix in array current.created_indexes loop
+            if to_regclass(ix) is not null then
+                execute format('drop index %s', ix);
+                dropped := dropped || ix;
+            end if;
+        end loop;
+    else
+        perform booking_guard.detach();   -- leftover triggers
+    end if;
+    return jsonb_build_object('unscheduled_jobs', jobs, 'detached', current.calls_table is not null,
+                              'dropped_indexes', to_jsonb(dropped));
+end
+$$;
+
+comment on function booking_guard.prepare_drop() is
+    'Before DROP EXTENSION booking_guard: removes its pg_cron jobs, detaches, and drops the indexes attach() created; DROP EXTENSION ... CASCADE then leaves nothing of booking_guard behind. Run it as the tables'' owner.';

@@ -14,6 +14,21 @@
 -- dispatched: a stalled schedule shows as a stale last_success_at, which the exporter exports and
 -- the monitor job alerts on (job_stalled).
 
+-- The attached tables a logical replication subscription of this database writes, or null.
+create function booking_guard_internal.subscribed_tables()
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select string_agg(r.srrelid::regclass::text, ', ' order by r.srrelid::regclass::text)
+      from pg_catalog.pg_subscription_rel r
+      join booking_guard.attached_tables a on r.srrelid in (a.calls_table, a.appointments_table)
+$$;
+
+comment on function booking_guard_internal.subscribed_tables() is
+    'The attached tables that a logical replication subscription writes (booking_guard then acts on nothing here), or null.';
+
 create function booking_guard_internal.job_begin(job text, args jsonb)
 returns jsonb
 language plpgsql
@@ -32,6 +47,17 @@ begin
             using errcode = 'BG004',
                   detail = format('Jobs: %s.', (select string_agg(j.job, ', ' order by j.job) from booking_guard.jobs j)),
                   hint = 'select job, schedule, description from booking_guard.jobs;';
+    end if;
+    -- On a hot standby nothing can be written; on a logical replication subscriber the rows come from
+    -- the publisher, whose booking_guard judges and repairs them: here booking_guard acts on nothing.
+    if pg_is_in_recovery() then
+        return jsonb_build_object('job', job_begin.job, 'done', true,
+                                  'skipped', 'a hot standby: booking_guard acts on nothing here (the primary''s does)');
+    end if;
+    if booking_guard_internal.subscribed_tables() is not null then
+        return jsonb_build_object('job', job_begin.job, 'done', true,
+                                  'skipped', format('%s are replicated from a publisher, whose booking_guard acts on them',
+                                                    booking_guard_internal.subscribed_tables()));
     end if;
     -- verify_due called as a function (the exporter's loop, every second) shares the due list
     -- with any other run (SKIP LOCKED): it takes no lease and records nothing here
@@ -220,14 +246,20 @@ comment on function booking_guard_internal.job_name(text) is
 create function booking_guard_internal.job_command(job text)
 returns text
 language sql
-immutable
+stable
 set search_path = pg_catalog, pg_temp
-as $$
-    select format('call booking_guard.run_job(%L)', job)
-$$;
+as $fn$
+    select format($cmd$do $job$ begin
+    if pg_catalog.to_regprocedure('booking_guard.run_job(text)') is not null then
+        call booking_guard.run_job(%L);
+    elsif pg_catalog.to_regnamespace('cron') is not null then
+        perform cron.unschedule(%L);
+    end if;
+end $job$$cmd$, job, booking_guard_internal.job_name(job))
+$fn$;
 
 comment on function booking_guard_internal.job_command(text) is
-    'The command pg_cron runs for a booking_guard job.';
+    'The command pg_cron runs for a booking_guard job: CALL booking_guard.run_job(job), or, once booking_guard is gone, nothing (and the job unschedules itself where pg_cron lives).';
 
 -- Which scheduled jobs have not succeeded for longer than twice their period (plus a minute)?
 create function booking_guard.stalled_jobs()
@@ -382,6 +414,54 @@ $$;
 comment on function booking_guard_internal.cron_not_ready(text) is
     'The NOTICE of schedule_jobs() and unschedule_jobs() when pg_cron cannot be used, saying why and what to do.';
 
+-- What pg_cron registered, in job_runs (with booking_guard_owner's rights: the admin schedules);
+-- a null job: every job unscheduled.
+create function booking_guard_internal.job_scheduled(job text, cron_database text, cron_jobid bigint)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+begin
+    if job_scheduled.job is null then
+        update booking_guard.job_runs set scheduled_at = null, cron_jobid = null, cron_database = null;
+        return;
+    end if;
+    insert into booking_guard.job_runs as r (job, scheduled_at, cron_database, cron_jobid)
+    values (job_scheduled.job, now(), job_scheduled.cron_database, job_scheduled.cron_jobid)
+    on conflict (job) do update
+       set scheduled_at = coalesce(r.scheduled_at, excluded.scheduled_at), cron_database = excluded.cron_database,
+           cron_jobid = excluded.cron_jobid;
+end
+$$;
+
+comment on function booking_guard_internal.job_scheduled(text, text, bigint) is
+    'Records in job_runs that a job was registered with pg_cron (its database and job id), or, job null, that every job was removed.';
+
+-- pg_cron runs a job by connecting to cron.host (localhost unless set) with libpq, or in a
+-- background worker. On a server that listens on its socket only, the first never connects.
+create function booking_guard_internal.cron_unreachable(
+    use_background_workers text default current_setting('cron.use_background_workers', true),
+    host text default current_setting('cron.host', true),
+    listen_addresses text default current_setting('listen_addresses'))
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select case
+               when coalesce(use_background_workers, 'off') = 'on' then null
+               when coalesce(nullif(host, ''), 'localhost') like '/%' then null
+               when btrim(listen_addresses) = '' then
+                   format('cron.host is %s but the server listens on no TCP address (listen_addresses is empty)',
+                          coalesce(nullif(host, ''), 'localhost'))
+           end
+$$;
+
+comment on function booking_guard_internal.cron_unreachable(text, text, text) is
+    'Why pg_cron cannot connect to run the jobs (TCP host on a socket-only server), or null when it can.';
+
 create function booking_guard.schedule_jobs(connection text default null)
 returns table (job text, cron_jobid bigint, schedule text, command text, cron_database text)
 language plpgsql
@@ -407,13 +487,15 @@ begin
                            format('select cron.schedule_in_database(%L, %L, %L, %L)::text',
                                   booking_guard_internal.job_name(j.job), j.schedule, command, current_database()),
                            connection) r);
-        insert into booking_guard.job_runs as r (job, scheduled_at, cron_database, cron_jobid)
-        values (j.job, now(), cron_database, cron_jobid)
-        on conflict (job) do update
-           set scheduled_at = coalesce(r.scheduled_at, excluded.scheduled_at), cron_database = excluded.cron_database,
-               cron_jobid = excluded.cron_jobid;
+        perform booking_guard_internal.job_scheduled(j.job, cron_database, cron_jobid);
         return next;
     end loop;
+    if booking_guard_internal.cron_unreachable() is not null then
+        raise warning 'pg_cron will not reach this server: %', booking_guard_internal.cron_unreachable()
+            using hint = 'Set cron.use_background_workers = on, or cron.host to the socket directory ('
+                         || split_part(current_setting('unix_socket_directories'), ',', 1)
+                         || '), in postgresql.conf, and restart. A job that cannot run raises job_stalled in the exporter.';
+    end if;
 end
 $$;
 
@@ -437,7 +519,7 @@ begin
               format('select count(cron.unschedule(j.jobid))::text from cron.job j where j.jobname = any (%L::text[])',
                      (select array_agg(booking_guard_internal.job_name(x.job)) from booking_guard.jobs x)),
               connection) r);
-    update booking_guard.job_runs set scheduled_at = null, cron_jobid = null, cron_database = null;
+    perform booking_guard_internal.job_scheduled(null, null, null);
     return n;
 end
 $$;

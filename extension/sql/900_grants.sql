@@ -114,7 +114,7 @@ grant execute on function
 -- needs EXECUTE on their functions.
 grant execute on function
     booking_guard.set_setting(text, text), booking_guard.set_rule(text, text, integer, text),
-    booking_guard.attach(regclass, regclass), booking_guard.detach(),
+    booking_guard.attach(regclass, regclass), booking_guard.detach(), booking_guard.prepare_drop(),
     booking_guard.acknowledge_alert(bigint, name), booking_guard.resolve_alert(bigint),
     booking_guard.claim_review(name), booking_guard.resolve_review(bigint, text, text),
     booking_guard.circuit_reset(text), booking_guard.circuit_force_open(text, timestamptz),
@@ -129,7 +129,10 @@ grant execute on function
     booking_guard_internal.drop_triggers(regclass[]), booking_guard_internal.install_triggers(regclass, regclass),
     booking_guard_internal.calls_before(), booking_guard_internal.calls_truth_check(),
     booking_guard_internal.appointments_sync(), booking_guard_internal.appointments_truth_check(),
-    booking_guard_internal.cron_not_ready(text), booking_guard_internal.job_command(text)
+    booking_guard_internal.cron_not_ready(text), booking_guard_internal.job_command(text),
+    booking_guard_internal.job_scheduled(text, text, bigint), booking_guard_internal.cron_unreachable(text, text, text),
+    booking_guard_internal.subscribed_tables(), booking_guard_internal.cron_state(text),
+    booking_guard_internal.cron_exec(text, text), booking_guard_internal.cron_connection(), booking_guard_internal.job_name(text)
    to booking_guard_admin;
 grant execute on procedure booking_guard.run_job(text) to booking_guard_admin;
 grant insert, update, delete on booking_guard.review_priorities, booking_guard.circuit_policies to booking_guard_admin;

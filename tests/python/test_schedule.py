@@ -8,7 +8,8 @@ import psycopg
 import pytest
 from test_detection import call, company
 
-JOBS = {"daily_report": "5 0 * * *", "reconcile": "0 * * * *", "run_monitor": "* * * * *", "verify_due": "* * * * *"}
+JOBS = {"daily_report": "5 0 * * *", "purge": "15 * * * *", "reconcile": "0 * * * *", "run_monitor": "* * * * *",
+        "verify_due": "* * * * *"}
 
 
 @pytest.fixture
@@ -27,6 +28,10 @@ def cron(db):
     conn.close()
 
 
+def command(db, job: str) -> str:
+    return db.execute("select booking_guard_internal.job_command(%s)", (job,)).fetchone()[0]
+
+
 def cron_jobs(cron, dbname: str) -> dict:
     rows = cron.execute("select jobname, schedule, command, active from cron.job where database = %s", (dbname,))
     return {r[0]: r[1:] for r in rows.fetchall()}
@@ -37,11 +42,10 @@ def test_schedule_jobs_registers_once(attached, cron):
     dbname = attached.info.dbname
     rows = attached.execute("select job, schedule, command from booking_guard.schedule_jobs()").fetchall()
     assert {r[0]: r[1] for r in rows} == JOBS
-    expected = {f"booking_guard.{job}@{dbname}": (schedule, f"call booking_guard.run_job('{job}')", True)
-                for job, schedule in JOBS.items()}
+    expected = {f"booking_guard.{job}@{dbname}": (schedule, command(attached, job), True) for job, schedule in JOBS.items()}
     assert cron_jobs(cron, dbname) == expected
     ids = sorted(r[0] for r in cron.execute("select jobid from cron.job where database = %s", (dbname,)).fetchall())
-    # again: the same four jobs, not eight
+    # again: the same five jobs, not ten
     attached.execute("select * from booking_guard.schedule_jobs()")
     assert cron_jobs(cron, dbname) == expected
     assert sorted(r[0] for r in cron.execute("select jobid from cron.job where database = %s", (dbname,))) == ids
@@ -49,7 +53,7 @@ def test_schedule_jobs_registers_once(attached, cron):
     assert sorted((r[0], r[2], r[3]) for r in status) == [(job, True, False) for job in sorted(JOBS)]
     assert sorted(r[1] for r in status) == ids
 
-    assert attached.execute("select booking_guard.unschedule_jobs()").fetchone()[0] == 4
+    assert attached.execute("select booking_guard.unschedule_jobs()").fetchone()[0] == 5
     assert cron_jobs(cron, dbname) == {}
 
 
@@ -78,6 +82,7 @@ def test_registered_commands_do_their_work(attached, cron):
     attached.execute(commands[f"booking_guard.reconcile@{dbname}"])
     assert attached.execute("select direction from calls where id = %s", (no_direction,)).fetchone() == ("inbound",)
     attached.execute(commands[f"booking_guard.daily_report@{dbname}"])
+    attached.execute(commands[f"booking_guard.purge@{dbname}"])
     assert attached.execute("select day = current_date - 1 from booking_guard.reports").fetchall() == [(True,)]
 
     runs = attached.execute("select job, last_success_at is not null, last_error, runs from booking_guard.job_runs "
