@@ -29,8 +29,16 @@ def connect(dsn: str, application_name: str, connect_timeout: int = 5) -> psycop
     PostgreSQL caches server-side, so preparing them client-side saves next to nothing, while a
     pooler that goes undetected would turn the fifth execution of a statement into an error.
     """
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout,
-                           application_name=application_name, prepare_threshold=None)
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout,
+                               application_name=application_name, prepare_threshold=None)
+    except psycopg.OperationalError as error:
+        if "unsupported startup parameter: options" not in str(error):
+            raise
+        # booking-guard sends none itself: they come from the DSN or PGOPTIONS
+        raise psycopg.OperationalError(
+            f"{str(error).strip()} (the pooler refuses libpq options, which came from the DSN or $PGOPTIONS:"
+            " booking-guard needs none, remove them)") from error
 
 
 def set_local_timeouts(conn: psycopg.Connection, statement_ms: int, lock_ms: int | None = None) -> None:
