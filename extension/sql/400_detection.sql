@@ -40,7 +40,9 @@ $$;
 comment on function booking_guard_internal.within_grace(bigint, timestamptz) is
     'True while a call (last changed at since) is still within its verification grace, or waits on the due list.';
 
--- The call rules, checked for the given calls (by primary key).
+-- The call rules, checked for the given calls (by primary key). Every *_findings function takes its
+-- ids as a semi-join on unnest(): "= any (array)" on a parameter compares each row with the whole
+-- array, which is quadratic when the monitor checks a large window.
 create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null)
 returns setof booking_guard.finding
 language plpgsql
@@ -62,7 +64,7 @@ begin
                                    filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
                  from booking_guard_internal.guarded_appointments a
                 where a.call_id = g.id) ap
-         where g.id = any (call_ids)
+         where g.id in (select unnest(call_ids))
     )
     select r.name, r.severity, 'call'::text, c.id::text,
            jsonb_strip_nulls(jsonb_build_object(
@@ -120,7 +122,7 @@ begin
                                    where m.booking_id = a.calcom_v2_booking_id)))
       from booking_guard_internal.guarded_appointments a
       join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
-     where a.id = any (appointment_ids)
+     where a.id in (select unnest(appointment_ids))
        and a.source = 'retell_webhook'
        -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
        -- as a hashed subplan over the whole calls table)
@@ -150,7 +152,7 @@ begin
                    array_agg(distinct a.call_id) filter (where a.call_id is not null) as call_ids,
                    min(a.created_at)::timestamptz as first_at, max(a.created_at)::timestamptz as last_at
               from booking_guard_internal.guarded_appointments a
-             where a.calcom_v2_booking_id = any (booking_ids)
+             where a.calcom_v2_booking_id in (select unnest(booking_ids))
              group by a.calcom_v2_booking_id
             having count(*) > 1) d
       join booking_guard.rules r on r.name = 'duplicate_booking' and r.mode <> 'off';
@@ -179,7 +181,7 @@ begin
              where e.kind = 'validation'
                and e.at >= cutoff
                and e.details ->> 'success' = 'false'
-               and (call_ids is null or e.entity_id = any (call_ids))
+               and (call_ids is null or e.entity_id in (select unnest(call_ids)))
              group by e.entity_id) f
       join booking_guard.rules r on r.name = 'recent_failures' and r.mode <> 'off';
 end
@@ -558,10 +560,38 @@ comment on function booking_guard_internal.finding_description(booking_guard.fin
 -- As a job it runs in steps: plan (the candidates of the window), then calls, appointments,
 -- bookings and validation failures batch by batch, then the open alerts whose condition may no
 -- longer hold, then the job health check. The scheduled job looks only at rows created since its
--- last run (its watermark, less monitor_overlap for transactions that committed late), so its cost
--- follows the new rows, not the window; an alert it did not see again is re-checked at most every
--- monitor_recheck_interval. The function run_monitor(since) looks at the whole window and re-checks
+-- last run, so its cost follows the new rows, not the window: its watermark is when that run
+-- began, or when the oldest transaction then still writing began (its rows, committed later, carry
+-- that older created_at), less monitor_overlap. An alert it did not see again is re-checked at
+-- most every monitor_recheck_interval. The function run_monitor(since) looks at the whole window and re-checks
 -- every open alert.
+
+-- Whether the row a finding would repair exists but another transaction holds it; when not, it is
+-- locked here for the rest of this batch. A finding with no repair (recent_failures, duplicate and
+-- mismatched booking ids) or about a row that does not exist locks nothing.
+create function booking_guard_internal.held_by_another(f booking_guard.finding)
+returns boolean
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if f.rule in ('recent_failures', 'duplicate_booking', 'booking_id_mismatch') then
+        return false;
+    elsif f.entity_type = 'call' then
+        perform from booking_guard_internal.guarded_calls g where g.id = f.entity_id::bigint for no key update skip locked;
+        return not found and exists (select from booking_guard_internal.guarded_calls g where g.id = f.entity_id::bigint);
+    elsif f.entity_type = 'appointment' then
+        perform from booking_guard_internal.guarded_appointments a where a.id = f.entity_id::bigint
+            for no key update skip locked;
+        return not found
+               and exists (select from booking_guard_internal.guarded_appointments a where a.id = f.entity_id::bigint);
+    end if;
+    return false;
+end
+$$;
+
+comment on function booking_guard_internal.held_by_another(booking_guard.finding) is
+    'run_monitor: true when the row a finding would repair is held by another transaction (then skipped, not waited for); otherwise locks it for the batch.';
 
 -- The findings of one batch, alerted (deduplicated) and repaired where the rule corrects; returns
 -- the counts with this batch's added.
@@ -584,12 +614,7 @@ begin
         fresh := not exists (select from booking_guard.alerts x where x.fingerprint = v_fingerprint and x.resolved_at is null);
         -- An entity an application transaction holds is not repaired now (its own write is judged by
         -- the triggers; the next run sees it again): a job never waits for an application's lock.
-        if (f.entity_type = 'call'
-            and not exists (select from booking_guard_internal.guarded_calls g where g.id = f.entity_id::bigint
-                               for no key update skip locked))
-           or (f.entity_type = 'appointment'
-               and not exists (select from booking_guard_internal.guarded_appointments a where a.id = f.entity_id::bigint
-                                  for no key update skip locked)) then
+        if booking_guard_internal.held_by_another(f) then
             counts := jsonb_set(counts, '{skipped_locked}', to_jsonb(coalesce((counts ->> 'skipped_locked')::bigint, 0) + 1));
             continue;
         end if;
@@ -696,7 +721,8 @@ begin
         select 'appointment', unnest(booking_guard_internal.candidate_appointments(cutoff))::text
         union all
         select 'booking', unnest(booking_guard_internal.candidate_bookings(cutoff));
-        return state || jsonb_build_object('phase', 'call', 'cutoff', cutoff, 'seen_from', now(), 'next_watermark', now(),
+        return state || jsonb_build_object('phase', 'call', 'cutoff', cutoff, 'seen_from', now(),
+                                           'next_watermark', least(now(), (state ->> 'oldest_writer')::timestamptz),
                                            'counts', counts);
     end if;
     cutoff := (state ->> 'cutoff')::timestamptz;

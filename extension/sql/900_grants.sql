@@ -162,6 +162,7 @@ grant execute on function
     booking_guard_internal.reconcile_calls_batch(bigint, integer, bigint),
     booking_guard_internal.reconcile_orphans_batch(bigint, integer, bigint),
     booking_guard_internal.monitor_findings(booking_guard.finding[], jsonb, interval),
+    booking_guard_internal.held_by_another(booking_guard.finding),
     booking_guard_internal.alert_recheck(bigint, boolean), booking_guard_internal.check_jobs(),
     booking_guard_internal.keep_report(date, text, jsonb),
     booking_guard_internal.purge_step(jsonb), booking_guard_internal.purge_batch(text, integer),

@@ -29,8 +29,8 @@ insert into booking_guard.settings (name, kind, integer_value, min_value, max_va
     ('job_batch_size', 'integer', 1000, 1, 1000000,
      'Rows (or findings) a scheduled job handles per transaction: the longest an application write waits for a job is one batch.');
 insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
-    ('monitor_overlap', 'interval', '5 minutes', 0, 86400,
-     'The scheduled run_monitor looks at rows created since its last run, less this much (rows committed late by long transactions).'),
+    ('monitor_overlap', 'interval', '10 seconds', 0, 86400,
+     'The scheduled run_monitor looks at rows created since its last run (or since the oldest transaction then writing began), less this much.'),
     ('monitor_recheck_interval', 'interval', '10 minutes', 0, 86400,
      'The scheduled run_monitor re-checks an open alert it did not see again at most this often.');
 
