@@ -15,6 +15,7 @@ usage: bench/exporter.py [--sizes 100000,1000000] [--scrapes 40] [--seconds 10] 
 """
 
 import argparse
+import re
 import statistics
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import psycopg
 from _common import emit, figure, machine, pgbench, scratch_database
-from booking_guard.serve import ServeConfig, Service
+from booking_guard.ops.serve import ServeConfig, Service
 
 DB = "bg_bench_exporter"
 
@@ -93,7 +94,7 @@ def scrape_times(url: str, conn: psycopg.Connection, scrapes: int, backlog: int)
         with urllib.request.urlopen(url, timeout=10) as response:
             body = response.read()
         times.append((time.perf_counter() - started) * 1000)
-        if b"booking_guard_up 1.0" not in body:
+        if not re.search(rb'^booking_guard_up\{database="[^"]*"\} 1\.0$', body, re.M):
             raise SystemExit("the exporter reported booking_guard_up 0 during the benchmark")
         size = len(body)
     return times, size

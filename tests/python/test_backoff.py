@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from booking_guard.booking import backoff_delay, retry_with_backoff
+from booking_guard.app.booking import backoff_delay, retry_with_backoff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,12 +1,12 @@
-"""The Python side of the booking path: booking_guard.client.record_booking() and retry_with_backoff()."""
+"""The Python side of the booking path: booking_guard.app.record_booking() and retry_with_backoff()."""
 
 import threading
 from datetime import timedelta
 
 import psycopg
 import pytest
-from booking_guard import client
-from booking_guard.booking import REASONS, BookingResult, backoff_delay
+from booking_guard import app
+from booking_guard.app.booking import REASONS, BookingResult, backoff_delay
 from conftest import APP_TABLE_GRANTS
 
 
@@ -18,15 +18,15 @@ def new_call(conn: psycopg.Connection, retell_id: str, booking_id: str | None = 
     ).fetchone()[0]
 
 
-def test_client_exports_the_booking_path():
-    for name in ("BookingResult", "record_booking", "retry_with_backoff"):
-        assert name in client.__all__
-        assert getattr(client, name) is not None
+def test_app_exports_the_booking_path():
+    for name in ("BookingResult", "record_booking", "retry_with_backoff", "backoff_delay"):
+        assert name in app.__all__
+        assert getattr(app, name) is not None
 
 
 def test_record_booking_returns_a_typed_result(attached):
     call_id = new_call(attached, "py-1")
-    result = client.record_booking(attached, call_id, "cal-py-1", {"status": "confirmed", "starts_at": "2026-12-01T10:00Z"})
+    result = app.record_booking(attached, call_id, "cal-py-1", {"status": "confirmed", "starts_at": "2026-12-01T10:00Z"})
     assert isinstance(result, BookingResult)
     assert result.success and bool(result) and result.reason == "ok" and result.created
     assert isinstance(result.appointment_id, int)
@@ -35,14 +35,14 @@ def test_record_booking_returns_a_typed_result(attached):
                                          (result.appointment_id,)).fetchone()
     assert status == "confirmed" and starts_at.isoformat().startswith("2026-12-01T10:00")
 
-    again = client.record_booking(attached, call_id, "cal-py-1")
+    again = app.record_booking(attached, call_id, "cal-py-1")
     assert again == BookingResult(True, "ok", again.details, result.appointment_id, False)
     assert again.details["already_recorded"] is True
 
 
 def test_record_booking_failure_is_a_result_not_an_exception(attached):
     call_id = new_call(attached, "py-2", booking_id="cal-other")
-    result = client.record_booking(attached, call_id, "cal-py-2")
+    result = app.record_booking(attached, call_id, "cal-py-2")
     assert not result and result.reason == "booking_id_mismatch" and result.reason in REASONS
     assert result.appointment_id is None and not result.created
     assert {"alert_id", "review_id"} <= result.details.keys()
@@ -51,7 +51,7 @@ def test_record_booking_failure_is_a_result_not_an_exception(attached):
 def test_record_booking_bad_input_raises_and_writes_nothing(attached):
     call_id = new_call(attached, "py-3")
     with pytest.raises(psycopg.Error) as caught:
-        client.record_booking(attached, call_id, "cal-py-3", {"colour": "red"})
+        app.record_booking(attached, call_id, "cal-py-3", {"colour": "red"})
     assert caught.value.diag.sqlstate == "BG005"
     assert "colour" in caught.value.diag.message_primary
     assert "Known columns" in caught.value.diag.message_hint
@@ -61,7 +61,7 @@ def test_record_booking_bad_input_raises_and_writes_nothing(attached):
 def test_record_booking_runs_in_the_callers_transaction(attached, connect):
     call_id = new_call(attached, "py-4")
     with connect(autocommit=False) as conn:
-        assert client.record_booking(conn, call_id, "cal-py-4").success
+        assert app.record_booking(conn, call_id, "cal-py-4").success
         conn.rollback()
     assert attached.execute("select count(*) from appointments where call_id = %s", (call_id,)).fetchone()[0] == 0
 
@@ -81,12 +81,12 @@ def test_retry_with_backoff_around_record_booking(attached, connect):
         attempts += 1
         if attempts < 3:
             conn.execute("select pg_advisory_xact_lock(1, 1)")   # times out while the holder has it
-        return client.record_booking(conn, call_id, "cal-py-5")
+        return app.record_booking(conn, call_id, "cal-py-5")
 
     def sleep(seconds: float) -> None:   # the test's clock: no real waiting
         slept.append(seconds)
 
-    result = client.retry_with_backoff(book, max_attempts=3, retry_on=psycopg.errors.LockNotAvailable,
+    result = app.retry_with_backoff(book, max_attempts=3, retry_on=psycopg.errors.LockNotAvailable,
                                        sleep=sleep, rng=lambda: 0.5)
     assert result.success and result.created and attempts == 3
     assert slept == [backoff_delay(1, draw=0.5), backoff_delay(2, draw=0.5)]
@@ -139,7 +139,7 @@ def test_the_app_role_books_with_its_own_table_privileges(attached, login_role):
     rights: a role holding booking_guard_app and DML on its tables books, and nothing else is lent."""
     call_id = new_call(attached, "py-role")
     _, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
-    result = client.record_booking(conn, call_id, "cal-role", {"status": "confirmed"})
+    result = app.record_booking(conn, call_id, "cal-role", {"status": "confirmed"})
     assert result.success and result.created
     assert conn.execute("select reason from booking_guard.validate_appointment_creation(%s)", (call_id,)).fetchone()[0] == "ok"
     retry_id = conn.execute("select booking_guard.schedule_retry(%s, 'notify', '{}', 2, '0')", (call_id,)).fetchone()[0]
@@ -154,7 +154,7 @@ def test_the_app_role_without_table_privileges_books_nothing(attached, login_rol
     call_id = new_call(attached, "py-role-none")
     _, conn = login_role("booking_guard_app")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        client.record_booking(conn, call_id, "cal-none", {"status": "confirmed"})
+        app.record_booking(conn, call_id, "cal-none", {"status": "confirmed"})
     assert attached.execute("select count(*) from appointments").fetchone()[0] == 0
 
 

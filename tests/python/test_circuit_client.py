@@ -1,10 +1,10 @@
-"""booking_guard.client's circuit(): acquire, record, and a typed CircuitOpen."""
+"""booking_guard.app's circuit(): acquire, record, and a typed CircuitOpen."""
 
-import booking_guard.client as client
+import booking_guard.app as app
 import psycopg
 import pytest
-from booking_guard.circuit import CircuitOpen as CircuitOpenFromModule
-from booking_guard.client import CircuitOpen, circuit
+from booking_guard.app import CircuitOpen, circuit
+from booking_guard.app.circuit import CircuitOpen as CircuitOpenFromModule
 
 KEY = "appointment_booking:service:42"
 
@@ -18,9 +18,9 @@ def breaker(conn: psycopg.Connection, key: str = KEY) -> tuple:
                             where key = %s""", (key,)).fetchone()
 
 
-def test_client_exports_the_circuit_breaker():
-    assert client.circuit is circuit and CircuitOpen is CircuitOpenFromModule
-    assert {"CircuitOpen", "circuit"} <= set(client.__all__)
+def test_app_exports_the_circuit_breaker():
+    assert app.circuit is circuit and CircuitOpen is CircuitOpenFromModule
+    assert {"CircuitOpen", "circuit"} <= set(app.__all__)
 
 
 def test_success_is_recorded_and_resets_the_streak(db):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from booking_guard.exporter import BoundedConnection, MetricsCollector
-from booking_guard.serve import ServeConfig, Service
+from booking_guard.ops.exporter import BoundedConnection, MetricsCollector, TargetScraper
+from booking_guard.ops.serve import ServeConfig, Service
 from conftest import APP_SCHEMA, ROOT
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
@@ -52,11 +55,30 @@ def get(service: Service, path: str, accept: str | None = None) -> tuple[int, st
         return error.code, error.read().decode(), time.monotonic() - started
 
 
-def sample(text: str, line_start: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def sample(text: str, selector: str, database: str | None = None) -> float | None:
+    """The value of the series `name{label="value",...}` in an exposition, or None when it is absent.
+
+    Every series serve exports has a `database` label (its target): `database` names the one wanted;
+    without it the selector must match one series only, whatever its database."""
+    match = SELECTOR.fullmatch(selector)
+    assert match, selector
+    wanted = dict(LABEL.findall(match.group("labels") or ""))
+    found = []
+    parse = openmetrics_families if text.rstrip().endswith("# EOF") else text_string_to_metric_families
+    for family in parse(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            if s.name != match.group("name") or "database" not in labels:
+                continue
+            got = labels.pop("database")
+            if labels == wanted and (database is None or got == database):
+                found.append(s.value)
+    assert len(found) <= 1, f"{selector} matches {len(found)} series: give the database"
+    return found[0] if found else None
 
 
 def plant(db: psycopg.Connection) -> None:
@@ -105,11 +127,11 @@ def test_describe_touches_nothing_and_each_scrape_calls_metrics_once(db):
             return super().call(fn)
 
     registry = CollectorRegistry()
-    registry.register(MetricsCollector(Counting(dsn_of(db))))
+    registry.register(MetricsCollector([TargetScraper("one", Counting(dsn_of(db)))]))
     assert Counting.calls == 0
     output = generate_latest(registry).decode()
     assert Counting.calls == 1
-    assert sample(output, "booking_guard_up") == 1
+    assert sample(output, "booking_guard_up", database="one") == 1
 
 
 def free_port() -> int:
@@ -291,8 +313,10 @@ def test_the_verification_loop_judges_due_calls_every_second(attached):
         assert db.execute("select count(*) from booking_guard.due_verifications").fetchone()[0] == 0
         status, body, _ = get(service, "/healthz")
         health = json.loads(body)
-        assert status == 200 and health["threads"]["verify_due"] == "running"
-        assert health["verify_due_last_run_seconds_ago"] is not None and health["verify_due_problem"] is None
+        [target] = health["targets"].values()
+        assert status == 200 and target["threads"]["verify_due"] == "running"
+        assert target["loops"]["verify_due"]["last_success_seconds_ago"] is not None
+        assert target["loops"]["verify_due"]["last_error"] is None
         # the loop also folds the events, ahead of the scrapes (none ran in this test)
         assert db.execute("select events_folded > 0 from booking_guard.metric_fold_state").fetchone()[0]
     finally:

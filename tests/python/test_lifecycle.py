@@ -19,18 +19,21 @@ CATALOG_SQL = """
 with ours as (select oid from pg_namespace where nspname in ('booking_guard', 'booking_guard_internal'))
 select 'function', p.oid::regprocedure::text,
        concat_ws(' | ', p.prokind, p.prosecdef, p.provolatile, p.proisstrict, p.proowner::regrole, l.lanname,
-                 pg_get_function_result(p.oid), p.proconfig::text, md5(p.prosrc), p.probin, (select string_agg(x::text, ',' order by x::text) from unnest(p.proacl) x),
+                 pg_get_function_result(p.oid), p.proconfig::text, md5(p.prosrc), p.probin,
+                 (select string_agg(x::text, ',' order by x::text) from unnest(p.proacl) x),
                  obj_description(p.oid, 'pg_proc'))
   from pg_proc p join pg_language l on l.oid = p.prolang where p.pronamespace in (select oid from ours)
 union all
 select 'relation', c.oid::regclass::text,
-       concat_ws(' | ', c.relkind, c.relowner::regrole, (select string_agg(x::text, ',' order by x::text) from unnest(c.relacl) x), c.reloptions::text,
+       concat_ws(' | ', c.relkind, c.relowner::regrole,
+                 (select string_agg(x::text, ',' order by x::text) from unnest(c.relacl) x), c.reloptions::text,
                  obj_description(c.oid, 'pg_class'), case when c.relkind = 'v' then pg_get_viewdef(c.oid) end)
   from pg_class c where c.relnamespace in (select oid from ours) and c.relkind in ('r', 'v', 'S', 'p', 'c')
 union all
 select 'column', a.attrelid::regclass::text || '.' || a.attname,
        concat_ws(' | ', a.attnum, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
-                 a.attidentity, col_description(a.attrelid, a.attnum), (select string_agg(x::text, ',' order by x::text) from unnest(a.attacl) x))
+                 a.attidentity, col_description(a.attrelid, a.attnum),
+                 (select string_agg(x::text, ',' order by x::text) from unnest(a.attacl) x))
   from pg_attribute a join pg_class c on c.oid = a.attrelid
   left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
  where c.relnamespace in (select oid from ours) and a.attnum > 0 and not a.attisdropped
@@ -49,7 +52,9 @@ union all
 select 'event trigger', e.evtname, concat_ws(' | ', e.evtevent, e.evtfoid::regproc, e.evtenabled, e.evttags::text)
   from pg_event_trigger e
 union all
-select 'schema', n.nspname, concat_ws(' | ', n.nspowner::regrole, (select string_agg(x::text, ',' order by x::text) from unnest(n.nspacl) x), obj_description(n.oid, 'pg_namespace'))
+select 'schema', n.nspname,
+       concat_ws(' | ', n.nspowner::regrole, (select string_agg(x::text, ',' order by x::text) from unnest(n.nspacl) x),
+                 obj_description(n.oid, 'pg_namespace'))
   from pg_namespace n where n.oid in (select oid from ours)
 union all
 select 'type', t.oid::regtype::text, concat_ws(' | ', t.typtype, obj_description(t.oid, 'pg_type'))

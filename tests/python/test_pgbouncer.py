@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from booking_guard.connection import behind_pooler
-from booking_guard.exporter import BoundedConnection
-from booking_guard.relay import RelayConfig
-from booking_guard.serve import ServeConfig, Service
+from booking_guard.ops.connection import behind_pooler
+from booking_guard.ops.exporter import BoundedConnection
+from booking_guard.ops.relay import RelayConfig
+from booking_guard.ops.serve import ServeConfig, Service
 from conftest import SERVER
 from psycopg.conninfo import make_conninfo
 from test_exporter import free_port, get, sample
@@ -172,7 +172,8 @@ def test_serve_books_verifies_exports_and_relays_through_pgbouncer(attached, pgb
         status, body = health(service)
         assert status == 200, body
         assert body["problems"] == []
-        verify, relay = body["loops"]["verify_due"], body["loops"]["relay"]
+        loops = body["targets"][db.info.dbname]["loops"]
+        verify, relay = loops["verify_due"], loops["relay"]
         assert verify["healthy"] and verify["consecutive_failures"] == 0 and verify["last_error"] is None
         assert relay["healthy"] and relay["last_error"] is None
         assert relay["notifications"] is False       # PgBouncer detected: the relay polled
@@ -191,24 +192,29 @@ def test_healthz_turns_503_when_the_verification_loop_keeps_failing(db, pgbounce
     started = time.monotonic()
     service.start()
     try:
-        wait_for(lambda: health(service)[1]["loops"]["verify_due"]["last_error"] is not None, 10,
-                 "the verification loop's first failure")
+        name = db.info.dbname      # the one target, named after its database
+
+        def verify_due() -> dict:
+            return health(service)[1]["targets"][name]["loops"]["verify_due"]
+
+        wait_for(lambda: verify_due()["last_error"] is not None, 10, "the verification loop's first failure")
         status, body = health(service)
         if time.monotonic() - started < grace:     # a failure shorter than the grace is not a problem yet
             assert status == 200 and body["status"] == "ok", body
-        assert "not attached" in body["loops"]["verify_due"]["last_error"]
+        assert "not attached" in body["targets"][name]["loops"]["verify_due"]["last_error"]
         assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
 
         wait_for(lambda: health(service)[0] == 503, grace + 10, "/healthz to answer 503")
         status, body = health(service)
         assert body["status"] == "degraded"
         [problem] = body["problems"]
-        assert problem.startswith("verify_due: no successful run for") and "booking_guard is not attached" in problem
-        assert body["loops"]["verify_due"]["healthy"] is False
-        assert body["loops"]["verify_due"]["consecutive_failures"] >= 2
+        assert problem.startswith(f"{name}: verify_due: no successful run for") and "booking_guard is not attached" in problem
+        assert body["targets"][name]["status"] == "degraded" and body["targets"][name]["problems"] == [problem]
+        assert body["targets"][name]["loops"]["verify_due"]["healthy"] is False
+        assert body["targets"][name]["loops"]["verify_due"]["consecutive_failures"] >= 2
 
         db.execute("select booking_guard.attach('calls', 'appointments')")
         wait_for(lambda: health(service)[0] == 200, 10, "/healthz to recover once verify_due() succeeds")
-        assert health(service)[1]["loops"]["verify_due"]["last_error"] is None
+        assert verify_due()["last_error"] is None
     finally:
         service.shutdown()

@@ -26,14 +26,15 @@ def fast_rules(source: str) -> str:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, scrape_configs: str | None = None) -> None:
+        """Scrapes `target` (HOST:PORT) as job booking_guard, or what `scrape_configs` (YAML) says."""
         self.port = free_port()
         (workdir / "rules.yml").write_text(fast_rules((ROOT / "monitoring" / "alerts.yml").read_text()))
         (workdir / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
             "rule_files: [rules.yml]\n"
-            "scrape_configs:\n  - job_name: booking_guard\n"
-            f"    static_configs:\n      - targets: ['{target}']\n")
+            + (scrape_configs or "scrape_configs:\n  - job_name: booking_guard\n"
+                                 f"    static_configs:\n      - targets: ['{target}']\n"))
         self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",

@@ -92,7 +92,8 @@ def relays(db) -> Iterator[Callable[..., subprocess.Popen]]:
     started: list[subprocess.Popen] = []
 
     def start(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "booking_guard.cli", "--dsn", dsn_of(db), "relay", *args],
+        # --dsn after the command: global options are accepted on either side of it
+        proc = subprocess.Popen([sys.executable, "-m", "booking_guard.cli", "relay", "--dsn", dsn_of(db), *args],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         started.append(proc)
         return proc
@@ -142,6 +143,7 @@ def test_a_new_alert_is_posted_at_once_woken_by_notify(db, slack, relays):
     assert slack.accepted[0][0] - raised < 5          # long before the 60 s poll
     assert db.execute("select count(*) from booking_guard.alert_claims").fetchone()[0] == 0
     assert "[CRITICAL] phantom_booking" in slack.accepted[0][1]
+    assert slack.accepted[0][1].startswith(f"booking_guard: 1 new alert in {db.info.dbname}\n")   # the target's name
 
 
 def test_a_failed_post_is_retried_with_backoff(db, slack, relays):
@@ -214,7 +216,8 @@ def test_the_email_digest_lists_each_alert_of_its_period_once(db, smtp, relays):
     assert sorted(listed()) == sorted(set(listed()))      # no alert in two digests
     message = mailbox.messages[-1]
     assert message["To"] == "ops@example.com"
-    assert message["Subject"].startswith("booking_guard digest:")
+    subject = " ".join(message["Subject"].split())     # unfolded (a long header is folded onto lines)
+    assert re.match(rf"booking_guard digest: \d+ alerts? in {db.info.dbname}, ", subject), subject   # the target's name
     assert "phantom_booking" in message.get_payload()
 
     def sent() -> int:

@@ -1,14 +1,14 @@
 """The workload simulator: the fake Cal.com, and each kind of injected fault on its own, with the
-ground truth it writes and what booking_guard made of it (booking_guard.soak.verdict)."""
+ground truth it writes and what booking_guard made of it (booking_guard.sim.soak.verdict)."""
 
 import json
 
 import psycopg
 import pytest
-from booking_guard.fake_calcom import CalcomClient, CalcomError, FakeCalcom
-from booking_guard.simulate import EXPECTED, FAULT_KINDS, SimConfig
-from booking_guard.simulate import run as simulate
-from booking_guard.soak import verdict
+from booking_guard.sim.fake_calcom import CalcomClient, CalcomError, FakeCalcom
+from booking_guard.sim.simulate import EXPECTED, FAULT_KINDS, SimConfig
+from booking_guard.sim.simulate import run as simulate
+from booking_guard.sim.soak import verdict
 from psycopg.conninfo import make_conninfo
 
 
@@ -101,7 +101,7 @@ def test_calcom_failures_open_the_breaker_and_are_queued(db):
 
 @pytest.mark.slow
 def test_demo_tells_the_whole_story(db, capsys):
-    from booking_guard.demo import run as demo
+    from booking_guard.sim.demo import run as demo
 
     config = SimConfig(calls=120, workers=2, fault_rate=0.3, calcom_latency=0.005, think_time=0.02,
                        outages=[(0.3, 0.5)], grace=0.5, cooldown=0.5, monitor_every=0.5, services=1, companies=1)

@@ -1,12 +1,12 @@
 """A small soak inside `make test`: a few thousand calls with every kind of fault and a Cal.com outage,
-then the same verdict `make soak` demands (booking_guard.soak): nothing missed, no false positive,
+then the same verdict `make soak` demands (booking_guard.sim.soak): nothing missed, no false positive,
 nothing lost, 100 % consistent after the final reconcile, detection latency within its targets.
 And the verdict itself: a planted miss and a planted false positive are counted as such."""
 
 import pytest
-from booking_guard.simulate import FAULT_KINDS, SimConfig
-from booking_guard.simulate import run as simulate
-from booking_guard.soak import render, verdict
+from booking_guard.sim.simulate import FAULT_KINDS, SimConfig
+from booking_guard.sim.simulate import run as simulate
+from booking_guard.sim.soak import render, verdict
 from psycopg.types.json import Jsonb
 from test_simulate import dsn_of
 

@@ -1,5 +1,8 @@
 """The status page: the seed's health dashboard, rendered on the server (no JavaScript).
 
+One page per target (`/?target=NAME`; `/` when serve has one target). With several targets `/`
+is a list of them with links, and each page names its database and links to the others.
+
 Overview (success rate and average latency over the last 24 hours, active circuit breakers,
 open inconsistencies in `.inconsistency-count`), failure breakdown, circuit breaker status,
 recent alerts and the review queue. It reads what metrics() reads (folded counters and small
@@ -7,12 +10,14 @@ state tables), never the application tables, in one bounded database call.
 """
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import psycopg
 
-from booking_guard.exporter import BoundedConnection, Unavailable
+from booking_guard.ops.exporter import BoundedConnection, Unavailable
 
 RECENT_ALERTS = 20
 REVIEW_ITEMS = 20
@@ -134,17 +139,35 @@ th{color:#5d6678;font-weight:600}.state{font-weight:600;text-transform:uppercase
 .chart .col{flex:1;display:flex;flex-direction:column-reverse;min-width:6px}
 .chart .ok{background:#3c9a5f}.chart .fail{background:#d9534f}.legend{font-size:12px;color:#5d6678;margin-top:6px}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
+nav{margin-top:6px;font-size:13px;color:#b8c0d0}nav a{color:#fff}
 """
 
 
-def render(snap: Snapshot | None, error: str | None = None) -> str:
-    now = datetime.now(UTC)
+def _link(name: str) -> str:
+    return f"/?target={quote(name, safe='')}"
+
+
+def _head(now: datetime, title: str, database: str | None, targets: Sequence[str]) -> list[str]:
+    where = f" · database <strong class=\"database\">{_e(database)}</strong>" if database else ""
     parts = ["<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta http-equiv=\"refresh\" content=\"15\">",
-             "<title>booking_guard — appointment booking health</title>",
+             f"<title>booking_guard — {_e(title.lower())}{' — ' + _e(database) if database else ''}</title>",
              f"<style>{STYLE}</style></head><body>",
-             "<header><h1>Appointment booking health</h1>",
-             f"<p>booking_guard status page · {_e(now.strftime('%Y-%m-%d %H:%M:%S UTC'))} · refreshes every 15 s</p></header>"]
+             f"<header><h1>{_e(title)}</h1>",
+             f"<p>booking_guard status page{where} · {_e(now.strftime('%Y-%m-%d %H:%M:%S UTC'))} · refreshes every 15 s</p>"]
+    if targets:
+        links = " · ".join(f"<strong>{_e(t)}</strong>" if t == database else f"<a href=\"{_e(_link(t))}\">{_e(t)}</a>"
+                           for t in targets)
+        parts.append(f"<nav id=\"targets\"><a href=\"/\">all databases</a>: {links}</nav>")
+    parts.append("</header>")
+    return parts
+
+
+def render(snap: Snapshot | None, error: str | None = None, database: str | None = None,
+           targets: Sequence[str] = ()) -> str:
+    """The page of one target (`database`); `targets`, when there are several, for the links between them."""
+    now = datetime.now(UTC)
+    parts = _head(now, "Appointment booking health", database, targets)
     if snap is None:
         parts.append(f"<div class=\"down\" role=\"alert\"><strong>Database unreachable.</strong> {_e(error)}</div>")
         parts.append("</body></html>")
@@ -262,9 +285,40 @@ def render(snap: Snapshot | None, error: str | None = None) -> str:
     return "".join(parts)
 
 
-def page(db: BoundedConnection) -> tuple[int, str]:
+def page(db: BoundedConnection, database: str | None = None, targets: Sequence[str] = ()) -> tuple[int, str]:
     """(HTTP status, HTML) of the status page; 503 with an explanation when the database is unavailable."""
     try:
-        return 200, render(db.call(read))
+        return 200, render(db.call(read), database=database, targets=targets)
     except Unavailable as error:
-        return 503, render(None, str(error))
+        return 503, render(None, str(error), database=database, targets=targets)
+
+
+def index(targets: Sequence[tuple[str, dict]]) -> str:
+    """`/` with several targets: each with a link to its page and what serve's own loops say of it
+    (health.py; no database is asked, so the list answers at once however many targets are down)."""
+    now = datetime.now(UTC)
+    parts = _head(now, "Appointment booking health: databases", None, ())
+    parts.append("<main><section class=\"wide\" id=\"databases\"><h2>Databases</h2>"
+                 "<table><tr><th>database</th><th>status</th><th>verify_due() last ran</th><th>problem or last error</th></tr>")
+    for name, health in targets:
+        loop = health["loops"].get("verify_due") or {}
+        ago = loop.get("last_success_seconds_ago")
+        last = "not running" if not loop else "not yet" if ago is None else f"{ago:.0f} s ago"
+        state = health["status"]
+        cls = "ok" if state == "ok" else "bad"
+        # a problem once a loop has failed for longer than the health grace; before that, its last error
+        errors = [f"{n}: {lp['last_error']}" for n, lp in health["loops"].items() if lp.get("last_error")]
+        problem = "; ".join(health["problems"] or errors)
+        parts.append(f"<tr><td><a href=\"{_e(_link(name))}\">{_e(name)}</a></td><td class=\"{cls}\">{_e(state)}</td>"
+                     f"<td>{_e(last)}</td><td>{_e(problem)}</td></tr>")
+    parts.append("</table><p class=\"empty\">Each database's page shows its bookings, breakers, alerts and review"
+                 " queue; /metrics labels every series with <code>database</code>.</p></section></main></body></html>")
+    return "".join(parts)
+
+
+def not_found(targets: Sequence[str]) -> str:
+    """`/?target=` a name that is not configured (the name is not echoed)."""
+    parts = _head(datetime.now(UTC), "Unknown database", None, ())
+    links = ", ".join(f"<a href=\"{_e(_link(t))}\">{_e(t)}</a>" for t in targets)
+    parts.append(f"<div class=\"down\" role=\"alert\">No such target. This exporter serves: {links}.</div></body></html>")
+    return "".join(parts)

@@ -1,6 +1,6 @@
 """The booking path from Python: record_booking() and retry_with_backoff().
 
-    from booking_guard.client import record_booking, retry_with_backoff
+    from booking_guard.app import record_booking, retry_with_backoff
 
     result = record_booking(conn, call_id=42, calcom_booking_id="cal-123",
                             appointment={"service_id": 7, "staff_id": 3, "starts_at": "2026-12-01T10:00Z"})

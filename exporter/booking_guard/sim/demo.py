@@ -1,13 +1,14 @@
 """`booking-guard demo`: booking_guard meeting a realistic, faulty booking workload, told as a story.
 
 On the database it is given (the sandbox of `make demo`) it creates the reference application
-schema (examples/app_schema.sql) and the extension, attaches booking_guard to `calls` and
-`appointments`, and runs the workload simulator (booking_guard.simulate): a few hundred calls
-placed by phone-agent workers against a fake Cal.com on 127.0.0.1, a share of them with a fault
-injected (each recorded as ground truth in sim.faults), and a Cal.com outage in the middle. Then it
-tells what happened: what was injected, what was prevented at commit, what was detected and
-repaired, what waits in the review queue, how the circuit breaker opened and recovered, the daily
-report, the KPIs against the seed's targets, and where to look next.
+schema (package data: booking_guard/sim/data/app_schema.sql, which examples/app_schema.sql links
+to) and the extension, attaches booking_guard to `calls` and `appointments`, and runs the workload
+simulator (booking_guard.sim.simulate): a few hundred calls placed by phone-agent workers against
+a fake Cal.com on 127.0.0.1, a share of them with a fault injected (each recorded as ground truth
+in sim.faults), and a Cal.com outage in the middle. Then it tells what happened: what was
+injected, what was prevented at commit, what was detected and repaired, what waits in the review
+queue, how the circuit breaker opened and recovered, the daily report, the KPIs against the seed's
+targets, and where to look next.
 
 To finish in well under a minute the run shortens two seed values, and says so: the
 verification grace (1 s instead of 5 s) and the breaker cooldown (2 s instead of 30 s).
@@ -16,16 +17,14 @@ verification grace (1 s instead of 5 s) and the breaker cooldown (2 s instead of
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import psycopg
 
-from booking_guard.display import heading, render, table
-from booking_guard.simulate import FAULT_KINDS, SimConfig
-from booking_guard.simulate import run as simulate
-from booking_guard.soak import progress_bar, verdict
-
-APP_SCHEMA = Path(__file__).resolve().parents[2] / "examples" / "app_schema.sql"
+from booking_guard.ops.display import heading, render, table
+from booking_guard.sim import app_schema
+from booking_guard.sim.simulate import FAULT_KINDS, SimConfig
+from booking_guard.sim.simulate import run as simulate
+from booking_guard.sim.soak import progress_bar, verdict
 
 #: What each injected fault is, in one line (the seed's failure modes).
 FAULT_STORY = {
@@ -47,7 +46,7 @@ DEMO_CONFIG = SimConfig(calls=400, workers=4, fault_rate=0.2, calcom_latency=0.0
 def prepare(conn: psycopg.Connection) -> None:
     """Reference schema, extension and attachment, each only when missing."""
     if conn.execute("select to_regclass('public.calls') is null").fetchone()[0]:
-        conn.execute(APP_SCHEMA.read_text())
+        conn.execute(app_schema())
     conn.execute("create extension if not exists booking_guard cascade")
     if conn.execute("select not exists (select from booking_guard.attachment)").fetchone()[0]:
         conn.execute("select booking_guard.attach('public.calls', 'public.appointments')")

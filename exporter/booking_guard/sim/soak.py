@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from booking_guard.simulate import FAULT_KINDS, SimConfig, SimResult
-from booking_guard.simulate import run as simulate
+from booking_guard.sim.simulate import FAULT_KINDS, SimConfig, SimResult
+from booking_guard.sim.simulate import run as simulate
 
 # Per fault (one row each): every alert, review item and repair event naming its entities.
 # What may answer each kind of fault: alert types and review reasons. An alert or review item on a

@@ -1,9 +1,10 @@
-"""The Prometheus collector: one `booking_guard.metrics()` call per scrape.
+"""The Prometheus collector: one `booking_guard.metrics()` call per target and scrape.
 
 Every database call goes through `BoundedConnection`: one connection, re-established after
 any error, and a deadline on each call that holds even when the server hangs (a call that
 has not answered by then is abandoned and its socket shut down). So a scrape always answers
-in time: with the series and `booking_guard_up 1`, or with `booking_guard_up 0` alone.
+in time: with the series and `booking_guard_up 1`, or with `booking_guard_up 0` alone; every
+series carries the label `database` naming its target (see targets.py).
 Nothing touches the database before the first scrape (describe() is static), so the
 exporter starts while the database is down.
 """
@@ -14,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import psycopg
@@ -22,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from booking_guard.connection import connect, set_local_timeouts
+from booking_guard.ops.connection import connect, set_local_timeouts
 
 log = logging.getLogger("booking_guard.exporter")
 
@@ -32,6 +33,9 @@ UP_HELP = "1 if the last scrape read booking_guard.metrics(), 0 if the database 
 DURATION_HELP = "Duration of the last scrape of booking_guard.metrics(), in seconds."
 
 METRICS_QUERY = "select name, type, help, labels, value from booking_guard.metrics()"
+
+#: The label that names the target (the database) on every series.
+LABEL = "database"
 
 
 class Unavailable(Exception):
@@ -138,8 +142,9 @@ def _sample_order(sample_name: str, labels: dict[str, str]) -> tuple:
     return (0, 0.0, sorted(labels.items()))
 
 
-def families(rows: Iterable[tuple]) -> list[Metric]:
-    """Metric families from metrics() rows (name, type, help, labels, value)."""
+def families(rows: Iterable[tuple], extra_labels: dict[str, str] | None = None) -> list[Metric]:
+    """Metric families from metrics() rows (name, type, help, labels, value), each sample also
+    given `extra_labels` (the target's `database`)."""
     grouped: dict[str, Metric] = {}
     for name, typ, help_text, labels, value in rows:
         if value is None:
@@ -149,6 +154,8 @@ def families(rows: Iterable[tuple]) -> list[Metric]:
         if metric is None:
             metric = grouped[family] = Metric(family, help_text, typ)
         sample_labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        if extra_labels:
+            sample_labels.update(extra_labels)
         if "le" in sample_labels:
             sample_labels["le"] = floatToGoString(float(sample_labels["le"].replace("+Inf", "inf")))
         metric.add_sample(name, sample_labels, float(value))
@@ -157,31 +164,92 @@ def families(rows: Iterable[tuple]) -> list[Metric]:
     return [grouped[name] for name in sorted(grouped)]
 
 
-class MetricsCollector(Collector):
-    """prometheus-client collector of booking_guard.metrics(), with booking_guard_up and the scrape duration."""
+class TargetScraper:
+    """One target's scrape: booking_guard.metrics() through its BoundedConnection, every series
+    labelled `database="<target>"`, then booking_guard_up and the scrape's duration. Shared by
+    /metrics (every target) and /probe (this one), so a change of availability is logged once."""
 
-    def __init__(self, db: BoundedConnection) -> None:
+    def __init__(self, name: str, db: BoundedConnection) -> None:
+        self.name = name
         self.db = db
         self._was_up: bool | None = None
 
-    def describe(self) -> list[Metric]:
-        # static: registering the collector must not touch the database
-        return [GaugeMetricFamily("booking_guard_up", UP_HELP),
-                GaugeMetricFamily("booking_guard_scrape_duration_seconds", DURATION_HELP)]
-
-    def collect(self) -> Iterable[Metric]:
+    def scrape(self) -> tuple[bool, list[Metric], float]:
+        """(up, families with the `database` label, seconds the scrape took); never raises Unavailable."""
         started = time.monotonic()
         try:
-            result = families(self.db.call(lambda conn: conn.execute(METRICS_QUERY).fetchall()))
+            result = families(self.db.call(lambda conn: conn.execute(METRICS_QUERY).fetchall()), {LABEL: self.name})
             up = True
         except Unavailable as error:
             result = []
             up = False
             if self._was_up is not False:
-                log.warning("booking_guard.metrics() unavailable: %s", error)
+                log.warning("[%s] booking_guard.metrics() unavailable: %s", self.name, error)
         if up and self._was_up is False:
-            log.warning("booking_guard.metrics() available again")
+            log.warning("[%s] booking_guard.metrics() available again", self.name)
         self._was_up = up
-        yield from result
-        yield GaugeMetricFamily("booking_guard_up", UP_HELP, value=1 if up else 0)
-        yield GaugeMetricFamily("booking_guard_scrape_duration_seconds", DURATION_HELP, value=time.monotonic() - started)
+        return up, result, time.monotonic() - started
+
+
+def _merge(scraped: list[list[Metric]]) -> list[Metric]:
+    """One family per name, its samples target after target (as the exposition formats want: a
+    family's HELP and TYPE once, each label set's samples together). A family whose type differs
+    from the first target's (another extension version) is left out for that target."""
+    merged: dict[str, Metric] = {}
+    for metrics in scraped:
+        for metric in metrics:
+            into = merged.get(metric.name)
+            if into is None:
+                into = merged[metric.name] = Metric(metric.name, metric.documentation, metric.type)
+            elif into.type != metric.type:
+                log.warning("metric %s is a %s in one target and a %s in another: left out where it is a %s",
+                            metric.name, into.type, metric.type, metric.type)
+                continue
+            into.samples.extend(metric.samples)
+    return [merged[name] for name in sorted(merged)]
+
+
+class MetricsCollector(Collector):
+    """prometheus-client collector of booking_guard.metrics() for one or more targets, with
+    booking_guard_up and booking_guard_scrape_duration_seconds per target (label `database`).
+
+    The targets are scraped at the same time, each on its own connection and within its own
+    timeout: a target that is down or slow shows as booking_guard_up{database=...} 0 and delays
+    no other, so a scrape of any number of targets answers within the scrape timeout."""
+
+    def __init__(self, scrapers: Sequence[TargetScraper]) -> None:
+        self.scrapers = list(scrapers)
+
+    def describe(self) -> list[Metric]:
+        # static: registering the collector must not touch the database
+        return [GaugeMetricFamily("booking_guard_up", UP_HELP, labels=[LABEL]),
+                GaugeMetricFamily("booking_guard_scrape_duration_seconds", DURATION_HELP, labels=[LABEL])]
+
+    def _scrape_all(self) -> list[tuple[bool, list[Metric], float]]:
+        if len(self.scrapers) == 1:
+            return [self.scrapers[0].scrape()]
+        results: list[tuple[bool, list[Metric], float] | None] = [None] * len(self.scrapers)
+
+        def one(i: int) -> None:
+            results[i] = self.scrapers[i].scrape()
+
+        threads = [threading.Thread(target=one, args=(i,), name=f"scrape {s.name}", daemon=True)
+                   for i, s in enumerate(self.scrapers)]
+        for thread in threads:
+            thread.start()
+        # each scrape is bounded by its connection's timeout; the margin only guards against a bug
+        deadline = time.monotonic() + max(s.db.timeout for s in self.scrapers) + 1.0
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [r if r is not None else (False, [], 0.0) for r in results]
+
+    def collect(self) -> Iterable[Metric]:
+        scraped = self._scrape_all()
+        yield from _merge([metrics for _, metrics, _ in scraped])
+        up = GaugeMetricFamily("booking_guard_up", UP_HELP, labels=[LABEL])
+        took = GaugeMetricFamily("booking_guard_scrape_duration_seconds", DURATION_HELP, labels=[LABEL])
+        for scraper, (is_up, _, seconds) in zip(self.scrapers, scraped, strict=True):
+            up.add_metric([scraper.name], 1 if is_up else 0)
+            took.add_metric([scraper.name], seconds)
+        yield up
+        yield took

@@ -1,8 +1,8 @@
 """The workload simulator: phone-agent workers booking appointments, with injected faults.
 
 N worker threads, each with its own connection, place calls the way the seed's application
-does: a call row, a booking in Cal.com (a real local HTTP server, booking_guard.fake_calcom)
-under the circuit breaker (booking_guard.client.circuit), then the appointment and the call's
+does: a call row, a booking in Cal.com (a real local HTTP server, booking_guard.sim.fake_calcom)
+under the circuit breaker (booking_guard.app.circuit), then the appointment and the call's
 flags, either through booking_guard.record_booking() or by raw SQL as the seed's own
 createLocalRecord + trackBooking do. A share of the calls gets a fault injected, and every
 injected fault is written to `sim.faults` (ground truth, in the simulated database, not in the
@@ -33,15 +33,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from booking_guard.client import CircuitOpen, circuit, record_booking
-from booking_guard.fake_calcom import CalcomClient, CalcomError, FakeCalcom
-
-APP_SCHEMA = Path(__file__).resolve().parents[2] / "examples" / "app_schema.sql"
+from booking_guard.app import CircuitOpen, circuit, record_booking
+from booking_guard.sim import app_schema
+from booking_guard.sim.fake_calcom import CalcomClient, CalcomError, FakeCalcom
 
 FAULT_KINDS = ("calcom_failure", "local_insert_failed", "worker_died", "null_direction", "orphan_appointment",
                "appointment_deleted", "double_booking", "retry_double_booked")
@@ -143,7 +141,7 @@ def prepare(conn: psycopg.Connection, config: SimConfig) -> int:
     """Reference schema, extension, attachment, reference data, the run's settings, sim schema; a new run id."""
     conn.execute("set client_min_messages = warning")
     if conn.execute("select to_regclass('public.calls') is null").fetchone()[0]:
-        conn.execute(APP_SCHEMA.read_text())
+        conn.execute(app_schema())
     conn.execute("create extension if not exists booking_guard cascade")
     if conn.execute("select not exists (select from booking_guard.attachment)").fetchone()[0]:
         conn.execute("select booking_guard.attach('public.calls', 'public.appointments')")

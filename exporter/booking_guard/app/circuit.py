@@ -1,7 +1,7 @@
 """The booking_guard circuit breaker from Python.
 
     from psycopg.types.json import Jsonb
-    from booking_guard.client import CircuitOpen, circuit
+    from booking_guard.app import CircuitOpen, circuit
 
     try:
         with circuit(conn, f"appointment_booking:service:{service_id}"):

@@ -30,8 +30,8 @@ from email.message import EmailMessage
 
 import psycopg
 
-from booking_guard.connection import POOLER_MODES, behind_pooler, connect
-from booking_guard.health import LoopHealth, first_line
+from booking_guard.ops.connection import POOLER_MODES, behind_pooler, connect
+from booking_guard.ops.health import LoopHealth, first_line
 
 log = logging.getLogger("booking_guard.relay")
 
@@ -56,6 +56,9 @@ class RelayConfig:
     batch: int = 10
     send_timeout: float = 10.0
     pooler: str = "auto"       # one of connection.POOLER_MODES
+    #: the target's name (targets.py): said in every message and log line, so that alerts of
+    #: several databases relayed to one channel tell where they come from
+    database: str | None = None
 
     def __post_init__(self) -> None:
         if self.pooler not in POOLER_MODES:
@@ -70,9 +73,9 @@ def _slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def slack_message(alerts: list[dict]) -> dict:
+def slack_message(alerts: list[dict], database: str | None = None) -> dict:
     """The webhook payload for a batch of alerts (Slack's incoming-webhook format: a `text` field)."""
-    lines = [f"booking_guard: {len(alerts)} new alert{'s' if len(alerts) != 1 else ''}"]
+    lines = [f"booking_guard: {len(alerts)} new alert{'s' if len(alerts) != 1 else ''}" + (f" in {database}" if database else "")]
     for a in alerts:
         corrected = " (auto-corrected)" if a["auto_corrected"] else ""
         entity = f"{a['entity_type'] or ''} {a['entity_id'] or ''}".strip()
@@ -85,13 +88,14 @@ def digest_message(config: RelayConfig, start, end, alerts: list[dict]) -> Email
     msg = EmailMessage()
     msg["From"] = config.smtp_from
     msg["To"] = ", ".join(config.smtp_to)
-    msg["Subject"] = (f"booking_guard digest: {len(alerts)} alert{'s' if len(alerts) != 1 else ''}, "
+    where = f" in {config.database}" if config.database else ""
+    msg["Subject"] = (f"booking_guard digest: {len(alerts)} alert{'s' if len(alerts) != 1 else ''}{where}, "
                       f"{start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC")
     by_kind: dict[tuple[str, str], int] = {}
     for a in alerts:
         by_kind[(a["severity"], a["alert_type"])] = by_kind.get((a["severity"], a["alert_type"]), 0) + 1
     order = {"critical": 0, "warning": 1, "info": 2}
-    body = [f"booking_guard alerts detected from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC", "",
+    body = [f"booking_guard alerts detected{where} from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC", "",
             "SUMMARY", "-------"]
     for (severity, rule), n in sorted(by_kind.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
         body.append(f"{severity:<9} {rule:<32} {n}")
@@ -103,6 +107,17 @@ def digest_message(config: RelayConfig, start, end, alerts: list[dict]) -> Email
                     f"{a['entity_type'] or ''} {a['entity_id'] or ''}: {a['description']} ({state}{corrected})")
     msg.set_content("\n".join(body) + "\n")
     return msg
+
+
+class Prefixed(logging.LoggerAdapter):
+    """Log lines that start with the target's name, `[clinics] ...`, when there is one."""
+
+    def __init__(self, logger: logging.Logger, prefix: str | None) -> None:
+        super().__init__(logger, {})
+        self.prefix = f"[{prefix}] " if prefix else ""
+
+    def process(self, msg, kwargs):
+        return f"{self.prefix}{msg}", kwargs
 
 
 ALERT_COLUMNS = ("id, alert_type, severity, entity_type, entity_id, description, auto_corrected, occurrences, "
@@ -118,6 +133,7 @@ class Relay:
         self.health = LoopHealth("relay", config.poll_interval)
         self.health.details["notifications"] = None     # unknown until connected: LISTEN used, or polling only
         self._said_polling = False
+        self.log = Prefixed(log, config.database)
 
     # --- sending -------------------------------------------------------------------------------
     def post_slack(self, payload: dict) -> None:
@@ -148,17 +164,17 @@ class Relay:
             return 0
         ids = [a["id"] for a in alerts]
         try:
-            self.post_slack(slack_message(alerts))
+            self.post_slack(slack_message(alerts, c.database))
         except (OSError, http.client.HTTPException, ValueError) as error:   # URLError is an OSError
             retry_in = conn.execute(
                 "select extract(epoch from booking_guard.alerts_failed(%s, %s, %s) - clock_timestamp())::float8",
                 (c.name, ids, str(error))).fetchone()[0]
-            log.warning("webhook failed for alerts %s (%s); next attempt in %.1f s", ids, error, retry_in)
+            self.log.warning("webhook failed for alerts %s (%s); next attempt in %.1f s", ids, error, retry_in)
             retry_at = time.monotonic() + max(0.0, retry_in or 0.0)
             self._next_retry = retry_at if self._next_retry is None else min(self._next_retry, retry_at)
             return 0
         conn.execute("select booking_guard.alerts_delivered(%s, %s)", (c.name, ids))
-        log.info("delivered alerts %s to the webhook", ids)
+        self.log.info("delivered alerts %s to the webhook", ids)
         return len(alerts)
 
     def deliver_digest(self, conn: psycopg.Connection) -> bool:
@@ -184,12 +200,12 @@ class Relay:
             except (OSError, smtplib.SMTPException) as error:
                 retry_at = conn.execute("select booking_guard.digest_failed(%s, %s, %s)",
                                         (c.name, end, str(error))).fetchone()[0]
-                log.warning("digest for %s failed (%s); next attempt at %s", end, error, retry_at)
+                self.log.warning("digest for %s failed (%s); next attempt at %s", end, error, retry_at)
                 self._next_digest_check = 0.0
                 return True
         conn.execute("select booking_guard.digest_sent(%s, %s, %s)", (c.name, end, len(alerts)))
         if alerts:
-            log.info("sent the digest of %s alerts up to %s", len(alerts), end)
+            self.log.info("sent the digest of %s alerts up to %s", len(alerts), end)
         return True
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -205,7 +221,7 @@ class Relay:
                        " announced; assuming transaction pooling, say --pooler session if it pools sessions)"
                        if detected else "--pooler transaction")
                 # one line, the same everywhere: notifications need a direct or session-mode connection
-                log.log(logging.WARNING if detected else logging.INFO,
+                self.log.log(logging.WARNING if detected else logging.INFO,
                         "relay: %s: notifications need a direct or session-mode connection; polling for new alerts"
                         " every %g s instead", how, self.config.poll_interval)
             return False
@@ -216,7 +232,7 @@ class Relay:
     def run(self, stop: threading.Event) -> None:
         c = self.config
         if not c.slack_webhook and not c.email:
-            log.info("alert relay off: no webhook and no SMTP server configured")
+            self.log.info("alert relay off: no webhook and no SMTP server configured")
             return
         failures = 0
         while not stop.is_set():
@@ -238,13 +254,13 @@ class Relay:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 self.health.failed(first_line(error))
-                log.warning("relay: database error (%s); reconnecting in %.1f s", str(error).strip(), delay)
+                self.log.warning("relay: database error (%s); reconnecting in %.1f s", str(error).strip(), delay)
                 stop.wait(delay)
             except Exception as error:   # a bug must not end delivery for good: log it, back off, go on
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 self.health.failed(f"{type(error).__name__}: {first_line(error)}")
-                log.exception("relay: unexpected error; starting again in %.1f s", delay)
+                self.log.exception("relay: unexpected error; starting again in %.1f s", delay)
                 stop.wait(delay)
 
     def _wait(self, conn: psycopg.Connection, stop: threading.Event, listening: bool = True) -> None:
