@@ -5,7 +5,8 @@ The calls span ten months, one partition each (1,000,000 calls a month, key (id,
 appointments for 70 % of them, in monthly partitions too. The same rows go into an unpartitioned
 pair of tables in a second database. Measured on both, in alternation: detect('1 hour') (median of
 rounds), and the booking transaction (insert call, insert appointment, update flags) with pgbench
-(1 client; TPS, median of rounds).
+(1 client; TPS, median of rounds); then once each, the scheduled reconcile over every row
+(CALL booking_guard.run_job('reconcile'), a batch per transaction).
 
 usage: bench/partitions.py [--calls 10000000] [--months 10] [--rounds 3] [--seconds 5]
 """
@@ -109,19 +110,27 @@ def main() -> None:
                 results[kind]["tps"].append(pgbench(names[kind], [(BOOKING, 1)], 1, args.seconds, Path(tmp)))
         for kind, dsn in dsns.items():
             with psycopg.connect(dsn, autocommit=True) as conn:
+                # the scheduled reconcile over every row (a batch per transaction), once per layout
+                started = time.perf_counter()
+                conn.execute("call booking_guard.run_job('reconcile')")
+                results[kind]["reconcile_s"] = time.perf_counter() - started
                 results[kind]["alerts"] = conn.execute("select count(*) from booking_guard.alerts").fetchone()[0]
     print(f"machine: {machine()}")
     print(f"{args.calls:,} calls over {args.months} months ({args.calls // args.months:,} a month), 70 % booked")
-    print(f"{'tables':<12} {'load s':>7} {'last hour':>9} {'detect ms':>10} {'booking tps':>12} {'alerts':>7}")
+    print(f"{'tables':<12} {'load s':>7} {'last hour':>9} {'detect ms':>10} {'booking tps':>12} "
+          f"{'reconcile s':>12} {'rows/s':>9} {'alerts':>7}")
     for kind, r in results.items():
         print(f"{kind:<12} {r['load_s']:>7.0f} {r['window']:>9,} {statistics.median(r['detect']):>10.1f} "
-              f"{statistics.median(r['tps']):>12.0f} {r['alerts']:>7}")
+              f"{statistics.median(r['tps']):>12.0f} {r['reconcile_s']:>12.1f} {args.calls / r['reconcile_s']:>9,.0f} "
+              f"{r['alerts']:>7}")
     part, flat = results["partitioned"], results["one table"]
     emit("partitions", [
         figure(f"detect('1 hour') at {args.calls:,} calls in {args.months} monthly partitions",
                statistics.median(part["detect"]), "ms", "same rows in one table", statistics.median(flat["detect"])),
         figure(f"booking TPS (1 client) at {args.calls:,} calls in monthly partitions",
                statistics.median(part["tps"]), "tps", "same rows in one table", statistics.median(flat["tps"])),
+        figure(f"scheduled reconcile over {args.calls:,} calls in monthly partitions",
+               part["reconcile_s"], "s", "same rows in one table", flat["reconcile_s"]),
     ])
 
 
