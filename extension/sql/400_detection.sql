@@ -387,7 +387,7 @@ end
 $$;
 
 comment on function booking_guard.check_call(bigint) is
-    'Every rule for one call, whatever its age (the seed''s checkCall): its flags, its appointments'' booking ids and its validation failures of the last hour. BG004 for an unknown call.';
+    'Every rule for one call, whatever its age: its flags, its appointments'' booking ids and its validation failures of the last hour. BG004 for an unknown call.';
 
 -- Does the condition of an alert still hold? (run_monitor resolves the alerts for which it does not.)
 create function booking_guard_internal.finding_holds(rule text, entity_type text, entity_id text, since interval)

@@ -288,7 +288,7 @@ end
 $$;
 
 comment on function booking_guard.daily_report(date) is
-    'The daily report of one day as text, in the seed''s layout (SUMMARY, INCONSISTENCY BREAKDOWN, TOP ISSUES, TREND ANALYSIS, ACTION ITEMS); the same facts as daily_report_json(day).';
+    'The daily report of one day as text, in sections SUMMARY, INCONSISTENCY BREAKDOWN, TOP ISSUES, TREND ANALYSIS and ACTION ITEMS; the same facts as daily_report_json(day).';
 
 -- The stored copy of a day's report, written with booking_guard_owner's rights.
 create function booking_guard_internal.keep_report(day date, report text, facts jsonb)

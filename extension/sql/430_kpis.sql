@@ -110,4 +110,4 @@ end
 $$;
 
 comment on function booking_guard.kpis(interval) is
-    'The seed''s seven success metrics over the window: name, value, unit, target, ok (null when there is no data), samples.';
+    'The seven success targets over the window (data consistency, validation latency, breaker recovery, alert response, auto-correction, review queue size, false positives): name, value, unit, target, ok (null when there is no data), samples, description.';

@@ -227,7 +227,7 @@ language c
 as 'MODULE_PATHNAME', 'run_job';
 
 comment on procedure booking_guard.run_job(text) is
-    'Runs one booking_guard job (run_monitor, verify_due, reconcile, daily_report) as booking_guard_worker, as pg_cron does; called with CALL outside a transaction block it commits after each batch. Needs EXECUTE on the job''s function (booking_guard.reconcile() for reconcile, ...).';
+    'Runs one booking_guard job (run_monitor, verify_due, reconcile, daily_report, purge) as booking_guard_worker, as pg_cron does; called with CALL outside a transaction block it commits after each batch. Needs EXECUTE on the job''s function (booking_guard.reconcile() for reconcile, ...).';
 
 create function booking_guard_internal.run_job_steps(job text, args jsonb)
 returns jsonb
@@ -506,7 +506,7 @@ end
 $$;
 
 comment on function booking_guard.schedule_jobs(text) is
-    'Registers the pg_cron jobs (run_monitor and verify_due every minute, reconcile hourly, daily_report at 00:05) for this database, in cron.database_name (through dblink when that is another database); idempotent. Without pg_cron: a NOTICE saying what is missing, and nothing else.';
+    'Registers the pg_cron jobs of booking_guard.jobs (run_monitor and verify_due every minute, reconcile and purge hourly, daily_report at 00:05) for this database, in cron.database_name (through dblink when that is another database); idempotent. Without pg_cron: a NOTICE saying what is missing, and nothing else.';
 
 create function booking_guard.unschedule_jobs(connection text default null)
 returns integer
