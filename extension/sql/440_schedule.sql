@@ -99,11 +99,15 @@ begin
     return jsonb_strip_nulls(jsonb_build_object('job', job_begin.job, 'args', coalesce(job_begin.args, '{}'),
                                                 'started', started, 'watermark', r.watermark, 'run_id', run_id,
                                                 'scheduled', scheduled, 'steps', 0, 'done', false,
-                                                -- rows of a transaction writing now have an older created_at, and
-                                                -- are seen by the next run only if its window reaches back to it
+                                                -- rows a transaction open now commits later carry its start time
+                                                -- (created_at defaults to now()), and are seen by the next run only
+                                                -- if its window reaches back to it. Any open transaction of this
+                                                -- database counts, not only those holding an xid: one that has not
+                                                -- written yet (waiting on the calendar) may write next.
                                                 'oldest_writer', case when job_begin.job = 'run_monitor' then
                                                     (select min(a.xact_start) from pg_catalog.pg_stat_activity a
-                                                      where a.backend_xid is not null and a.pid <> pg_backend_pid())
+                                                      where a.datname = current_database() and a.xact_start is not null
+                                                        and a.pid <> pg_backend_pid())
                                                 end));
 end
 $$;

@@ -234,6 +234,22 @@ def test_run_monitor_alerts_once_per_finding_and_resolves(attached):
     assert result["resolved"] == 1 and open_alerts(attached, "missing_direction") == []
 
 
+def test_scheduled_monitor_sees_the_rows_of_a_transaction_open_while_it_ran(attached, connect):
+    """The scheduled monitor looks at the rows created since its last run. A transaction open during a
+    run, even one that had written nothing yet, commits rows dated at its own start, before that run:
+    the next run must still see them."""
+    attached.execute("select booking_guard.set_setting('monitor_overlap', '0')")
+    observe(attached, "orphaned_appointment")
+    attached.execute("call booking_guard.run_job('run_monitor')")
+    writer = connect(autocommit=False)
+    writer.execute("select 1")                     # open, no transaction id yet (the calendar call runs)
+    attached.execute("call booking_guard.run_job('run_monitor')")
+    orphan = appointment(writer, None)             # dated at the writer's start, before that run
+    writer.commit()
+    attached.execute("call booking_guard.run_job('run_monitor')")
+    assert open_alerts(attached, "orphaned_appointment") == [(str(orphan), 1, False)]
+
+
 def test_run_monitor_repairs_in_correct_mode(attached):
     for rule in ("missing_direction", "customer_link", "unlinked_appointment", "orphaned_appointment"):
         attached.execute("select booking_guard.set_rule(%s, 'off')", (rule,))
