@@ -1,10 +1,11 @@
--- Retries with backoff (the seed's retryWithBackoff, strategy 1 of its error recovery).
+-- Retries with backoff: the first answer to a failed booking is to try again, later.
 --
--- backoff_delay() is the schedule. Strategy 'seed' is the seed's: base * factor^(attempt-1)
+-- backoff_delay() is the schedule. Strategy 'exponential' (the default): base * factor^(attempt-1)
 -- (1 s, 2 s, 4 s, 8 s, ...), capped at max_delay, plus 0 to jitter (10 %) of it on top, so the
 -- spread survives at the cap. Strategy 'full' is AWS's "full jitter": a uniform draw from
--- 0 to the capped exponential, which spreads a thundering herd best. The Python package
--- computes the same schedule (booking_guard.booking.backoff_delay); the tests check both agree.
+-- 0 to the capped exponential, which spreads a thundering herd best. 'seed' is 0.1.0's name of
+-- 'exponential', still accepted. The Python package computes the same schedule
+-- (booking_guard.app.backoff_delay); the tests check both agree.
 --
 -- The retries table is a small durable work queue for operations that failed and should be
 -- tried again later by a worker (any language): schedule_retry() puts one in, claim_retries()
@@ -16,7 +17,7 @@
 create function booking_guard.backoff_delay(attempt integer, base interval default '1 second',
                                             factor double precision default 2,
                                             max_delay interval default '1 minute',
-                                            jitter double precision default 0.1, strategy text default 'seed',
+                                            jitter double precision default 0.1, strategy text default 'exponential',
                                             draw double precision default null)
 returns interval
 language plpgsql
@@ -45,18 +46,18 @@ begin
         raise exception 'backoff_delay(): factor must be between 1 and 100, not %', coalesce(factor::text, 'null')
             using errcode = 'BG005',
                   detail = 'The delay grows by factor per attempt; below 1 it would shrink.',
-                  hint = 'The seed''s factor is 2.';
+                  hint = 'The default factor, 2, doubles the delay per attempt.';
     end if;
     if jitter is null or not jitter between 0 and 1 then
         raise exception 'backoff_delay(): jitter must be between 0 and 1, not %', coalesce(jitter::text, 'null')
             using errcode = 'BG005',
-                  detail = 'jitter is the largest share of the delay added at random (strategy seed).',
-                  hint = 'The seed''s jitter is 0.1 (0-10 %).';
+                  detail = 'jitter is the largest share of the delay added at random (strategy exponential).',
+                  hint = 'The default jitter is 0.1 (0-10 %).';
     end if;
-    if strategy is null or strategy not in ('seed', 'full') then
+    if strategy is null or strategy not in ('exponential', 'seed', 'full') then
         raise exception 'backoff_delay(): unknown strategy %', coalesce(quote_literal(strategy), 'null')
             using errcode = 'BG005',
-                  detail = 'Strategies: seed (exponential plus 0 to jitter of it), full (uniform from 0 to the exponential).',
+                  detail = 'Strategies: exponential (plus 0 to jitter of it; seed is its former name), full (uniform from 0 to the exponential).',
                   hint = 'select booking_guard.backoff_delay(2, strategy => ''full'');';
     end if;
     if not u >= 0 or not u < 1 then
@@ -82,7 +83,7 @@ $$;
 
 comment on function booking_guard.backoff_delay(integer, interval, double precision, interval, double precision, text,
                                                 double precision) is
-    'Delay before the next try after failed attempt number attempt (1, 2, ...): seed = min(max_delay, base * factor^(attempt-1)) plus up to jitter of it; full = uniform in [0, that). draw replaces random(). Bad arguments are BG005.';
+    'Delay before the next try after failed attempt number attempt (1, 2, ...): exponential = min(max_delay, base * factor^(attempt-1)) plus up to jitter of it (seed, its 0.1.0 name, is the same); full = uniform in [0, that). draw replaces random(). Bad arguments are BG005.';
 
 create function booking_guard.schedule_retry(call_id bigint, operation text, payload jsonb default '{}',
                                              max_attempts integer default 3, delay interval default null)
@@ -114,7 +115,7 @@ begin
                         coalesce(schedule_retry.max_attempts::text, 'null')
             using errcode = 'BG005',
                   detail = 'max_attempts counts the attempts the workers make.',
-                  hint = 'The seed retries 3 times.';
+                  hint = 'The default is 3 attempts.';
     end if;
     if schedule_retry.delay < interval '0' or schedule_retry.delay > interval '1 day' then
         raise exception 'schedule_retry(): delay must be between 0 and a day, not %', schedule_retry.delay

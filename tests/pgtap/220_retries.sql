@@ -1,13 +1,15 @@
--- backoff_delay(): the seed's schedule, full jitter, the cap, every bad argument; the retries queue:
+-- backoff_delay(): the exponential schedule, full jitter, the cap, every bad argument; the retries queue:
 -- schedule, claim (due only, expiring claims), finish (next attempt by backoff, review after the last).
 begin;
-select plan(54);
+select plan(55);
 set local client_min_messages = warning;
 
 -- the schedule, with the random draw fixed
 select results_eq($$select booking_guard.backoff_delay(a, draw => 0) from generate_series(1, 4) a$$,
                   $$values (interval '1 second'), (interval '2 seconds'), (interval '4 seconds'), (interval '8 seconds')$$,
-                  'seed strategy without jitter: 1 s, 2 s, 4 s, 8 s');
+                  'exponential strategy (the default) without jitter: 1 s, 2 s, 4 s, 8 s');
+select is(booking_guard.backoff_delay(3, strategy => 'seed', draw => 0.5), booking_guard.backoff_delay(3, strategy => 'exponential', draw => 0.5),
+          'seed, the 0.1.0 name of exponential, is still accepted and the same');
 select is(booking_guard.backoff_delay(3, draw => 0.5), interval '4.2 seconds', 'jitter adds up to 10 %: half of it at draw 0.5');
 select is(booking_guard.backoff_delay(20, draw => 0), interval '1 minute', 'capped at max_delay (default 1 minute)');
 select is(booking_guard.backoff_delay(2147483647, draw => 0), interval '1 minute', 'the largest attempt does not overflow');
@@ -26,9 +28,9 @@ select is(booking_guard.backoff_delay(1, base => '1 minute', max_delay => '10 se
 -- random draws stay within bounds and do spread
 select is((select count(*)::int from generate_series(1, 2000) i
             where booking_guard.backoff_delay(3) not between interval '4 seconds' and interval '4.4 seconds'), 0,
-          'seed: 2000 random delays of attempt 3 all within [4 s, 4.4 s]');
+          'exponential: 2000 random delays of attempt 3 all within [4 s, 4.4 s]');
 select cmp_ok((select count(distinct booking_guard.backoff_delay(3))::int from generate_series(1, 200)), '>', 100,
-              'seed: the jitter spreads the delays');
+              'exponential: the jitter spreads the delays');
 select is((select count(*)::int from generate_series(1, 2000) i
             where booking_guard.backoff_delay(4, strategy => 'full') not between interval '0' and interval '8 seconds'), 0,
           'full: 2000 random delays of attempt 4 all within [0, 8 s]');

@@ -16,7 +16,7 @@ small_attempts = st.integers(min_value=1, max_value=200)
 factors = st.floats(min_value=1, max_value=100, allow_nan=False)
 jitters = st.floats(min_value=0, max_value=1, allow_nan=False)
 draws = st.floats(min_value=0, max_value=1, exclude_max=True, allow_nan=False)
-strategies = st.sampled_from(["seed", "full"])
+strategies = st.sampled_from(["exponential", "full", "seed"])
 
 DB_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -26,15 +26,15 @@ SQL = ("select extract(epoch from booking_guard.backoff_delay(%s, make_interval(
 
 def capped(attempt: int, base: float, factor: float, max_delay: float) -> float:
     """The exponential part, capped (what jitter is applied to)."""
-    return backoff_delay(attempt, base, factor, max_delay, jitter=0.0, strategy="seed", draw=0.0)
+    return backoff_delay(attempt, base, factor, max_delay, jitter=0.0, strategy="exponential", draw=0.0)
 
 
 # ------------------------------------------------------------------------------- Python, pure
 
 @given(attempt=attempts, base=micros, factor=factors, max_delay=micros, jitter=jitters, u=draws)
-def test_seed_within_bounds(attempt, base, factor, max_delay, jitter, u):
+def test_exponential_within_bounds(attempt, base, factor, max_delay, jitter, u):
     cap = capped(attempt, base, factor, max_delay)
-    delay = backoff_delay(attempt, base, factor, max_delay, jitter, "seed", draw=u)
+    delay = backoff_delay(attempt, base, factor, max_delay, jitter, "exponential", draw=u)
     assert 0 < cap <= max_delay
     assert cap <= delay <= cap * (1 + jitter)
     assert delay <= max_delay * (1 + jitter)
@@ -52,8 +52,14 @@ def test_base_schedule_is_monotone(attempt, base, factor, max_delay):
 
 
 @given(attempt=st.integers(min_value=1, max_value=30))
-def test_seed_defaults_double_from_one_second(attempt):
+def test_exponential_defaults_double_from_one_second(attempt):
     assert capped(attempt, 1.0, 2.0, 60.0) == min(60.0, 2.0 ** (attempt - 1))
+
+
+@given(attempt=small_attempts, base=micros, factor=factors, max_delay=micros, jitter=jitters, u=draws)
+def test_seed_is_the_former_name_of_exponential(attempt, base, factor, max_delay, jitter, u):
+    assert backoff_delay(attempt, base, factor, max_delay, jitter, "seed", draw=u) == \
+        backoff_delay(attempt, base, factor, max_delay, jitter, "exponential", draw=u)
 
 
 @given(attempt=st.integers(max_value=0) | st.just(True))
@@ -92,7 +98,7 @@ def test_sql_random_within_bounds(db, attempt, base, factor, max_delay, jitter, 
     low, high = db.execute(
         f"select min(d), max(d) from (select ({SQL.removeprefix('select ')}) as d from generate_series(1, 50)) s",
         (attempt, base, factor, max_delay, jitter, strategy, None)).fetchone()
-    if strategy == "seed":
+    if strategy in ("exponential", "seed"):
         assert cap - 1e-6 <= low <= high <= cap * (1 + jitter) + 1e-6
     else:
         assert 0 <= low <= high <= cap + 1e-6
@@ -128,7 +134,7 @@ class Flaky:
         return "booked"
 
 
-def test_retry_sleeps_the_seed_schedule_then_succeeds():
+def test_retry_sleeps_the_exponential_schedule_then_succeeds():
     slept: list[float] = []
     fn = Flaky(failures=3)
     result = retry_with_backoff(fn, max_attempts=4, sleep=slept.append, rng=lambda: 0.5)
@@ -141,7 +147,7 @@ def test_retry_reraises_the_last_error_after_max_attempts():
     fn = Flaky(failures=10)
     with pytest.raises(ConnectionError, match="failure 3"):
         retry_with_backoff(fn, sleep=slept.append, rng=lambda: 0.0)
-    assert fn.calls == 3 and slept == [1.0, 2.0]   # the seed's default: 3 attempts, no sleep after the last
+    assert fn.calls == 3 and slept == [1.0, 2.0]   # the default: 3 attempts, no sleep after the last
 
 
 def test_retry_does_not_retry_other_errors():

@@ -13,7 +13,7 @@ caller commits), and returns a BookingResult.
 
 backoff_delay() is the pure-Python twin of SQL booking_guard.backoff_delay(): the same schedule,
 arithmetic and argument checks, so a Python worker and the database agree on when to try again.
-retry_with_backoff() is the seed's retryWithBackoff: it calls fn until it succeeds, sleeping
+retry_with_backoff() calls fn until it succeeds, sleeping
 backoff_delay(attempt) between failures, and re-raises the last error after max_attempts.
 """
 
@@ -37,7 +37,8 @@ T = TypeVar("T")
 REASONS = ("ok", "call_not_found", "appointment_not_found", "appointment_not_linked", "booking_id_mismatch",
            "appointment_stale")
 
-STRATEGIES = ("seed", "full")
+#: "seed" is 0.1.0's name of "exponential", still accepted.
+STRATEGIES = ("exponential", "full", "seed")
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def record_booking(conn: Any, call_id: int, calcom_booking_id: str,
 
 
 def backoff_delay(attempt: int, base: float = 1.0, factor: float = 2.0, max_delay: float = 60.0,
-                  jitter: float = 0.1, strategy: str = "seed", draw: float | None = None,
+                  jitter: float = 0.1, strategy: str = "exponential", draw: float | None = None,
                   rng: Callable[[], float] = random.random) -> float:
     """Seconds to wait after failed attempt number `attempt` (1, 2, ...), as SQL backoff_delay().
 
-    seed: min(max_delay, base * factor**(attempt - 1)) * (1 + jitter * u)   (1 s, 2 s, 4 s, 8 s, + 0-10 %)
-    full: min(max_delay, base * factor**(attempt - 1)) * u                  (AWS "full jitter")
+    exponential: min(max_delay, base * factor**(attempt - 1)) * (1 + jitter * u)   (1 s, 2 s, 4 s, + 0-10 %)
+    full:        min(max_delay, base * factor**(attempt - 1)) * u                  (AWS "full jitter")
 
     u is `draw` when given, else rng(), in [0, 1). Bad arguments raise ValueError.
     """
@@ -106,11 +107,11 @@ def backoff_delay(attempt: int, base: float = 1.0, factor: float = 2.0, max_dela
 
 
 def retry_with_backoff(fn: Callable[[], T], max_attempts: int = 3, *, base: float = 1.0, factor: float = 2.0,
-                       max_delay: float = 60.0, jitter: float = 0.1, strategy: str = "seed",
+                       max_delay: float = 60.0, jitter: float = 0.1, strategy: str = "exponential",
                        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
                        sleep: Callable[[float], None] = time.sleep, rng: Callable[[], float] = random.random,
                        on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
-    """Call fn() until it returns, at most max_attempts times (the seed's retryWithBackoff).
+    """Call fn() until it returns, at most max_attempts times.
 
     After failed attempt n (an exception in retry_on) it sleeps backoff_delay(n, ...) and tries
     again; after the last attempt the last exception is re-raised. Exceptions not in retry_on
