@@ -1,6 +1,7 @@
 -- Alerts (one open per fingerprint, acknowledge, resolve), the review queue (priorities, one open
 -- item per call and reason, claims, resolutions) and the append-only events log.
--- NOTIFY and concurrent claims need real sessions: tests/python/test_alerts_review.py.
+-- NOTIFY and concurrent sessions need real ones: tests/python/test_alerts_review.py and the isolation
+-- specs tests/isolation/specs/alert_dedup.spec and review_queue.spec.
 begin;
 select plan(70);
 set local client_min_messages = warning;

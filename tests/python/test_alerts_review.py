@@ -1,5 +1,8 @@
 """What pgTAP cannot see (tests/pgtap/060_alerts_review.sql has the rest): NOTIFY booking_guard_alert
-as a listening session receives it, and concurrent reviewers claiming with SKIP LOCKED.
+as a listening session receives it, and many reviewers racing to claim with SKIP LOCKED. The
+interleavings of two sessions (two reviewers claiming at once, one alert or review item raised by
+two sessions at once) are isolation specs: tests/isolation/specs/review_queue.spec and
+alert_dedup.spec.
 
 A notification that must not come is checked with a sentinel: after the action, the writer sends
 its own NOTIFY on the channel; notifications arrive in commit order, so if the next one the
@@ -10,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from test_consistency_concurrency import wait_until_blocked
 
 CHANNEL = "booking_guard_alert"
 
@@ -94,7 +96,7 @@ def test_a_rejected_commit_notifies_nothing(attached, listener):
     sentinel(attached, listener)
 
 
-# -- claim_review with concurrent reviewers --------------------------------------------------
+# -- claim_review with many reviewers racing ------------------------------------------------
 
 def queue(db: psycopg.Connection, n: int) -> list[int]:
     return [db.execute("select booking_guard.queue_for_review(%s, 'appointment_validation_failed')", (call_id,)).fetchone()[0]
@@ -104,28 +106,6 @@ def queue(db: psycopg.Connection, n: int) -> list[int]:
 def claim(conn: psycopg.Connection, reviewer: str) -> int | None:
     row = conn.execute("select id from booking_guard.claim_review(%s)", (reviewer,)).fetchone()
     return row[0] if row else None
-
-
-def test_two_reviewers_in_open_transactions_get_different_items(db, connect):
-    items = queue(db, 3)
-    alice, bob, carol, dave = connect(), connect(), connect(), connect()
-    for reviewer in (bob, carol, dave):
-        # were the first reviewer's row waited for instead of skipped, this would fail, not hang
-        reviewer.execute("set lock_timeout = '5s'")
-    alice.execute("begin")
-    bob.execute("begin")
-    carol.execute("begin")
-    first = claim(alice, "alice")
-    second = claim(bob, "bob")          # alice's claim is uncommitted: her row is locked, skipped
-    third = claim(carol, "carol")
-    assert [first, second, third] == items
-    assert claim(dave, "dave") is None  # everything is locked or claimed
-    alice.execute("commit")
-    bob.execute("rollback")             # bob gives his item back ...
-    assert claim(dave, "dave") == second  # ... and the next reviewer gets it
-    carol.execute("commit")
-    assert db.execute("select id, claimed_by from booking_guard.review_queue order by id").fetchall() == [
-        (items[0], "alice"), (items[1], "dave"), (items[2], "carol")]
 
 
 def test_many_reviewers_racing_claim_each_item_once(db, connect):
@@ -147,37 +127,3 @@ def test_many_reviewers_racing_claim_each_item_once(db, connect):
     assert db.execute("""select count(*) from booking_guard.review_queue
                           where status = 'in_review' and claimed_by like 'r%%'""").fetchone()[0] == len(items)
 
-
-# -- the same alert or review item from two sessions at once -------------------------------------
-
-def test_the_same_alert_raised_by_two_sessions_at_once_is_one_alert(db, connect, listener):
-    a, b = connect(), connect()
-    a.execute("begin")
-    first = raise_alert(a)
-    b.execute("begin")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        second = pool.submit(raise_alert, b)
-        wait_until_blocked(db, b, a, second)   # b waits on a's uncommitted alert (unique index)
-        a.execute("commit")
-        assert second.result(timeout=10) == first
-    b.execute("commit")
-    assert db.execute("select occurrences from booking_guard.alerts").fetchall() == [(2,)]
-    assert next_notifications(listener) == [(CHANNEL, str(first))]
-    sentinel(db, listener)
-
-
-def test_the_same_review_item_queued_by_two_sessions_at_once_is_one_item(db, connect):
-    a, b = connect(), connect()
-    query = "select booking_guard.queue_for_review(7, 'calcom_booking_failed', %s)"
-    a.execute("begin")
-    first = a.execute(query, ('{"from": "a"}',)).fetchone()[0]
-    b.execute("begin")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        second = pool.submit(lambda: b.execute(query, ('{"by": "b"}',)).fetchone()[0])
-        wait_until_blocked(db, b, a, second)
-        a.execute("commit")
-        assert second.result(timeout=10) == first
-    b.execute("commit")
-    assert db.execute("select id, context from booking_guard.review_queue").fetchall() == [
-        (first, {"from": "a", "by": "b"})]
-    assert db.execute("select count(*) from booking_guard.events where kind = 'review'").fetchone()[0] == 1
