@@ -4,6 +4,7 @@
 Time is moved with booking_guard.clock_offset or stopped with booking_guard.clock_at (superuser only),
 never slept through."""
 
+import json
 import subprocess
 import threading
 import uuid
@@ -68,7 +69,8 @@ def test_32_sessions_racing_on_half_open_get_exactly_max_calls_permits(db, conne
         kinds = Counter(kind for kind, _ in outcomes)
         assert kinds == {"ok": max_calls, "BG001": SESSIONS - max_calls}, (round_, kinds)
         rejected = [e for kind, e in outcomes if kind == "BG001"]
-        assert all(e.diag.message_detail.startswith("state: half_open,") for e in rejected)
+        assert all(json.loads(e.diag.message_detail) == {"key": key, "state": "half_open", "retry_after_seconds": 10}
+                   for e in rejected)
         permits = db.execute("select count(*) from booking_guard.circuit_permits where key = %s", (key,)).fetchone()[0]
         assert permits == max_calls
         # exactly one open -> half_open, written by one of the admitted sessions
@@ -175,13 +177,15 @@ def test_rejection_error_carries_state_retry_after_and_hint(db):
     diag = caught.value.diag
     assert diag.sqlstate == "BG001"
     assert diag.message_primary == f'circuit breaker "{key}" is open: call rejected'
-    assert diag.message_detail.startswith("state: open, retry after: 30 s, opened at: ")
-    assert diag.message_detail.endswith(f", failures: 3, key: {key}")
+    assert json.loads(diag.message_detail) == {"key": key, "state": "open", "retry_after_seconds": 30}
     assert "calcom_booking_failed" in diag.message_hint
+    # raised by the function the client called: one line of context, not a stack of helpers
+    assert diag.context.startswith("PL/pgSQL function booking_guard.circuit_acquire(text) line ")
+    assert "\n" not in diag.context
     db.execute("set booking_guard.clock_offset = '20 seconds'")
     with pytest.raises(psycopg.Error) as caught:
         db.execute("select booking_guard.circuit_acquire(%s)", (key,))
-    assert "retry after: 10 s," in caught.value.diag.message_detail
+    assert json.loads(caught.value.diag.message_detail)["retry_after_seconds"] == 10
     # rejected calls are fast fails, not failures
     assert db.execute("select failure_count from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0] == 3
     assert db.execute("select booking_guard.circuit_fast_fail_total()").fetchone()[0] == 2
@@ -442,7 +446,7 @@ def test_the_breaker_follows_the_model(db, ops):
                     assert model.acquire(now, value) is None, (op, now)
                 else:
                     assert kind == "BG001"
-                    assert model.acquire(now, None) == value.diag.message_detail.split(",")[0].removeprefix("state: ")
+                    assert model.acquire(now, None) == json.loads(value.diag.message_detail)["state"]
             elif op in ("success", "failure"):
                 permit = permits[arg % len(permits)] if permits and arg >= 0 else None
                 if op == "success":

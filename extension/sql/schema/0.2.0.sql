@@ -113,3 +113,68 @@ comment on table booking_guard.review_queue is
     'Calls waiting for a person: one open item per call and reason.';
 comment on table booking_guard.circuit_policies is
     'Circuit breaker policy per key pattern (LIKE syntax, e.g. appointment_booking:service:%); the longest matching pattern wins, the row % is the default.';
+
+-- Circuit breaker: besides N consecutive failures, a breaker may open on the failure rate or the
+-- slow-call rate over a sliding window of its last calls (count_based) or last seconds (time_based).
+alter table booking_guard.circuit_policies
+    add column sliding_window_type text not null default 'consecutive',
+    add column sliding_window_size integer not null default 100,
+    add column minimum_number_of_calls integer not null default 100,
+    add column failure_rate_threshold numeric(5, 2) not null default 50,
+    add column slow_call_rate_threshold numeric(5, 2) not null default 100,
+    add column slow_call_duration_threshold interval not null default '60 seconds',
+    add constraint circuit_policies_sliding_window_type_check
+        check (sliding_window_type in ('consecutive', 'count_based', 'time_based')),
+    add constraint circuit_policies_sliding_window_size_check
+        check (sliding_window_size between 1 and 3600 and (sliding_window_type <> 'count_based' or sliding_window_size <= 1000)),
+    add constraint circuit_policies_minimum_number_of_calls_check check (minimum_number_of_calls between 1 and 100000),
+    add constraint circuit_policies_failure_rate_threshold_check check (failure_rate_threshold > 0 and failure_rate_threshold <= 100),
+    add constraint circuit_policies_slow_call_rate_threshold_check
+        check (slow_call_rate_threshold > 0 and slow_call_rate_threshold <= 100),
+    add constraint circuit_policies_slow_call_duration_threshold_check
+        check (slow_call_duration_threshold > interval '0' and slow_call_duration_threshold <= interval '1 day'),
+    add constraint circuit_policies_key_pattern_length_check
+        check (length(key_pattern) <= 255 and key_pattern !~ '[[:cntrl:]]');
+comment on column booking_guard.circuit_policies.sliding_window_type is
+    'consecutive: open after failure_threshold consecutive failures (the default); count_based: on the rates over the last sliding_window_size calls; time_based: over the last sliding_window_size seconds.';
+comment on column booking_guard.circuit_policies.sliding_window_size is
+    'Calls (count_based, 1 to 1000) or seconds (time_based, 1 to 3600) the rates are taken over.';
+comment on column booking_guard.circuit_policies.minimum_number_of_calls is
+    'Calls the window must hold before its rates can open the breaker (count_based: at most the window size).';
+comment on column booking_guard.circuit_policies.failure_rate_threshold is
+    'Percent of failed calls in the window at or above which the breaker opens (count_based and time_based).';
+comment on column booking_guard.circuit_policies.slow_call_rate_threshold is
+    'Percent of slow calls in the window at or above which the breaker opens (count_based and time_based).';
+comment on column booking_guard.circuit_policies.slow_call_duration_threshold is
+    'A call that took longer than this is slow.';
+
+-- The sliding window of each breaker whose policy has one (window_head is null for the others):
+-- the totals, and the calls (count_based: one byte per call, a ring) or per-bucket totals
+-- (time_based: calls, failures and slow calls of each bucket, a ring) that leave the window.
+alter table booking_guard.circuit_breakers
+    add column window_calls integer not null default 0,
+    add column window_failures integer not null default 0,
+    add column window_slow_calls integer not null default 0,
+    add column window_head bigint,
+    add column window_outcomes bytea,
+    add column window_buckets integer[],
+    add constraint circuit_breakers_window_check
+        check (window_calls >= 0 and window_failures between 0 and window_calls and window_slow_calls between 0 and window_calls),
+    add constraint circuit_breakers_window_size_check
+        check (length(window_outcomes) <= 1000 and cardinality(window_buckets) <= 180);
+comment on column booking_guard.circuit_breakers.window_calls is
+    'Calls in the sliding window (half-open: trial calls reported), of which window_failures failed and window_slow_calls were slow.';
+comment on column booking_guard.circuit_breakers.window_head is
+    'count_based: calls recorded since the window began; time_based: the newest bucket; null when the policy counts consecutive failures.';
+comment on column booking_guard.circuit_breakers.window_outcomes is
+    'count_based: the last calls, one byte each at position (call number mod window size): 1 failed, 2 slow.';
+comment on column booking_guard.circuit_breakers.window_buckets is
+    'time_based: per bucket (bucket number mod bucket count) its calls, failures and slow calls, three integers each.';
+
+-- A permit of a call under several scopes is a trial permit of each half-open one.
+alter table booking_guard.circuit_permits drop constraint circuit_permits_pkey;
+alter table booking_guard.circuit_permits add constraint circuit_permits_pkey primary key (key, permit);
+comment on table booking_guard.circuit_permits is
+    'Outstanding half-open trial permits per key and their leases; every transition of a key deletes its permits, so a result of an older permit is late and ignored.';
+comment on table booking_guard.circuit_transitions is
+    'Every state change of every breaker (never a same-state row), for open counts, recovery times and the dashboard; reason starts with a code (failure_threshold, failure_rate, slow_call_rate, half_open_failure, trial_rates, call_timeout, cooldown_elapsed, forced_until_passed, success_threshold, reset, forced_open).';
