@@ -181,11 +181,14 @@ comment on function booking_guard_internal.circuit_check_duration(interval) is
 -- The buckets of a time_based window of `size` seconds: at most 60, each `width` whole seconds
 -- (1 s up to a 60 s window), so that a breaker row stays small whatever the window.
 create function booking_guard_internal.circuit_buckets(size integer, out width integer, out buckets integer)
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select (size + 59) / 60, (size + (size + 59) / 60 - 1) / ((size + 59) / 60)
+begin
+    width := (size + 59) / 60;
+    buckets := (size + width - 1) / width;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_buckets(integer) is
@@ -204,6 +207,7 @@ begin
     b.window_outcomes := null;
     b.window_buckets := null;
     b.window_head := null;
+    b.policy_pattern := policy.key_pattern;
     if policy.sliding_window_type = 'count_based' then
         b.window_head := 0;
         b.window_outcomes := decode(repeat('00', policy.sliding_window_size), 'hex');
@@ -215,25 +219,30 @@ end
 $$;
 
 comment on function booking_guard_internal.circuit_window_fresh(booking_guard.circuit_breakers, booking_guard.circuit_policies) is
-    'Empties the sliding window of a breaker, in the shape its policy asks for (no window for consecutive failures).';
+    'Empties the sliding window of a breaker, in the shape its policy asks for (no window for consecutive failures), and ties it to that policy row.';
 
 create function booking_guard_internal.circuit_window_fits(b booking_guard.circuit_breakers, policy booking_guard.circuit_policies)
 returns boolean
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case policy.sliding_window_type
+begin
+    if b.policy_pattern is distinct from policy.key_pattern then
+        return false;
+    end if;
+    return case policy.sliding_window_type
                when 'consecutive' then b.window_head is null
                when 'count_based' then b.window_head is not null and b.window_buckets is null
                                        and length(b.window_outcomes) = policy.sliding_window_size
                else b.window_head is not null and b.window_outcomes is null
                     and cardinality(b.window_buckets) = 3 * (booking_guard_internal.circuit_buckets(policy.sliding_window_size)).buckets
-           end
+           end;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_window_fits(booking_guard.circuit_breakers, booking_guard.circuit_policies) is
-    'Whether the stored window of a breaker has the shape its policy asks for.';
+    'Whether the stored window of a breaker was built for its policy row and has the shape that policy asks for.';
 
 -- One call's result into the window of a closed breaker: count_based drops the call recorded
 -- sliding_window_size calls ago; time_based first drops the buckets that have left the window.
@@ -337,11 +346,12 @@ create function booking_guard_internal.circuit_rates_exceeded(calls integer, fai
                                                               minimum integer, policy booking_guard.circuit_policies,
                                                               what text)
 returns text
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case
+begin
+    return case
                when calls < greatest(minimum, 1) then null
                when failures * 100 >= policy.failure_rate_threshold * calls
                    then format('failure_rate: %s of %s %s failed (%s%% >= %s%%)', failures, calls, what,
@@ -350,7 +360,8 @@ as $$
                    then format('slow_call_rate: %s of %s %s slower than %s (%s%% >= %s%%)', slow_calls, calls, what,
                                policy.slow_call_duration_threshold, round(slow_calls * 100.0 / calls, 2),
                                policy.slow_call_rate_threshold)
-           end
+           end;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_rates_exceeded(integer, integer, integer, integer, booking_guard.circuit_policies, text) is
@@ -360,15 +371,17 @@ comment on function booking_guard_internal.circuit_rates_exceeded(integer, integ
 -- (count_based: at most the window size); in half-open at most the trial calls permitted.
 create function booking_guard_internal.circuit_minimum_calls(policy booking_guard.circuit_policies, state text)
 returns integer
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case
+begin
+    return case
                when state = 'half_open' then least(policy.minimum_number_of_calls, policy.half_open_max_calls)
                when policy.sliding_window_type = 'count_based' then least(policy.minimum_number_of_calls, policy.sliding_window_size)
                else policy.minimum_number_of_calls
-           end
+           end;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_minimum_calls(booking_guard.circuit_policies, text) is
@@ -398,8 +411,8 @@ begin
                          'set_setting(''circuit_max_keys'', ...).';
     end if;
     b := booking_guard_internal.circuit_window_fresh(b, booking_guard_internal.circuit_policy(circuit_add_key.key));
-    insert into booking_guard.circuit_breakers as c (key, window_head, window_outcomes, window_buckets)
-    values (circuit_add_key.key, b.window_head, b.window_outcomes, b.window_buckets)
+    insert into booking_guard.circuit_breakers as c (key, window_head, window_outcomes, window_buckets, policy_pattern)
+    values (circuit_add_key.key, b.window_head, b.window_outcomes, b.window_buckets, b.policy_pattern)
         on conflict on constraint circuit_breakers_pkey do nothing;
 end
 $$;
@@ -407,34 +420,42 @@ $$;
 comment on function booking_guard_internal.circuit_add_key(text) is
     'Adds the breaker row of a new key, with the window its policy asks for: BG005 for an invalid key or past circuit_max_keys keys.';
 
+-- (PL/pgSQL, not SQL: its plan is kept for the session instead of made at every call)
 create function booking_guard_internal.circuit_policy(key text)
 returns booking_guard.circuit_policies
-language sql
+language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    p  booking_guard.circuit_policies;
+begin
     select c.key_pattern, c.failure_threshold, c.cooldown, c.success_threshold, c.half_open_max_calls, c.call_timeout,
            c.sliding_window_type, c.sliding_window_size, c.minimum_number_of_calls, c.failure_rate_threshold,
            c.slow_call_rate_threshold, c.slow_call_duration_threshold
-      from (select p.*, false as builtin
-              from booking_guard.circuit_policies p
-             where circuit_policy.key like p.key_pattern
+      into p
+      from (select x.*, false as builtin
+              from booking_guard.circuit_policies x
+             where circuit_policy.key like x.key_pattern
             union all
             -- the built-in defaults when the % row has been deleted: a breaker never runs without a policy
             select '%', 3, interval '30 seconds', 2, 1, interval '10 seconds',
                    'consecutive', 100, 100, 50, 100, interval '60 seconds', true) c
      -- longest by its literal characters, so that appointment_booking:staff:7 beats appointment_booking:staff:%
      order by length(translate(c.key_pattern, '%_', '')) desc, length(c.key_pattern) desc, c.builtin, c.key_pattern
-     limit 1
+     limit 1;
+    return p;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_policy(text) is
     'The policy of a key: the matching key_pattern of circuit_policies with the most literal (non-wildcard) characters (built-in defaults if none matches).';
 
--- A policy row that comes, goes, changes its pattern or its window restarts the windows of the keys
--- it matches (before or after the change), in the shape of each key's policy now: a window is only
--- ever read with the shape it was built for. Thresholds and durations take effect on the next
--- result, with the window kept.
+-- Each breaker's window belongs to one policy row (policy_pattern). A policy row that comes, goes or
+-- changes its pattern moves keys from one policy to another; a change of its window type or size
+-- changes the shape of its keys' windows: those windows start afresh, in the shape of the key's
+-- policy now, so that a window is only ever read with the shape it was built for. A change of a
+-- threshold or a duration takes effect on the next result, with the window kept.
 create function booking_guard_internal.circuit_policies_changed()
 returns trigger
 language plpgsql
@@ -443,7 +464,9 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_patterns  text[];
+    v_reshaped  text;       -- the policy row whose window type or size changed
     c           booking_guard.circuit_breakers;
+    p           booking_guard.circuit_policies;
 begin
     if tg_op = 'TRUNCATE' then
         v_patterns := array['%'];
@@ -453,18 +476,25 @@ begin
             return null;
         end if;
         v_patterns := array[old.key_pattern, new.key_pattern];
+        v_reshaped := new.key_pattern;
     elsif tg_op = 'INSERT' then
         v_patterns := array[new.key_pattern];
     else
         v_patterns := array[old.key_pattern];
     end if;
     for c in
-        select * from booking_guard.circuit_breakers b where b.key like any (v_patterns) order by b.key collate "C" for update
+        select * from booking_guard.circuit_breakers b
+         where b.key like any (v_patterns) or b.policy_pattern = any (v_patterns) or b.policy_pattern is null
+         order by b.key collate "C"
+           for update
     loop
-        c := booking_guard_internal.circuit_window_fresh(c, booking_guard_internal.circuit_policy(c.key));
+        p := booking_guard_internal.circuit_policy(c.key);
+        continue when c.policy_pattern is not distinct from p.key_pattern and p.key_pattern is distinct from v_reshaped;
+        c := booking_guard_internal.circuit_window_fresh(c, p);
         update booking_guard.circuit_breakers b
            set window_calls = c.window_calls, window_failures = c.window_failures, window_slow_calls = c.window_slow_calls,
-               window_head = c.window_head, window_outcomes = c.window_outcomes, window_buckets = c.window_buckets
+               window_head = c.window_head, window_outcomes = c.window_outcomes, window_buckets = c.window_buckets,
+               policy_pattern = c.policy_pattern
          where b.key = c.key;
     end loop;
     return null;
@@ -472,7 +502,7 @@ end
 $$;
 
 comment on function booking_guard_internal.circuit_policies_changed() is
-    'Trigger: restarts the sliding windows of the keys a changed policy row matches (window type or size, pattern, insert, delete, truncate), in the shape of their policy now.';
+    'Trigger: when a policy row comes, goes, changes its pattern or its window, starts afresh the windows of the keys whose policy row or window shape changed.';
 
 create trigger circuit_policies_changed
     after insert or update or delete on booking_guard.circuit_policies
@@ -636,7 +666,7 @@ begin
         steps := steps + 1;
         v_fresh := true;
         if apply then
-            perform booking_guard_internal.circuit_transition(b.key, last_from, last_to, last_at, last_reason);
+            b.last_transition_id := booking_guard_internal.circuit_transition(b.key, last_from, last_to, last_at, last_reason);
         end if;
     end loop;
 end
@@ -648,16 +678,19 @@ comment on function booking_guard_internal.circuit_advance(booking_guard.circuit
 -- Stores the working copy of a breaker (the caller holds its row lock).
 create function booking_guard_internal.circuit_store(b booking_guard.circuit_breakers, at timestamptz)
 returns void
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
+begin
     update booking_guard.circuit_breakers c
        set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
            last_failure_at = b.last_failure_at, opened_at = b.opened_at, closed_at = b.closed_at,
            forced_until = b.forced_until, updated_at = at, window_calls = b.window_calls,
            window_failures = b.window_failures, window_slow_calls = b.window_slow_calls, window_head = b.window_head,
-           window_outcomes = b.window_outcomes, window_buckets = b.window_buckets
-     where c.key = b.key
+           window_outcomes = b.window_outcomes, window_buckets = b.window_buckets, policy_pattern = b.policy_pattern,
+           last_transition_id = b.last_transition_id
+     where c.key = b.key;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_store(booking_guard.circuit_breakers, timestamptz) is
@@ -784,13 +817,15 @@ comment on function booking_guard_internal.circuit_admit(text[]) is
 -- functions the client calls raise it themselves, so that its CONTEXT is one line, not a stack.
 create function booking_guard_internal.circuit_refusal(key text, state text, retry_after_seconds numeric,
                                                        out message text, out detail text, out hint text)
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select format('circuit breaker "%s" is %s: call rejected', key, state),
-           jsonb_build_object('key', key, 'state', state, 'retry_after_seconds', retry_after_seconds)::text,
-           'Retry after retry_after_seconds (DETAIL is JSON), or queue the call for review (reason calcom_booking_failed).'
+begin
+    message := format('circuit breaker "%s" is %s: call rejected', key, state);
+    detail := jsonb_build_object('key', key, 'state', state, 'retry_after_seconds', retry_after_seconds)::text;
+    hint := 'Retry after retry_after_seconds (DETAIL is JSON), or queue the call for review (reason calcom_booking_failed).';
+end
 $$;
 
 comment on function booking_guard_internal.circuit_refusal(text, text, numeric) is
@@ -909,20 +944,26 @@ declare
     v_reason   text;
     v_error    text := nullif(left(btrim(circuit_record_result.error), 200), '');
 begin
-    perform booking_guard_internal.circuit_add_key(k);
     select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
+    if not found then
+        perform booking_guard_internal.circuit_add_key(k);
+        select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
+    end if;
     v_now := booking_guard_internal.circuit_now();
     p := booking_guard_internal.circuit_policy(k);   -- read after the lock: a policy change restarting the window is seen
-    select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
-    b := adv.b;
+    if stored.state = 'closed' then
+        b := stored;   -- nothing in closed state is driven by time
+    else
+        select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
+        b := adv.b;
+    end if;
     if not booking_guard_internal.circuit_window_fits(b, p) then
         b := booking_guard_internal.circuit_window_fresh(b, p);
     end if;
 
     -- Does this result count? Only toward the state its permit was granted in.
     if b.state = 'closed' then
-        v_counts := permit is null
-                    or permit > coalesce((select max(t.id) from booking_guard.circuit_transitions t where t.key = k), 0);
+        v_counts := permit is null or permit > coalesce(b.last_transition_id, 0);
     elsif b.state = 'half_open' then
         -- a result without a permit is taken as the result of the oldest trial in progress
         delete from booking_guard.circuit_permits c
@@ -944,7 +985,7 @@ begin
         elsif succeeded then
             b.success_count := b.success_count + 1;
             if b.success_count >= p.success_threshold then
-                perform booking_guard_internal.circuit_transition(k, 'half_open', 'closed', v_now,
+                b.last_transition_id := booking_guard_internal.circuit_transition(k, 'half_open', 'closed', v_now,
                                                          format('success_threshold: %s consecutive successes', b.success_count));
                 b.state := 'closed';
                 b.failure_count := 0;
@@ -955,13 +996,13 @@ begin
             b.failure_count := b.failure_count + 1;
             b.last_failure_at := v_now;
             if b.state = 'half_open' then
-                perform booking_guard_internal.circuit_transition(k, 'half_open', 'open', v_now,
+                b.last_transition_id := booking_guard_internal.circuit_transition(k, 'half_open', 'open', v_now,
                                                          'half_open_failure' || coalesce(': ' || v_error, ''));
                 b.state := 'open';
                 b.opened_at := v_now;
                 b.success_count := 0;
             elsif b.failure_count >= p.failure_threshold then
-                perform booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
+                b.last_transition_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
                                                          format('failure_threshold: %s consecutive failures', b.failure_count)
                                                          || coalesce(': ' || v_error, ''));
                 b.state := 'open';
@@ -981,11 +1022,13 @@ begin
         end if;
         if b.state = 'closed' then
             b := booking_guard_internal.circuit_window_add(b, p, v_now, not succeeded, v_slow);
-            v_reason := booking_guard_internal.circuit_rates_exceeded(b.window_calls, b.window_failures, b.window_slow_calls,
-                                                                      booking_guard_internal.circuit_minimum_calls(p, 'closed'),
-                                                                      p, 'calls');
+            if b.window_calls >= booking_guard_internal.circuit_minimum_calls(p, 'closed') then   -- (else no rate yet)
+                v_reason := booking_guard_internal.circuit_rates_exceeded(b.window_calls, b.window_failures, b.window_slow_calls,
+                                                                          booking_guard_internal.circuit_minimum_calls(p, 'closed'),
+                                                                          p, 'calls');
+            end if;
             if v_reason is not null then
-                perform booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
+                b.last_transition_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
                                                                   v_reason || case when succeeded then '' else coalesce(': ' || v_error, '') end);
                 b.state := 'open';
                 b.opened_at := v_now;
@@ -998,7 +1041,7 @@ begin
             b.success_count := b.success_count + succeeded::integer;
             select * into v_verdict from booking_guard_internal.circuit_trial_verdict(b, p);
             if v_verdict.to_state is not null then
-                perform booking_guard_internal.circuit_transition(k, 'half_open', v_verdict.to_state, v_now,
+                b.last_transition_id := booking_guard_internal.circuit_transition(k, 'half_open', v_verdict.to_state, v_now,
                                                                   v_verdict.reason
                                                                   || case when succeeded then '' else coalesce(': ' || v_error, '') end);
                 b.state := v_verdict.to_state;
@@ -1026,6 +1069,10 @@ comment on function booking_guard_internal.circuit_record_result(text, bigint, b
 
 -- One scope's result: answered without a lock when it cannot change anything (a success while
 -- closed with no failure streak and no window; any result while open before the cooldown's end).
+-- A closed breaker with a window takes the result in one UPDATE, which also takes the row lock and
+-- reads the policy row by its key (the path every call of a rate policy takes); what that cannot
+-- settle (a window to roll forward, a late permit, a policy changed meanwhile, any other state)
+-- goes to circuit_record_result.
 create function booking_guard_internal.circuit_record(key text, permit bigint, succeeded boolean, error text,
                                                       duration interval)
 returns text
@@ -1033,24 +1080,103 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    b  booking_guard.circuit_breakers;
-    p  booking_guard.circuit_policies;
+    k           text := circuit_record.key;
+    b           booking_guard.circuit_breakers;
+    p           booking_guard.circuit_policies;
+    v_now       timestamptz;
+    v_failed    integer := (not succeeded)::integer;
+    v_calls     integer;
+    v_failures  integer;
+    v_slow      integer;
+    v_reason    text;
+    v_id        bigint;
+    r           record;   -- what the UPDATE returns: the window's totals and the policy row
 begin
-    select * into b from booking_guard.circuit_breakers c where c.key = circuit_record.key;
+    select * into b from booking_guard.circuit_breakers c where c.key = k;
     if not found then
-        perform booking_guard_internal.circuit_check_key(circuit_record.key);   -- a key with a row is valid (CHECK)
+        perform booking_guard_internal.circuit_check_key(k);   -- a key with a row is valid (CHECK)
         if succeeded then
             return 'closed';   -- a success of a key never acquired changes nothing
         end if;
     elsif b.state = 'closed' and succeeded and b.failure_count = 0 and b.window_head is null then
         return 'closed';       -- nothing to reset: no write, no lock
     elsif b.state = 'open' then
-        p := booking_guard_internal.circuit_policy(circuit_record.key);
+        p := booking_guard_internal.circuit_policy(k);
         if booking_guard_internal.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
             return 'open';     -- a late result neither moves opened_at, nor adds a transition, nor closes it
         end if;
+    elsif b.state = 'closed' and b.window_outcomes is not null then
+        v_now := booking_guard_internal.circuit_now();
+        -- count_based: the call sliding_window_size calls ago leaves, this one takes its byte
+        update booking_guard.circuit_breakers c
+           set window_outcomes = set_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer,
+                                          v_failed | (coalesce(duration > pol.slow_call_duration_threshold, false)::integer << 1)),
+               window_head = c.window_head + 1,
+               window_calls = c.window_calls + 1 - (c.window_head >= pol.sliding_window_size)::integer,
+               window_failures = c.window_failures + v_failed
+                                 - case when c.window_head >= pol.sliding_window_size
+                                        then get_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer) & 1
+                                        else 0 end,
+               window_slow_calls = c.window_slow_calls + coalesce(duration > pol.slow_call_duration_threshold, false)::integer
+                                   - case when c.window_head >= pol.sliding_window_size
+                                          then (get_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer) >> 1) & 1
+                                          else 0 end,
+               failure_count = case when succeeded then 0 else c.failure_count + 1 end,
+               last_failure_at = case when succeeded then c.last_failure_at else v_now end,
+               updated_at = v_now
+          from booking_guard.circuit_policies pol
+         where c.key = k and pol.key_pattern = c.policy_pattern and c.state = 'closed'
+           and pol.sliding_window_type = 'count_based' and length(c.window_outcomes) = pol.sliding_window_size
+           and (circuit_record.permit is null or circuit_record.permit > coalesce(c.last_transition_id, 0))
+        returning c.window_calls, c.window_failures, c.window_slow_calls, pol as policy into r;
+    elsif b.state = 'closed' and b.window_buckets is not null then
+        v_now := booking_guard_internal.circuit_now();
+        -- time_based, within the newest bucket: that bucket counts one more call (rolling the window
+        -- forward to a new bucket is left to circuit_window_add)
+        update booking_guard.circuit_breakers c
+           set window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 1]
+                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 1] + 1,
+               window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 2]
+                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 2] + v_failed,
+               window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 3]
+                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 3]
+                     + coalesce(duration > pol.slow_call_duration_threshold, false)::integer,
+               window_calls = c.window_calls + 1,
+               window_failures = c.window_failures + v_failed,
+               window_slow_calls = c.window_slow_calls + coalesce(duration > pol.slow_call_duration_threshold, false)::integer,
+               failure_count = case when succeeded then 0 else c.failure_count + 1 end,
+               last_failure_at = case when succeeded then c.last_failure_at else v_now end,
+               updated_at = v_now
+          from booking_guard.circuit_policies pol
+         where c.key = k and pol.key_pattern = c.policy_pattern and c.state = 'closed'
+           and pol.sliding_window_type = 'time_based'
+           and cardinality(c.window_buckets) = 3 * (booking_guard_internal.circuit_buckets(pol.sliding_window_size)).buckets
+           and c.window_head = floor(extract(epoch from v_now)
+                                     / (booking_guard_internal.circuit_buckets(pol.sliding_window_size)).width)::bigint
+           and (circuit_record.permit is null or circuit_record.permit > coalesce(c.last_transition_id, 0))
+        returning c.window_calls, c.window_failures, c.window_slow_calls, pol as policy into r;
     end if;
-    return booking_guard_internal.circuit_record_result(circuit_record.key, circuit_record.permit, succeeded, error, duration);
+    if r is null then
+        return booking_guard_internal.circuit_record_result(k, circuit_record.permit, succeeded, error, duration);
+    end if;
+    p := r.policy;
+    v_calls := r.window_calls;
+    v_failures := r.window_failures;
+    v_slow := r.window_slow_calls;
+    -- the result is in the window (the row lock is held): do its rates open the breaker?
+    if v_calls >= booking_guard_internal.circuit_minimum_calls(p, 'closed') then
+        v_reason := booking_guard_internal.circuit_rates_exceeded(v_calls, v_failures, v_slow, 0, p, 'calls');
+    end if;
+    if v_reason is null then
+        return 'closed';
+    end if;
+    v_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
+                                                      v_reason || case when succeeded then ''
+                                                                       else coalesce(': ' || nullif(left(btrim(error), 200), ''), '') end);
+    update booking_guard.circuit_breakers c
+       set state = 'open', opened_at = v_now, success_count = 0, last_transition_id = v_id
+     where c.key = k;
+    return 'open';
 end
 $$;
 
@@ -1060,11 +1186,13 @@ comment on function booking_guard_internal.circuit_record(text, bigint, boolean,
 -- The most restrictive of two states: what a caller of several scopes faces.
 create function booking_guard_internal.circuit_worst(a text, b text)
 returns text
-language sql
+language plpgsql
 immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case when 'open' in (a, b) then 'open' when 'half_open' in (a, b) then 'half_open' else 'closed' end
+begin
+    return case when 'open' in (a, b) then 'open' when 'half_open' in (a, b) then 'half_open' else 'closed' end;
+end
 $$;
 
 comment on function booking_guard_internal.circuit_worst(text, text) is
@@ -1224,7 +1352,7 @@ begin
     select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
     b := adv.b;
     if b.state <> 'closed' then
-        perform booking_guard_internal.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
+        b.last_transition_id := booking_guard_internal.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
         b.closed_at := v_now;
     end if;
     b.state := 'closed';
@@ -1269,7 +1397,7 @@ begin
     select * into adv from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_policy(circuit_force_open.key), v_now, true);
     b := adv.b;
     if b.state <> 'open' then
-        perform booking_guard_internal.circuit_transition(b.key, b.state, 'open', v_now,
+        b.last_transition_id := booking_guard_internal.circuit_transition(b.key, b.state, 'open', v_now,
                                                  format('forced_open by %s until %s', session_user, v_until));
         b.opened_at := v_now;
     end if;

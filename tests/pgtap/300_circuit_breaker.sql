@@ -46,7 +46,7 @@ select columns_are('booking_guard', 'circuit_policies',
 select columns_are('booking_guard', 'circuit_breakers',
                    array['key', 'state', 'failure_count', 'success_count', 'last_failure_at', 'opened_at', 'closed_at',
                          'forced_until', 'updated_at', 'window_calls', 'window_failures', 'window_slow_calls', 'window_head',
-                         'window_outcomes', 'window_buckets'],
+                         'window_outcomes', 'window_buckets', 'policy_pattern', 'last_transition_id'],
                    'circuit_breakers has the fixed columns and the window');
 select columns_are('booking_guard', 'circuit_transitions', array['id', 'key', 'from_state', 'to_state', 'at', 'reason'],
                    'circuit_transitions has the columns DESIGN.md fixes');

@@ -150,7 +150,10 @@ comment on column booking_guard.circuit_policies.slow_call_duration_threshold is
 
 -- The sliding window of each breaker whose policy has one (window_head is null for the others):
 -- the totals, and the calls (count_based: one byte per call, a ring) or per-bucket totals
--- (time_based: calls, failures and slow calls of each bucket, a ring) that leave the window.
+-- (time_based: calls, failures and slow calls of each bucket, a ring) that leave the window. Its
+-- size is bounded by the policy's (at most 1000 bytes, or 60 buckets); no CHECK here: every result
+-- of a rate policy updates this row, and PostgreSQL prepares a table's CHECK constraints again for
+-- every UPDATE statement.
 alter table booking_guard.circuit_breakers
     add column window_calls integer not null default 0,
     add column window_failures integer not null default 0,
@@ -158,10 +161,8 @@ alter table booking_guard.circuit_breakers
     add column window_head bigint,
     add column window_outcomes bytea,
     add column window_buckets integer[],
-    add constraint circuit_breakers_window_check
-        check (window_calls >= 0 and window_failures between 0 and window_calls and window_slow_calls between 0 and window_calls),
-    add constraint circuit_breakers_window_size_check
-        check (length(window_outcomes) <= 1000 and cardinality(window_buckets) <= 180);
+    add column policy_pattern text,
+    add column last_transition_id bigint;
 comment on column booking_guard.circuit_breakers.window_calls is
     'Calls in the sliding window (half-open: trial calls reported), of which window_failures failed and window_slow_calls were slow.';
 comment on column booking_guard.circuit_breakers.window_head is
@@ -170,6 +171,12 @@ comment on column booking_guard.circuit_breakers.window_outcomes is
     'count_based: the last calls, one byte each at position (call number mod window size): 1 failed, 2 slow.';
 comment on column booking_guard.circuit_breakers.window_buckets is
     'time_based: per bucket (bucket number mod bucket count) its calls, failures and slow calls, three integers each.';
+comment on column booking_guard.circuit_breakers.policy_pattern is
+    'The key_pattern of the policy the window was built for: a result reads that policy row by its key, and a window built for another policy is started afresh.';
+comment on column booking_guard.circuit_breakers.last_transition_id is
+    'The id of the key''s latest transition: a result of a permit granted before it (a lower number) is late and ignored.';
+update booking_guard.circuit_breakers b
+   set last_transition_id = (select max(t.id) from booking_guard.circuit_transitions t where t.key = b.key);
 
 -- A permit of a call under several scopes is a trial permit of each half-open one.
 alter table booking_guard.circuit_permits drop constraint circuit_permits_pkey;
