@@ -51,6 +51,7 @@ __all__ = ["CallTimeout", "CircuitOpen", "call_async", "circuit"]
 
 CIRCUIT_OPEN = "BG001"
 _ERROR_TEXT_LIMIT = 500
+_clock = time.monotonic   # times the calls (module-level, so that a test can stand in a clock of its own)
 T = TypeVar("T")
 Keys = str | Sequence[str]
 
@@ -158,11 +159,11 @@ class circuit:
                 raise CircuitOpen.from_error(self.keys if isinstance(self.keys, str) else self.keys[0], error) from error
             raise
         self._permit = permit
-        self._started = time.monotonic()
+        self._started = _clock()
         return permit
 
     def _elapsed(self) -> timedelta:
-        return timedelta(seconds=time.monotonic() - self._started)
+        return timedelta(seconds=_clock() - self._started)
 
     def _success(self, took: timedelta) -> None:
         _call(self.conn, _success_query(self.keys), (self.keys, self._permit, took))
@@ -262,10 +263,10 @@ async def call_async(conn: psycopg.AsyncConnection, keys: Keys, fn: Callable[...
         if error.sqlstate == CIRCUIT_OPEN:
             raise CircuitOpen.from_error(scopes if isinstance(scopes, str) else scopes[0], error) from error
         raise
-    started = time.monotonic()
+    started = _clock()
 
     def took() -> timedelta:
-        return timedelta(seconds=time.monotonic() - started)
+        return timedelta(seconds=_clock() - started)
 
     try:
         if call_timeout is None:
