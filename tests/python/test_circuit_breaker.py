@@ -583,12 +583,14 @@ class RateModel:
         self.state = "closed"
         self.window: list[tuple[bool, bool]] = []     # (failed, slow), oldest first
         self.trial = [0, 0, 0]                         # half-open: calls, failures, slow calls reported
+        self.reopened = False                          # open because of the trial calls (their counts stay on show)
         self.opened_at = 0.0
         self.trials: dict[int, tuple[float, float]] = {}
         self.closed_permits: dict[int, int] = {}
         self.transitions: list[tuple[str, str, float]] = []
 
     def move(self, to: str, at: float) -> None:
+        self.reopened = self.state == "half_open" and to == "open"
         self.transitions.append((self.state, to, at))
         self.state = to
         self.trials.clear()
@@ -663,7 +665,7 @@ class RateModel:
         return True
 
     def counts(self) -> tuple[int, int, int]:
-        if self.state == "half_open":
+        if self.state == "half_open" or self.reopened:
             return tuple(self.trial)
         return len(self.window), sum(f for f, _ in self.window), sum(s for _, s in self.window)
 
@@ -685,6 +687,7 @@ S, Fl = ("success", (-1, 0.5)), ("failure", (-1, 0.5))
 @example(ops=[A, Fl, Fl, S, ("wait", 30), A, A, A, ("success", (1, 0.5)), ("success", (2, 0.5))])   # opens, 2 trials close it
 @example(ops=[A, Fl, S, Fl, ("wait", 30), A, ("wait", 11), A, A])             # a lost trial fails; the next decides
 @example(ops=[A, S, S, ("success", (-1, 2.0)), ("failure", (-1, 2.0)), S, S, S])   # slow calls, then the window slides
+@example(ops=[A, S, ("success", (-1, 2.0)), ("success", (0, 2.0)), ("wait", 30), A, A, ("wait", 11)])   # both leases end
 def test_the_rate_breaker_follows_the_model(db, ops):
     key = f"ratemodel:{uuid.uuid4().hex}"
     db.execute("""insert into booking_guard.circuit_policies
