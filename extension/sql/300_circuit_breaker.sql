@@ -179,7 +179,7 @@ comment on function booking_guard_internal.circuit_check_duration(interval) is
     'Raises BG005 unless a reported call duration is null or between 0 and 1 day.';
 
 -- The buckets of a time_based window of `size` seconds: at most 60, each `width` whole seconds
--- (1 s up to a 60 s window), so that a breaker row stays small whatever the window.
+-- (1 s up to a 60 s window), so that a window stays small whatever its size.
 create function booking_guard_internal.circuit_buckets(size integer, out width integer, out buckets integer)
 language plpgsql
 immutable
@@ -193,179 +193,6 @@ $$;
 
 comment on function booking_guard_internal.circuit_buckets(integer) is
     'The buckets of a time_based window of size seconds: width seconds each (ceil(size / 60)), and how many (ceil(size / width), at most 60).';
-
--- An empty window of the shape the policy asks for (none for consecutive failures).
-create function booking_guard_internal.circuit_window_fresh(inout b booking_guard.circuit_breakers,
-                                                            policy booking_guard.circuit_policies)
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    b.window_calls := 0;
-    b.window_failures := 0;
-    b.window_slow_calls := 0;
-    b.window_outcomes := null;
-    b.window_buckets := null;
-    b.window_head := null;
-    b.policy_pattern := policy.key_pattern;
-    if policy.sliding_window_type = 'count_based' then
-        b.window_head := 0;
-        b.window_outcomes := decode(repeat('00', policy.sliding_window_size), 'hex');
-    elsif policy.sliding_window_type = 'time_based' then
-        b.window_head := 0;
-        b.window_buckets := array_fill(0, array[3 * (booking_guard_internal.circuit_buckets(policy.sliding_window_size)).buckets]);
-    end if;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_window_fresh(booking_guard.circuit_breakers, booking_guard.circuit_policies) is
-    'Empties the sliding window of a breaker, in the shape its policy asks for (no window for consecutive failures), and ties it to that policy row.';
-
-create function booking_guard_internal.circuit_window_fits(b booking_guard.circuit_breakers, policy booking_guard.circuit_policies)
-returns boolean
-language plpgsql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    if b.policy_pattern is distinct from policy.key_pattern then
-        return false;
-    end if;
-    return case policy.sliding_window_type
-               when 'consecutive' then b.window_head is null
-               when 'count_based' then b.window_head is not null and b.window_buckets is null
-                                       and length(b.window_outcomes) = policy.sliding_window_size
-               else b.window_head is not null and b.window_outcomes is null
-                    and cardinality(b.window_buckets) = 3 * (booking_guard_internal.circuit_buckets(policy.sliding_window_size)).buckets
-           end;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_window_fits(booking_guard.circuit_breakers, booking_guard.circuit_policies) is
-    'Whether the stored window of a breaker was built for its policy row and has the shape that policy asks for.';
-
--- One call's result into the window of a closed breaker: count_based drops the call recorded
--- sliding_window_size calls ago; time_based first drops the buckets that have left the window.
-create function booking_guard_internal.circuit_window_add(inout b booking_guard.circuit_breakers,
-                                                          policy booking_guard.circuit_policies,
-                                                          at timestamptz, failed boolean, slow boolean)
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_failed  integer := failed::integer;
-    v_slow    integer := slow::integer;
-    v_pos     integer;
-    v_old     integer;
-    v_width   integer;
-    v_count   integer;
-    v_bucket  bigint;
-    v_slot    integer;
-begin
-    if policy.sliding_window_type = 'count_based' then
-        v_pos := (b.window_head % policy.sliding_window_size)::integer;
-        if b.window_head >= policy.sliding_window_size then
-            v_old := get_byte(b.window_outcomes, v_pos);
-            b.window_calls := b.window_calls - 1;
-            b.window_failures := b.window_failures - (v_old & 1);
-            b.window_slow_calls := b.window_slow_calls - ((v_old >> 1) & 1);
-        end if;
-        b.window_outcomes := set_byte(b.window_outcomes, v_pos, v_failed | (v_slow << 1));
-        b.window_head := b.window_head + 1;
-    else
-        select x.width, x.buckets into v_width, v_count from booking_guard_internal.circuit_buckets(policy.sliding_window_size) x;
-        v_bucket := floor(extract(epoch from at) / v_width)::bigint;
-        if v_bucket > b.window_head then
-            -- the buckets between the newest one and now leave the window (at most all of them)
-            for i in 1 .. least(v_bucket - b.window_head, v_count) loop
-                v_slot := 3 * ((b.window_head + i) % v_count)::integer;
-                b.window_calls := b.window_calls - b.window_buckets[v_slot + 1];
-                b.window_failures := b.window_failures - b.window_buckets[v_slot + 2];
-                b.window_slow_calls := b.window_slow_calls - b.window_buckets[v_slot + 3];
-                b.window_buckets[v_slot + 1] := 0;
-                b.window_buckets[v_slot + 2] := 0;
-                b.window_buckets[v_slot + 3] := 0;
-            end loop;
-            b.window_head := v_bucket;
-        end if;
-        -- a time before the newest bucket (a clock set back) counts in the newest bucket
-        v_slot := 3 * (b.window_head % v_count)::integer;
-        b.window_buckets[v_slot + 1] := b.window_buckets[v_slot + 1] + 1;
-        b.window_buckets[v_slot + 2] := b.window_buckets[v_slot + 2] + v_failed;
-        b.window_buckets[v_slot + 3] := b.window_buckets[v_slot + 3] + v_slow;
-    end if;
-    b.window_calls := b.window_calls + 1;
-    b.window_failures := b.window_failures + v_failed;
-    b.window_slow_calls := b.window_slow_calls + v_slow;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_window_add(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean, boolean) is
-    'Adds one call (failed or not, slow or not) to the sliding window of a closed breaker, dropping what leaves the window.';
-
--- The window's totals at a time, writing nothing (circuit_status): time_based leaves out the
--- buckets that have left the window since the last call was recorded.
-create function booking_guard_internal.circuit_window_at(b booking_guard.circuit_breakers, policy booking_guard.circuit_policies,
-                                                         at timestamptz,
-                                                         out calls integer, out failures integer, out slow_calls integer)
-language plpgsql
-stable
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_width   integer;
-    v_count   integer;
-    v_bucket  bigint;
-begin
-    calls := b.window_calls;
-    failures := b.window_failures;
-    slow_calls := b.window_slow_calls;
-    if b.state <> 'closed' or policy.sliding_window_type <> 'time_based' or b.window_buckets is null then
-        return;
-    end if;
-    select x.width, x.buckets into v_width, v_count from booking_guard_internal.circuit_buckets(policy.sliding_window_size) x;
-    v_bucket := floor(extract(epoch from at) / v_width)::bigint;
-    if v_bucket <= b.window_head or cardinality(b.window_buckets) <> 3 * v_count then
-        return;
-    end if;
-    -- slot s holds bucket head - ((head - s) mod count); it is in the window if newer than now - count
-    select coalesce(sum(b.window_buckets[3 * s + 1]), 0), coalesce(sum(b.window_buckets[3 * s + 2]), 0),
-           coalesce(sum(b.window_buckets[3 * s + 3]), 0)
-      into calls, failures, slow_calls
-      from generate_series(0, v_count - 1) s
-     where b.window_head - (((b.window_head - s) % v_count) + v_count) % v_count > v_bucket - v_count;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_window_at(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz) is
-    'The calls, failures and slow calls of a breaker''s window at a time, writing nothing (time_based: without the buckets that have left it).';
-
--- Whether the rates of a window open the breaker: the reason (failure_rate or slow_call_rate, with
--- the figures) when calls reach the minimum and a rate reaches its threshold, else null.
-create function booking_guard_internal.circuit_rates_exceeded(calls integer, failures integer, slow_calls integer,
-                                                              minimum integer, policy booking_guard.circuit_policies,
-                                                              what text)
-returns text
-language plpgsql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    return case
-               when calls < greatest(minimum, 1) then null
-               when failures * 100 >= policy.failure_rate_threshold * calls
-                   then format('failure_rate: %s of %s %s failed (%s%% >= %s%%)', failures, calls, what,
-                               round(failures * 100.0 / calls, 2), policy.failure_rate_threshold)
-               when slow_calls * 100 >= policy.slow_call_rate_threshold * calls
-                   then format('slow_call_rate: %s of %s %s slower than %s (%s%% >= %s%%)', slow_calls, calls, what,
-                               policy.slow_call_duration_threshold, round(slow_calls * 100.0 / calls, 2),
-                               policy.slow_call_rate_threshold)
-           end;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_rates_exceeded(integer, integer, integer, integer, booking_guard.circuit_policies, text) is
-    'The reason a window''s failure rate or slow-call rate opens the breaker (calls at least the minimum, a rate at or above its threshold), else null.';
 
 -- The minimum number of calls before a window's rates count: in closed state that of the policy
 -- (count_based: at most the window size); in half-open at most the trial calls permitted.
@@ -387,38 +214,200 @@ $$;
 comment on function booking_guard_internal.circuit_minimum_calls(booking_guard.circuit_policies, text) is
     'Calls a window must hold before its rates count: minimum_number_of_calls, at most the window size (count_based) or the trial calls permitted (half-open).';
 
--- A breaker row for a key not seen before: every key is a row and a set of metric series, so
--- there are at most circuit_max_keys of them (one role cannot grow them without bound).
-create function booking_guard_internal.circuit_add_key(key text)
-returns void
+-- A window with no calls: an all-zero ring (count_based) or buckets (time_based) of its size.
+create function booking_guard_internal.circuit_window_empty(w booking_guard_internal.circuit_windows)
+returns booking_guard_internal.circuit_windows
+language plpgsql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    w.calls := 0;
+    w.failures := 0;
+    w.slow_calls := 0;
+    w.head := 0;
+    w.bucket_width := null;
+    w.outcomes := null;
+    w.buckets := null;
+    if w.sliding_window_type = 'count_based' then
+        w.outcomes := decode(repeat('00', w.sliding_window_size), 'hex');
+    else
+        w.bucket_width := (booking_guard_internal.circuit_buckets(w.sliding_window_size)).width;
+        w.buckets := array_fill(0, array[3 * (booking_guard_internal.circuit_buckets(w.sliding_window_size)).buckets]);
+    end if;
+    return w;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_window_empty(booking_guard_internal.circuit_windows) is
+    'A window emptied: no calls, and an all-zero ring (count_based) or buckets (time_based) of its size.';
+
+-- The window of a key as its policy asks for it now: none for consecutive failures; the same
+-- window with the policy's current thresholds when it was built for that policy row and shape;
+-- else an empty one (a window is only ever read with the shape it was built for).
+create function booking_guard_internal.circuit_window_for(w booking_guard_internal.circuit_windows, key text,
+                                                          policy booking_guard.circuit_policies)
+returns booking_guard_internal.circuit_windows
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if policy.sliding_window_type = 'consecutive' then
+        return null;
+    end if;
+    if w.key is null or w.policy_pattern is distinct from policy.key_pattern
+       or w.sliding_window_type is distinct from policy.sliding_window_type
+       or w.sliding_window_size is distinct from policy.sliding_window_size then
+        w := null;
+        w.key := key;
+        w.policy_pattern := policy.key_pattern;
+        w.sliding_window_type := policy.sliding_window_type;
+        w.sliding_window_size := policy.sliding_window_size;
+        w := booking_guard_internal.circuit_window_empty(w);
+    end if;
+    w.minimum_number_of_calls := booking_guard_internal.circuit_minimum_calls(policy, 'closed');
+    w.failure_rate_threshold := policy.failure_rate_threshold;
+    w.slow_call_rate_threshold := policy.slow_call_rate_threshold;
+    w.slow_call_duration_threshold := policy.slow_call_duration_threshold;
+    return w;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_window_for(booking_guard_internal.circuit_windows, text, booking_guard.circuit_policies) is
+    'The window of a key as its policy asks for it now: null (consecutive failures), the same window with the policy''s current thresholds, or an empty one when the policy row or the window''s type or size changed.';
+
+-- One call's result into the window of a closed breaker: count_based drops the call recorded
+-- sliding_window_size calls ago; time_based first drops the buckets that have left the window.
+create function booking_guard_internal.circuit_window_add(inout w booking_guard_internal.circuit_windows,
+                                                          at timestamptz, failed boolean, slow boolean)
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_max  bigint;
-    b      booking_guard.circuit_breakers;
+    v_failed  integer := failed::integer;
+    v_slow    integer := slow::integer;
+    v_pos     integer;
+    v_old     integer;
+    v_count   integer;
+    v_bucket  bigint;
+    v_slot    integer;
 begin
-    if exists (select from booking_guard.circuit_breakers c where c.key = circuit_add_key.key) then
-        return;
+    if w.sliding_window_type = 'count_based' then
+        v_pos := (w.head % w.sliding_window_size)::integer;
+        if w.head >= w.sliding_window_size then
+            v_old := get_byte(w.outcomes, v_pos);
+            w.calls := w.calls - 1;
+            w.failures := w.failures - (v_old & 1);
+            w.slow_calls := w.slow_calls - ((v_old >> 1) & 1);
+        end if;
+        w.outcomes := set_byte(w.outcomes, v_pos, v_failed | (v_slow << 1));
+        w.head := w.head + 1;
+    else
+        v_count := cardinality(w.buckets) / 3;
+        v_bucket := floor(extract(epoch from at) / w.bucket_width)::bigint;
+        if v_bucket > w.head then
+            -- the buckets between the newest one and now leave the window (at most all of them)
+            for i in 1 .. least(v_bucket - w.head, v_count) loop
+                v_slot := 3 * ((w.head + i) % v_count)::integer;
+                w.calls := w.calls - w.buckets[v_slot + 1];
+                w.failures := w.failures - w.buckets[v_slot + 2];
+                w.slow_calls := w.slow_calls - w.buckets[v_slot + 3];
+                w.buckets[v_slot + 1] := 0;
+                w.buckets[v_slot + 2] := 0;
+                w.buckets[v_slot + 3] := 0;
+            end loop;
+            w.head := v_bucket;
+        end if;
+        -- a time before the newest bucket (a clock set back) counts in the newest bucket
+        v_slot := 3 * (w.head % v_count)::integer;
+        w.buckets[v_slot + 1] := w.buckets[v_slot + 1] + 1;
+        w.buckets[v_slot + 2] := w.buckets[v_slot + 2] + v_failed;
+        w.buckets[v_slot + 3] := w.buckets[v_slot + 3] + v_slow;
     end if;
-    perform booking_guard_internal.circuit_check_key(circuit_add_key.key);
-    v_max := (select s.integer_value from booking_guard.settings s where s.name = 'circuit_max_keys');
-    if (select count(*) from (select from booking_guard.circuit_breakers limit v_max) b) >= v_max then
-        raise exception 'too many circuit breaker keys: % exist', v_max
-            using errcode = 'BG005',
-                  detail = format('circuit_max_keys is %s; the key %s would be one more.', v_max, quote_literal(circuit_add_key.key)),
-                  hint = 'Use a bounded set of keys (per service, per staff member, global), or raise the limit with '
-                         'set_setting(''circuit_max_keys'', ...).';
-    end if;
-    b := booking_guard_internal.circuit_window_fresh(b, booking_guard_internal.circuit_policy(circuit_add_key.key));
-    insert into booking_guard.circuit_breakers as c (key, window_head, window_outcomes, window_buckets, policy_pattern)
-    values (circuit_add_key.key, b.window_head, b.window_outcomes, b.window_buckets, b.policy_pattern)
-        on conflict on constraint circuit_breakers_pkey do nothing;
+    w.calls := w.calls + 1;
+    w.failures := w.failures + v_failed;
+    w.slow_calls := w.slow_calls + v_slow;
 end
 $$;
 
-comment on function booking_guard_internal.circuit_add_key(text) is
-    'Adds the breaker row of a new key, with the window its policy asks for: BG005 for an invalid key or past circuit_max_keys keys.';
+comment on function booking_guard_internal.circuit_window_add(booking_guard_internal.circuit_windows, timestamptz, boolean, boolean) is
+    'Adds one call (failed or not, slow or not) to the sliding window of a closed breaker, dropping what leaves the window.';
+
+-- One trial call into the window of a half-open breaker: it only counts them (half_open_max_calls at most).
+create function booking_guard_internal.circuit_window_trial(inout w booking_guard_internal.circuit_windows,
+                                                            failed boolean, slow boolean)
+language plpgsql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    w.calls := w.calls + 1;
+    w.failures := w.failures + failed::integer;
+    w.slow_calls := w.slow_calls + slow::integer;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_window_trial(booking_guard_internal.circuit_windows, boolean, boolean) is
+    'Counts one trial call (failed or not, slow or not) in the window of a half-open breaker.';
+
+-- The window's totals at a time, writing nothing (circuit_status): time_based leaves out the
+-- buckets that have left the window since the last call was recorded.
+create function booking_guard_internal.circuit_window_at(w booking_guard_internal.circuit_windows, state text, at timestamptz,
+                                                         out calls integer, out failures integer, out slow_calls integer)
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_count   integer;
+    v_bucket  bigint;
+begin
+    calls := w.calls;
+    failures := w.failures;
+    slow_calls := w.slow_calls;
+    if state <> 'closed' or w.sliding_window_type <> 'time_based' then
+        return;
+    end if;
+    v_count := cardinality(w.buckets) / 3;
+    v_bucket := floor(extract(epoch from at) / w.bucket_width)::bigint;
+    if v_bucket <= w.head then
+        return;
+    end if;
+    -- slot s holds bucket head - ((head - s) mod count); it is in the window if newer than now - count
+    select coalesce(sum(w.buckets[3 * s + 1]), 0), coalesce(sum(w.buckets[3 * s + 2]), 0), coalesce(sum(w.buckets[3 * s + 3]), 0)
+      into calls, failures, slow_calls
+      from generate_series(0, v_count - 1) s
+     where w.head - (((w.head - s) % v_count) + v_count) % v_count > v_bucket - v_count;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_window_at(booking_guard_internal.circuit_windows, text, timestamptz) is
+    'The calls, failures and slow calls of a breaker''s window at a time, writing nothing (time_based: without the buckets that have left it).';
+
+-- Whether the rates of a window open the breaker: the reason (failure_rate or slow_call_rate, with
+-- the figures) when its calls reach the minimum and a rate reaches its threshold, else null.
+create function booking_guard_internal.circuit_rates_exceeded(w booking_guard_internal.circuit_windows, minimum integer, what text)
+returns text
+language plpgsql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return case
+               when w.calls < greatest(minimum, 1) then null
+               when w.failures * 100 >= w.failure_rate_threshold * w.calls
+                   then format('failure_rate: %s of %s %s failed (%s%% >= %s%%)', w.failures, w.calls, what,
+                               round(w.failures * 100.0 / w.calls, 2), w.failure_rate_threshold)
+               when w.slow_calls * 100 >= w.slow_call_rate_threshold * w.calls
+                   then format('slow_call_rate: %s of %s %s slower than %s (%s%% >= %s%%)', w.slow_calls, w.calls, what,
+                               w.slow_call_duration_threshold, round(w.slow_calls * 100.0 / w.calls, 2), w.slow_call_rate_threshold)
+           end;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_rates_exceeded(booking_guard_internal.circuit_windows, integer, text) is
+    'The reason a window''s failure rate or slow-call rate opens the breaker (calls at least the minimum, a rate at or above its threshold), else null.';
 
 -- (PL/pgSQL, not SQL: its plan is kept for the session instead of made at every call)
 create function booking_guard_internal.circuit_policy(key text)
@@ -451,11 +440,93 @@ $$;
 comment on function booking_guard_internal.circuit_policy(text) is
     'The policy of a key: the matching key_pattern of circuit_policies with the most literal (non-wildcard) characters (built-in defaults if none matches).';
 
--- Each breaker's window belongs to one policy row (policy_pattern). A policy row that comes, goes or
--- changes its pattern moves keys from one policy to another; a change of its window type or size
--- changes the shape of its keys' windows: those windows start afresh, in the shape of the key's
--- policy now, so that a window is only ever read with the shape it was built for. A change of a
--- threshold or a duration takes effect on the next result, with the window kept.
+-- Writes the working copies of a breaker and its window (the caller holds both row locks, the
+-- window's first). The window takes from the breaker whether it is closed and its latest
+-- transition, which the one-statement path of a result reads from it.
+create function booking_guard_internal.circuit_store(b booking_guard.circuit_breakers, w booking_guard_internal.circuit_windows,
+                                                     at timestamptz)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    update booking_guard.circuit_breakers c
+       set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
+           last_failure_at = b.last_failure_at, opened_at = b.opened_at, closed_at = b.closed_at,
+           forced_until = b.forced_until, updated_at = at, window_type = w.sliding_window_type,
+           last_transition_id = b.last_transition_id
+     where c.key = b.key;
+    if w.key is not null then
+        insert into booking_guard_internal.circuit_windows as x
+               (key, policy_pattern, sliding_window_type, sliding_window_size, bucket_width, minimum_number_of_calls,
+                failure_rate_threshold, slow_call_rate_threshold, slow_call_duration_threshold, closed, last_transition_id,
+                calls, failures, slow_calls, head, outcomes, buckets)
+        values (b.key, w.policy_pattern, w.sliding_window_type, w.sliding_window_size, w.bucket_width, w.minimum_number_of_calls,
+                w.failure_rate_threshold, w.slow_call_rate_threshold, w.slow_call_duration_threshold, b.state = 'closed',
+                b.last_transition_id, w.calls, w.failures, w.slow_calls, w.head, w.outcomes, w.buckets)
+        on conflict (key) do update
+           set policy_pattern = excluded.policy_pattern, sliding_window_type = excluded.sliding_window_type,
+               sliding_window_size = excluded.sliding_window_size, bucket_width = excluded.bucket_width,
+               minimum_number_of_calls = excluded.minimum_number_of_calls, failure_rate_threshold = excluded.failure_rate_threshold,
+               slow_call_rate_threshold = excluded.slow_call_rate_threshold,
+               slow_call_duration_threshold = excluded.slow_call_duration_threshold, closed = excluded.closed,
+               last_transition_id = excluded.last_transition_id, calls = excluded.calls, failures = excluded.failures,
+               slow_calls = excluded.slow_calls, head = excluded.head, outcomes = excluded.outcomes, buckets = excluded.buckets;
+    elsif b.window_type is not null then
+        delete from booking_guard_internal.circuit_windows x where x.key = b.key;
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_store(booking_guard.circuit_breakers, booking_guard_internal.circuit_windows, timestamptz) is
+    'Writes the working copies of a breaker and of its window (none: deleted) back; callers hold both row locks.';
+
+-- A breaker row for a key not seen before: every key is a row and a set of metric series, so
+-- there are at most circuit_max_keys of them (one role cannot grow them without bound).
+create function booking_guard_internal.circuit_add_key(key text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_max    bigint;
+    v_added  integer;
+    b        booking_guard.circuit_breakers;
+    w        booking_guard_internal.circuit_windows;
+begin
+    if exists (select from booking_guard.circuit_breakers c where c.key = circuit_add_key.key) then
+        return;
+    end if;
+    perform booking_guard_internal.circuit_check_key(circuit_add_key.key);
+    v_max := (select s.integer_value from booking_guard.settings s where s.name = 'circuit_max_keys');
+    if (select count(*) from (select from booking_guard.circuit_breakers limit v_max) b) >= v_max then
+        raise exception 'too many circuit breaker keys: % exist', v_max
+            using errcode = 'BG005',
+                  detail = format('circuit_max_keys is %s; the key %s would be one more.', v_max, quote_literal(circuit_add_key.key)),
+                  hint = 'Use a bounded set of keys (per service, per staff member, global), or raise the limit with '
+                         'set_setting(''circuit_max_keys'', ...).';
+    end if;
+    insert into booking_guard.circuit_breakers as c (key) values (circuit_add_key.key)
+        on conflict on constraint circuit_breakers_pkey do nothing
+    returning c.* into b;
+    get diagnostics v_added = row_count;
+    if v_added = 1 then
+        w := booking_guard_internal.circuit_window_for(null, circuit_add_key.key,
+                                                       booking_guard_internal.circuit_policy(circuit_add_key.key));
+        if w.key is not null then
+            perform booking_guard_internal.circuit_store(b, w, b.updated_at);
+        end if;
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.circuit_add_key(text) is
+    'Adds the breaker row of a new key, and the window its policy asks for: BG005 for an invalid key or past circuit_max_keys keys.';
+
+-- A policy row that comes, goes, or changes its pattern, window type or window size moves keys to
+-- another policy or changes the shape of their window: each such key gets the window of its policy
+-- now (empty, unless it was built for that policy row and shape). A change of a threshold, the
+-- minimum or the slow-call duration goes to the windows of that policy row, which keep their calls.
 create function booking_guard_internal.circuit_policies_changed()
 returns trigger
 language plpgsql
@@ -464,45 +535,48 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_patterns  text[];
-    v_reshaped  text;       -- the policy row whose window type or size changed
-    c           booking_guard.circuit_breakers;
-    p           booking_guard.circuit_policies;
+    k           text;
+    b           booking_guard.circuit_breakers;
+    w0          booking_guard_internal.circuit_windows;
+    w           booking_guard_internal.circuit_windows;
 begin
     if tg_op = 'TRUNCATE' then
         v_patterns := array['%'];
     elsif tg_op = 'UPDATE' then
         if old.key_pattern = new.key_pattern and old.sliding_window_type = new.sliding_window_type
            and old.sliding_window_size = new.sliding_window_size then
+            update booking_guard_internal.circuit_windows x
+               set minimum_number_of_calls = booking_guard_internal.circuit_minimum_calls(new, 'closed'),
+                   failure_rate_threshold = new.failure_rate_threshold, slow_call_rate_threshold = new.slow_call_rate_threshold,
+                   slow_call_duration_threshold = new.slow_call_duration_threshold
+             where x.policy_pattern = new.key_pattern;
             return null;
         end if;
         v_patterns := array[old.key_pattern, new.key_pattern];
-        v_reshaped := new.key_pattern;
     elsif tg_op = 'INSERT' then
         v_patterns := array[new.key_pattern];
     else
         v_patterns := array[old.key_pattern];
     end if;
-    for c in
-        select * from booking_guard.circuit_breakers b
-         where b.key like any (v_patterns) or b.policy_pattern = any (v_patterns) or b.policy_pattern is null
-         order by b.key collate "C"
-           for update
+    for k in
+        select c.key from booking_guard.circuit_breakers c
+         where c.key like any (v_patterns)
+            or c.key in (select x.key from booking_guard_internal.circuit_windows x where x.policy_pattern = any (v_patterns))
+         order by c.key collate "C"
     loop
-        p := booking_guard_internal.circuit_policy(c.key);
-        continue when c.policy_pattern is not distinct from p.key_pattern and p.key_pattern is distinct from v_reshaped;
-        c := booking_guard_internal.circuit_window_fresh(c, p);
-        update booking_guard.circuit_breakers b
-           set window_calls = c.window_calls, window_failures = c.window_failures, window_slow_calls = c.window_slow_calls,
-               window_head = c.window_head, window_outcomes = c.window_outcomes, window_buckets = c.window_buckets,
-               policy_pattern = c.policy_pattern
-         where b.key = c.key;
+        select * into w0 from booking_guard_internal.circuit_windows x where x.key = k for update;   -- the window first
+        select * into b from booking_guard.circuit_breakers c where c.key = k for update;
+        w := booking_guard_internal.circuit_window_for(w0, k, booking_guard_internal.circuit_policy(k));
+        if w is distinct from w0 then
+            perform booking_guard_internal.circuit_store(b, w, now());
+        end if;
     end loop;
     return null;
 end
 $$;
 
 comment on function booking_guard_internal.circuit_policies_changed() is
-    'Trigger: when a policy row comes, goes, changes its pattern or its window, starts afresh the windows of the keys whose policy row or window shape changed.';
+    'Trigger: gives the keys whose policy row or window shape changed the window of their policy now; passes a new threshold to the windows of its policy row.';
 
 create trigger circuit_policies_changed
     after insert or update or delete on booking_guard.circuit_policies
@@ -539,7 +613,7 @@ comment on function booking_guard_internal.circuit_transition(text, text, text, 
 
 -- The verdict of a half-open breaker whose policy has rates: none until the trial calls reported
 -- reach the minimum (at most half_open_max_calls), then open if a rate reaches its threshold, else closed.
-create function booking_guard_internal.circuit_trial_verdict(b booking_guard.circuit_breakers,
+create function booking_guard_internal.circuit_trial_verdict(w booking_guard_internal.circuit_windows,
                                                              policy booking_guard.circuit_policies,
                                                              out to_state text, out reason text)
 language plpgsql
@@ -547,31 +621,31 @@ immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if b.window_calls < booking_guard_internal.circuit_minimum_calls(policy, 'half_open') then
+    if w.calls < booking_guard_internal.circuit_minimum_calls(policy, 'half_open') then
         return;
     end if;
-    reason := booking_guard_internal.circuit_rates_exceeded(b.window_calls, b.window_failures, b.window_slow_calls, 0,
-                                                            policy, 'trial calls');
+    reason := booking_guard_internal.circuit_rates_exceeded(w, 0, 'trial calls');
     if reason is not null then
         to_state := 'open';
         return;
     end if;
     to_state := 'closed';
-    reason := format('trial_rates: %s of %s trial calls failed, %s slow (below %s%% and %s%%)', b.window_failures, b.window_calls,
-                     b.window_slow_calls, policy.failure_rate_threshold, policy.slow_call_rate_threshold);
+    reason := format('trial_rates: %s of %s trial calls failed, %s slow (below %s%% and %s%%)', w.failures, w.calls, w.slow_calls,
+                     w.failure_rate_threshold, w.slow_call_rate_threshold);
 end
 $$;
 
-comment on function booking_guard_internal.circuit_trial_verdict(booking_guard.circuit_breakers, booking_guard.circuit_policies) is
+comment on function booking_guard_internal.circuit_trial_verdict(booking_guard_internal.circuit_windows, booking_guard.circuit_policies) is
     'Half-open with rates: no verdict before the minimum of trial calls has reported; then open (a rate at its threshold) or closed, with the reason.';
 
 -- The time-driven part of the state machine, replayed up to `clock`: open -> half_open when the cooldown
 -- (and any forced_until) has passed; in half-open a trial lease that ran out is a failed trial call at
--- its expiry (consecutive: it reopens the breaker; with rates: it counts toward the trial calls' rates,
+-- its end (consecutive: it reopens the breaker; with rates: it counts toward the trial calls' rates,
 -- which may reopen or close it). With apply the transitions are written and expired leases deleted (the
--- caller holds the row lock and stores b); without it nothing is written and the outcome is only
--- computed (circuit_state, circuit_status).
+-- caller holds the row locks and stores b and w); without it nothing is written and the outcome is only
+-- computed (circuit_state, circuit_status). w is the key's window (null for consecutive failures).
 create function booking_guard_internal.circuit_advance(inout b booking_guard.circuit_breakers,
+                                              inout w booking_guard_internal.circuit_windows,
                                               policy booking_guard.circuit_policies,
                                               clock timestamptz, apply boolean,
                                               out steps integer, out opens integer,
@@ -587,8 +661,8 @@ declare
     v_verdict     record;
     v_decided     boolean;
     v_fresh       boolean := false;   -- a transition happened here: the key has no permits any more
-    v_rates       boolean := policy.sliding_window_type <> 'consecutive';
-    v_slow        integer := (policy.call_timeout > policy.slow_call_duration_threshold)::integer;
+    v_rates       boolean := w.key is not null;
+    v_slow        boolean := policy.call_timeout > policy.slow_call_duration_threshold;   -- an expired trial took call_timeout
 begin
     steps := 0;
     opens := 0;
@@ -605,7 +679,9 @@ begin
             b.state := 'half_open';
             b.success_count := 0;
             b.forced_until := null;
-            b := booking_guard_internal.circuit_window_fresh(b, policy);   -- with rates: counts the trial calls
+            if v_rates then
+                w := booking_guard_internal.circuit_window_empty(w);   -- it counts the trial calls
+            end if;
         elsif b.state = 'half_open' and not v_fresh and not v_rates then
             select p.permit, p.expires_at into v_permit, v_expired
               from booking_guard.circuit_permits p
@@ -634,12 +710,9 @@ begin
                 if apply then
                     delete from booking_guard.circuit_permits p where p.key = b.key and p.permit = v_permit;
                 end if;
-                b.window_calls := b.window_calls + 1;
-                b.window_failures := b.window_failures + 1;
-                b.window_slow_calls := b.window_slow_calls + v_slow;
-                b.failure_count := b.failure_count + 1;
+                w := booking_guard_internal.circuit_window_trial(w, true, v_slow);
                 b.last_failure_at := v_expired;
-                select * into v_verdict from booking_guard_internal.circuit_trial_verdict(b, policy);
+                select * into v_verdict from booking_guard_internal.circuit_trial_verdict(w, policy);
                 continue when v_verdict.to_state is null;
                 v_decided := true;
                 last_from := 'half_open';
@@ -654,8 +727,7 @@ begin
                     opens := opens + 1;
                 else
                     b.closed_at := v_expired;
-                    b.failure_count := 0;
-                    b := booking_guard_internal.circuit_window_fresh(b, policy);
+                    w := booking_guard_internal.circuit_window_empty(w);
                 end if;
                 exit;
             end loop;
@@ -672,29 +744,8 @@ begin
 end
 $$;
 
-comment on function booking_guard_internal.circuit_advance(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean) is
+comment on function booking_guard_internal.circuit_advance(booking_guard.circuit_breakers, booking_guard_internal.circuit_windows, booking_guard.circuit_policies, timestamptz, boolean) is
     'Replays the time-driven transitions of a breaker up to a time (cooldown elapsed, trial lease expired as a failed trial call); writes them only with apply.';
-
--- Stores the working copy of a breaker (the caller holds its row lock).
-create function booking_guard_internal.circuit_store(b booking_guard.circuit_breakers, at timestamptz)
-returns void
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    update booking_guard.circuit_breakers c
-       set state = b.state, failure_count = b.failure_count, success_count = b.success_count,
-           last_failure_at = b.last_failure_at, opened_at = b.opened_at, closed_at = b.closed_at,
-           forced_until = b.forced_until, updated_at = at, window_calls = b.window_calls,
-           window_failures = b.window_failures, window_slow_calls = b.window_slow_calls, window_head = b.window_head,
-           window_outcomes = b.window_outcomes, window_buckets = b.window_buckets, policy_pattern = b.policy_pattern,
-           last_transition_id = b.last_transition_id
-     where c.key = b.key;
-end
-$$;
-
-comment on function booking_guard_internal.circuit_store(booking_guard.circuit_breakers, timestamptz) is
-    'Writes the working copy of a breaker back to its row (callers hold the row lock).';
 
 -- Whether a call under the given scopes may run, as values (the core of circuit_acquire and
 -- circuit_try_acquire). Every scope must admit it: a closed breaker always does; an open one not
@@ -713,6 +764,8 @@ declare
     k          text;
     b          booking_guard.circuit_breakers;
     stored     booking_guard.circuit_breakers;
+    w0         booking_guard_internal.circuit_windows;
+    w          booking_guard_internal.circuit_windows;
     p          booking_guard.circuit_policies;
     adv        record;
     v_now      timestamptz;
@@ -754,15 +807,18 @@ begin
         v_locked := v_locked || k;
     end loop;
 
-    -- half-open (or due to become so): trial calls are counted under the row lock, across all sessions
+    -- half-open (or due to become so): trial calls are counted under the row locks, across all sessions
     foreach k in array v_locked loop
+        select * into w0 from booking_guard_internal.circuit_windows x where x.key = k for update;   -- the window first
         select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
         v_now := booking_guard_internal.circuit_now();
         p := booking_guard_internal.circuit_policy(k);
-        select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
+        select * into adv
+          from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_window_for(w0, k, p), p, v_now, true);
         b := adv.b;
-        if b is distinct from stored then
-            perform booking_guard_internal.circuit_store(b, v_now);
+        w := adv.w;
+        if b is distinct from stored or w is distinct from w0 then
+            perform booking_guard_internal.circuit_store(b, w, v_now);
         end if;
         v_wait := null;
         if b.state = 'open' then
@@ -771,8 +827,8 @@ begin
         elsif b.state = 'half_open' then
             select count(*), min(c.expires_at) into v_taken, v_free_at
               from booking_guard.circuit_permits c where c.key = k;
-            if p.sliding_window_type <> 'consecutive' then
-                v_taken := v_taken + b.window_calls;   -- the trial calls already reported
+            if w.key is not null then
+                v_taken := v_taken + w.calls;   -- with rates: the trial calls already reported
             end if;
             if v_taken < p.half_open_max_calls then
                 v_trials := v_trials || k;
@@ -921,8 +977,8 @@ $$;
 comment on function booking_guard.circuit_try_acquire(text[]) is
     'circuit_acquire(keys) without the exception: one row (allowed, state, retry_after_seconds, permit, refused_by: the scope that refuses longest).';
 
--- The result of a call, under the breaker row lock (circuit_record skips it when the result cannot
--- change anything).
+-- The result of a call, under the row locks of the breaker and its window (circuit_record takes
+-- the common cases without this).
 create function booking_guard_internal.circuit_record_result(key text, permit bigint, succeeded boolean, error text,
                                                              duration interval)
 returns text
@@ -932,7 +988,9 @@ as $$
 declare
     k          text := circuit_record_result.key;
     b          record;   -- the working copy (a record: pgspot's parser cannot follow fields of a named row type)
+    w          booking_guard_internal.circuit_windows;   -- the working copy of the window (none: all null)
     stored     booking_guard.circuit_breakers;
+    w0         booking_guard_internal.circuit_windows;
     p          booking_guard.circuit_policies;
     adv        record;
     v_verdict  record;
@@ -944,21 +1002,22 @@ declare
     v_reason   text;
     v_error    text := nullif(left(btrim(circuit_record_result.error), 200), '');
 begin
+    select * into w0 from booking_guard_internal.circuit_windows x where x.key = k for update;   -- the window first
     select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
     if not found then
         perform booking_guard_internal.circuit_add_key(k);
+        select * into w0 from booking_guard_internal.circuit_windows x where x.key = k for update;
         select * into stored from booking_guard.circuit_breakers c where c.key = k for update;
     end if;
     v_now := booking_guard_internal.circuit_now();
-    p := booking_guard_internal.circuit_policy(k);   -- read after the lock: a policy change restarting the window is seen
+    p := booking_guard_internal.circuit_policy(k);   -- read after the locks: a policy change is seen whole
+    w := booking_guard_internal.circuit_window_for(w0, k, p);
     if stored.state = 'closed' then
         b := stored;   -- nothing in closed state is driven by time
     else
-        select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
+        select * into adv from booking_guard_internal.circuit_advance(stored, w, p, v_now, true);
         b := adv.b;
-    end if;
-    if not booking_guard_internal.circuit_window_fits(b, p) then
-        b := booking_guard_internal.circuit_window_fresh(b, p);
+        w := adv.w;
     end if;
 
     -- Does this result count? Only toward the state its permit was granted in.
@@ -979,7 +1038,8 @@ begin
 
     if not v_counts then
         null;
-    elsif p.sliding_window_type = 'consecutive' then
+    elsif w.key is null then
+        -- consecutive failures
         if succeeded and b.state = 'closed' then
             b.failure_count := 0;
         elsif succeeded then
@@ -1013,20 +1073,13 @@ begin
     else
         -- rates: slow is longer than slow_call_duration_threshold, as reported, or for a trial call
         -- measured from its permit; a closed call reported without a duration is not slow
-        v_slow := coalesce(coalesce(duration, v_now - v_granted) > p.slow_call_duration_threshold, false);
-        if succeeded then
-            b.failure_count := 0;
-        else
-            b.failure_count := b.failure_count + 1;
+        v_slow := coalesce(coalesce(duration, v_now - v_granted) > w.slow_call_duration_threshold, false);
+        if not succeeded then
             b.last_failure_at := v_now;
         end if;
         if b.state = 'closed' then
-            b := booking_guard_internal.circuit_window_add(b, p, v_now, not succeeded, v_slow);
-            if b.window_calls >= booking_guard_internal.circuit_minimum_calls(p, 'closed') then   -- (else no rate yet)
-                v_reason := booking_guard_internal.circuit_rates_exceeded(b.window_calls, b.window_failures, b.window_slow_calls,
-                                                                          booking_guard_internal.circuit_minimum_calls(p, 'closed'),
-                                                                          p, 'calls');
-            end if;
+            w := booking_guard_internal.circuit_window_add(w, v_now, not succeeded, v_slow);
+            v_reason := booking_guard_internal.circuit_rates_exceeded(w, w.minimum_number_of_calls, 'calls');
             if v_reason is not null then
                 b.last_transition_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
                                                                   v_reason || case when succeeded then '' else coalesce(': ' || v_error, '') end);
@@ -1035,11 +1088,9 @@ begin
                 b.success_count := 0;
             end if;
         else
-            b.window_calls := b.window_calls + 1;
-            b.window_failures := b.window_failures + (not succeeded)::integer;
-            b.window_slow_calls := b.window_slow_calls + v_slow::integer;
+            w := booking_guard_internal.circuit_window_trial(w, not succeeded, v_slow);
             b.success_count := b.success_count + succeeded::integer;
-            select * into v_verdict from booking_guard_internal.circuit_trial_verdict(b, p);
+            select * into v_verdict from booking_guard_internal.circuit_trial_verdict(w, p);
             if v_verdict.to_state is not null then
                 b.last_transition_id := booking_guard_internal.circuit_transition(k, 'half_open', v_verdict.to_state, v_now,
                                                                   v_verdict.reason
@@ -1050,29 +1101,28 @@ begin
                     b.opened_at := v_now;
                 else
                     b.closed_at := v_now;
-                    b.failure_count := 0;
-                    b := booking_guard_internal.circuit_window_fresh(b, p);
+                    w := booking_guard_internal.circuit_window_empty(w);
                 end if;
             end if;
         end if;
     end if;
 
-    if b is distinct from stored then
-        perform booking_guard_internal.circuit_store(b, v_now);
+    if b is distinct from stored or w is distinct from w0 then
+        perform booking_guard_internal.circuit_store(b, w, v_now);
     end if;
     return b.state;
 end
 $$;
 
 comment on function booking_guard_internal.circuit_record_result(text, bigint, boolean, text, interval) is
-    'Applies the result of a call to a breaker under its row lock (consecutive failures, or the window''s rates); a result of a permit from an earlier state (late) counts for nothing.';
+    'Applies the result of a call to a breaker under its row locks (consecutive failures, or the window''s rates); a result of a permit from an earlier state (late) counts for nothing.';
 
 -- One scope's result: answered without a lock when it cannot change anything (a success while
 -- closed with no failure streak and no window; any result while open before the cooldown's end).
--- A closed breaker with a window takes the result in one UPDATE, which also takes the row lock and
--- reads the policy row by its key (the path every call of a rate policy takes); what that cannot
--- settle (a window to roll forward, a late permit, a policy changed meanwhile, any other state)
--- goes to circuit_record_result.
+-- A closed breaker with a window takes the result in one UPDATE of its window, which also takes
+-- the window's row lock; only a failure (its time) or a result that opens the breaker writes the
+-- breaker row too. What that cannot settle (a window to roll to a new bucket, a late permit, a
+-- breaker no longer closed, a window not made yet) goes to circuit_record_result.
 create function booking_guard_internal.circuit_record(key text, permit bigint, succeeded boolean, error text,
                                                       duration interval)
 returns text
@@ -1080,17 +1130,14 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    k           text := circuit_record.key;
-    b           booking_guard.circuit_breakers;
-    p           booking_guard.circuit_policies;
-    v_now       timestamptz;
-    v_failed    integer := (not succeeded)::integer;
-    v_calls     integer;
-    v_failures  integer;
-    v_slow      integer;
-    v_reason    text;
-    v_id        bigint;
-    r           record;   -- what the UPDATE returns: the window's totals and the policy row
+    k         text := circuit_record.key;
+    b         booking_guard.circuit_breakers;
+    p         booking_guard.circuit_policies;
+    w         booking_guard_internal.circuit_windows;
+    v_now     timestamptz;
+    v_failed  integer := (not succeeded)::integer;
+    v_reason  text;
+    v_id      bigint;
 begin
     select * into b from booking_guard.circuit_breakers c where c.key = k;
     if not found then
@@ -1098,90 +1145,76 @@ begin
         if succeeded then
             return 'closed';   -- a success of a key never acquired changes nothing
         end if;
-    elsif b.state = 'closed' and succeeded and b.failure_count = 0 and b.window_head is null then
+    elsif b.state = 'closed' and succeeded and b.failure_count = 0 and b.window_type is null then
         return 'closed';       -- nothing to reset: no write, no lock
     elsif b.state = 'open' then
         p := booking_guard_internal.circuit_policy(k);
         if booking_guard_internal.circuit_now() < greatest(b.opened_at + p.cooldown, b.forced_until) then
             return 'open';     -- a late result neither moves opened_at, nor adds a transition, nor closes it
         end if;
-    elsif b.state = 'closed' and b.window_outcomes is not null then
+    elsif b.state = 'closed' and b.window_type = 'count_based' then
         v_now := booking_guard_internal.circuit_now();
-        -- count_based: the call sliding_window_size calls ago leaves, this one takes its byte
-        update booking_guard.circuit_breakers c
-           set window_outcomes = set_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer,
-                                          v_failed | (coalesce(duration > pol.slow_call_duration_threshold, false)::integer << 1)),
-               window_head = c.window_head + 1,
-               window_calls = c.window_calls + 1 - (c.window_head >= pol.sliding_window_size)::integer,
-               window_failures = c.window_failures + v_failed
-                                 - case when c.window_head >= pol.sliding_window_size
-                                        then get_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer) & 1
-                                        else 0 end,
-               window_slow_calls = c.window_slow_calls + coalesce(duration > pol.slow_call_duration_threshold, false)::integer
-                                   - case when c.window_head >= pol.sliding_window_size
-                                          then (get_byte(c.window_outcomes, (c.window_head % pol.sliding_window_size)::integer) >> 1) & 1
-                                          else 0 end,
-               failure_count = case when succeeded then 0 else c.failure_count + 1 end,
-               last_failure_at = case when succeeded then c.last_failure_at else v_now end,
-               updated_at = v_now
-          from booking_guard.circuit_policies pol
-         where c.key = k and pol.key_pattern = c.policy_pattern and c.state = 'closed'
-           and pol.sliding_window_type = 'count_based' and length(c.window_outcomes) = pol.sliding_window_size
-           and (circuit_record.permit is null or circuit_record.permit > coalesce(c.last_transition_id, 0))
-        returning c.window_calls, c.window_failures, c.window_slow_calls, pol as policy into r;
-    elsif b.state = 'closed' and b.window_buckets is not null then
+        -- the call sliding_window_size calls ago leaves the ring, this one takes its byte
+        update booking_guard_internal.circuit_windows x
+           set outcomes = set_byte(x.outcomes, (x.head % x.sliding_window_size)::integer,
+                                   v_failed | (coalesce(duration > x.slow_call_duration_threshold, false)::integer << 1)),
+               head = x.head + 1,
+               calls = x.calls + 1 - (x.head >= x.sliding_window_size)::integer,
+               failures = x.failures + v_failed
+                          - case when x.head >= x.sliding_window_size
+                                 then get_byte(x.outcomes, (x.head % x.sliding_window_size)::integer) & 1 else 0 end,
+               slow_calls = x.slow_calls + coalesce(duration > x.slow_call_duration_threshold, false)::integer
+                            - case when x.head >= x.sliding_window_size
+                                   then (get_byte(x.outcomes, (x.head % x.sliding_window_size)::integer) >> 1) & 1 else 0 end
+         where x.key = k and x.closed and x.sliding_window_type = 'count_based'
+           and (circuit_record.permit is null or circuit_record.permit > coalesce(x.last_transition_id, 0))
+        returning x.* into w;
+    elsif b.state = 'closed' and b.window_type = 'time_based' then
         v_now := booking_guard_internal.circuit_now();
-        -- time_based, within the newest bucket: that bucket counts one more call (rolling the window
-        -- forward to a new bucket is left to circuit_window_add)
-        update booking_guard.circuit_breakers c
-           set window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 1]
-                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 1] + 1,
-               window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 2]
-                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 2] + v_failed,
-               window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 3]
-                   = c.window_buckets[3 * (c.window_head % (cardinality(c.window_buckets) / 3))::integer + 3]
-                     + coalesce(duration > pol.slow_call_duration_threshold, false)::integer,
-               window_calls = c.window_calls + 1,
-               window_failures = c.window_failures + v_failed,
-               window_slow_calls = c.window_slow_calls + coalesce(duration > pol.slow_call_duration_threshold, false)::integer,
-               failure_count = case when succeeded then 0 else c.failure_count + 1 end,
-               last_failure_at = case when succeeded then c.last_failure_at else v_now end,
-               updated_at = v_now
-          from booking_guard.circuit_policies pol
-         where c.key = k and pol.key_pattern = c.policy_pattern and c.state = 'closed'
-           and pol.sliding_window_type = 'time_based'
-           and cardinality(c.window_buckets) = 3 * (booking_guard_internal.circuit_buckets(pol.sliding_window_size)).buckets
-           and c.window_head = floor(extract(epoch from v_now)
-                                     / (booking_guard_internal.circuit_buckets(pol.sliding_window_size)).width)::bigint
-           and (circuit_record.permit is null or circuit_record.permit > coalesce(c.last_transition_id, 0))
-        returning c.window_calls, c.window_failures, c.window_slow_calls, pol as policy into r;
+        -- within the newest bucket: it counts one more call
+        update booking_guard_internal.circuit_windows x
+           set buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 1]
+                   = x.buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 1] + 1,
+               buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 2]
+                   = x.buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 2] + v_failed,
+               buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 3]
+                   = x.buckets[3 * (x.head % (cardinality(x.buckets) / 3))::integer + 3]
+                     + coalesce(duration > x.slow_call_duration_threshold, false)::integer,
+               calls = x.calls + 1,
+               failures = x.failures + v_failed,
+               slow_calls = x.slow_calls + coalesce(duration > x.slow_call_duration_threshold, false)::integer
+         where x.key = k and x.closed and x.sliding_window_type = 'time_based'
+           and x.head = floor(extract(epoch from v_now) / x.bucket_width)::bigint
+           and (circuit_record.permit is null or circuit_record.permit > coalesce(x.last_transition_id, 0))
+        returning x.* into w;
     end if;
-    if r is null then
+    if w.key is null then
         return booking_guard_internal.circuit_record_result(k, circuit_record.permit, succeeded, error, duration);
     end if;
-    p := r.policy;
-    v_calls := r.window_calls;
-    v_failures := r.window_failures;
-    v_slow := r.window_slow_calls;
-    -- the result is in the window (the row lock is held): do its rates open the breaker?
-    if v_calls >= booking_guard_internal.circuit_minimum_calls(p, 'closed') then
-        v_reason := booking_guard_internal.circuit_rates_exceeded(v_calls, v_failures, v_slow, 0, p, 'calls');
+    -- the result is in the window, whose row lock is held: do its rates open the breaker?
+    v_reason := booking_guard_internal.circuit_rates_exceeded(w, w.minimum_number_of_calls, 'calls');
+    if v_reason is not null then
+        v_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
+                                                          v_reason || case when succeeded then ''
+                                                                           else coalesce(': ' || nullif(left(btrim(error), 200), ''), '') end);
+        update booking_guard_internal.circuit_windows x set closed = false, last_transition_id = v_id where x.key = k;
     end if;
-    if v_reason is null then
-        return 'closed';
+    if v_reason is not null or not succeeded then
+        update booking_guard.circuit_breakers c
+           set last_failure_at = case when succeeded then c.last_failure_at else v_now end,
+               state = case when v_reason is null then c.state else 'open' end,
+               opened_at = case when v_reason is null then c.opened_at else v_now end,
+               success_count = case when v_reason is null then c.success_count else 0 end,
+               last_transition_id = coalesce(v_id, c.last_transition_id),
+               updated_at = v_now
+         where c.key = k;
     end if;
-    v_id := booking_guard_internal.circuit_transition(k, 'closed', 'open', v_now,
-                                                      v_reason || case when succeeded then ''
-                                                                       else coalesce(': ' || nullif(left(btrim(error), 200), ''), '') end);
-    update booking_guard.circuit_breakers c
-       set state = 'open', opened_at = v_now, success_count = 0, last_transition_id = v_id
-     where c.key = k;
-    return 'open';
+    return case when v_reason is null then 'closed' else 'open' end;
 end
 $$;
 
 comment on function booking_guard_internal.circuit_record(text, bigint, boolean, text, interval) is
-    'The result of a call for one scope: without a lock when it cannot change anything, else circuit_record_result. Returns the state after it.';
+    'The result of a call for one scope: without a lock when it cannot change anything, in one UPDATE of its window when the breaker is closed and has one, else circuit_record_result. Returns the state after it.';
 
 -- The most restrictive of two states: what a caller of several scopes faces.
 create function booking_guard_internal.circuit_worst(a text, b text)
@@ -1307,6 +1340,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     b    booking_guard.circuit_breakers;
+    w    booking_guard_internal.circuit_windows;
     adv  record;
 begin
     select * into b from booking_guard.circuit_breakers c where c.key = circuit_state.key;
@@ -1317,8 +1351,9 @@ begin
     if b.state = 'closed' then
         return 'closed';
     end if;
-    select * into adv from booking_guard_internal.circuit_advance(b, booking_guard_internal.circuit_policy(circuit_state.key),
-                                                        booking_guard_internal.circuit_now(), false);
+    select * into w from booking_guard_internal.circuit_windows x where x.key = circuit_state.key;
+    select * into adv from booking_guard_internal.circuit_advance(b, w, booking_guard_internal.circuit_policy(circuit_state.key),
+                                                                  booking_guard_internal.circuit_now(), false);
     return (adv.b).state;
 end
 $$;
@@ -1335,11 +1370,14 @@ as $$
 declare
     stored  booking_guard.circuit_breakers;
     b       record;   -- the working copy (see circuit_record_result)
+    w0      booking_guard_internal.circuit_windows;
+    w       booking_guard_internal.circuit_windows;
     p       booking_guard.circuit_policies;
     adv     record;
     v_now   timestamptz;
 begin
     perform booking_guard_internal.circuit_check_key(circuit_reset.key);
+    select * into w0 from booking_guard_internal.circuit_windows x where x.key = circuit_reset.key for update;   -- the window first
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_reset.key for update;
     if not found then
         raise exception 'unknown circuit breaker "%"', circuit_reset.key
@@ -1349,8 +1387,11 @@ begin
     end if;
     v_now := booking_guard_internal.circuit_now();
     p := booking_guard_internal.circuit_policy(circuit_reset.key);
-    select * into adv from booking_guard_internal.circuit_advance(stored, p, v_now, true);
+    select * into adv
+      from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_window_for(w0, circuit_reset.key, p),
+                                                  p, v_now, true);
     b := adv.b;
+    w := adv.w;
     if b.state <> 'closed' then
         b.last_transition_id := booking_guard_internal.circuit_transition(b.key, b.state, 'closed', v_now, format('reset by %s', session_user));
         b.closed_at := v_now;
@@ -1359,8 +1400,10 @@ begin
     b.failure_count := 0;
     b.success_count := 0;
     b.forced_until := null;
-    b := booking_guard_internal.circuit_window_fresh(b, p);
-    perform booking_guard_internal.circuit_store(b, v_now);
+    if w.key is not null then
+        w := booking_guard_internal.circuit_window_empty(w);
+    end if;
+    perform booking_guard_internal.circuit_store(b, w, v_now);
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_reset.key;
     return stored;
 end
@@ -1378,6 +1421,8 @@ as $$
 declare
     stored   booking_guard.circuit_breakers;
     b        record;   -- the working copy (see circuit_record_result)
+    w0       booking_guard_internal.circuit_windows;
+    p        booking_guard.circuit_policies;
     adv      record;
     v_now    timestamptz;
     v_until  timestamptz := coalesce(circuit_force_open.until, 'infinity');
@@ -1392,9 +1437,13 @@ begin
                   hint = 'Give a time in the future, or omit it to keep the breaker open until circuit_reset().';
     end if;
     perform booking_guard_internal.circuit_add_key(circuit_force_open.key);
+    select * into w0 from booking_guard_internal.circuit_windows x where x.key = circuit_force_open.key for update;   -- the window first
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_force_open.key for update;
     v_now := booking_guard_internal.circuit_now();
-    select * into adv from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_policy(circuit_force_open.key), v_now, true);
+    p := booking_guard_internal.circuit_policy(circuit_force_open.key);
+    select * into adv
+      from booking_guard_internal.circuit_advance(stored, booking_guard_internal.circuit_window_for(w0, circuit_force_open.key, p),
+                                                  p, v_now, true);
     b := adv.b;
     if b.state <> 'open' then
         b.last_transition_id := booking_guard_internal.circuit_transition(b.key, b.state, 'open', v_now,
@@ -1404,7 +1453,7 @@ begin
     b.state := 'open';
     b.success_count := 0;
     b.forced_until := v_until;
-    perform booking_guard_internal.circuit_store(b, v_now);
+    perform booking_guard_internal.circuit_store(b, adv.w, v_now);
     select * into stored from booking_guard.circuit_breakers c where c.key = circuit_force_open.key;
     return stored;
 end
@@ -1433,13 +1482,16 @@ declare
     p      booking_guard.circuit_policies := booking_guard_internal.circuit_policy(b.key);
     v_now  timestamptz := booking_guard_internal.circuit_now();
     adv    record;
-    w      record;
+    w      booking_guard_internal.circuit_windows;
+    cw     record;   -- the window's totals now
     e      booking_guard.circuit_breakers;
     v_free_at  timestamptz;
     v_taken    integer;
 begin
-    select * into adv from booking_guard_internal.circuit_advance(b, p, v_now, false);
+    select * into w from booking_guard_internal.circuit_windows x where x.key = b.key;
+    select * into adv from booking_guard_internal.circuit_advance(b, w, p, v_now, false);
     e := adv.b;
+    w := adv.w;
     state := e.state;
     failure_count := e.failure_count;
     success_count := e.success_count;
@@ -1453,21 +1505,21 @@ begin
         select count(*), min(c.expires_at) into trial_permits, v_free_at
           from booking_guard.circuit_permits c where c.key = b.key and c.expires_at >= v_now;
     end if;
-    v_taken := trial_permits + case when p.sliding_window_type <> 'consecutive' and e.state = 'half_open' then e.window_calls else 0 end;
+    v_taken := trial_permits + case when w.key is not null and e.state = 'half_open' then w.calls else 0 end;
     retry_after := case
                        when e.state = 'open' and isfinite(greatest(e.opened_at + p.cooldown, e.forced_until))
                            then greatest(e.opened_at + p.cooldown, e.forced_until) - v_now
                        when e.state = 'half_open' and v_taken >= p.half_open_max_calls then v_free_at - v_now
                    end;
-    sliding_window_type := p.sliding_window_type;
-    if p.sliding_window_type <> 'consecutive' then
-        select * into w from booking_guard_internal.circuit_window_at(e, p, v_now);
-        window_calls := w.calls;
-        window_failures := w.failures;
-        window_slow_calls := w.slow_calls;
-        if w.calls > 0 and w.calls >= booking_guard_internal.circuit_minimum_calls(p, e.state) then
-            failure_rate := round(w.failures * 100.0 / w.calls, 2);
-            slow_call_rate := round(w.slow_calls * 100.0 / w.calls, 2);
+    sliding_window_type := coalesce(w.sliding_window_type, 'consecutive');
+    if w.key is not null then
+        select * into cw from booking_guard_internal.circuit_window_at(w, e.state, v_now);
+        window_calls := cw.calls;
+        window_failures := cw.failures;
+        window_slow_calls := cw.slow_calls;
+        if cw.calls > 0 and cw.calls >= booking_guard_internal.circuit_minimum_calls(p, e.state) then
+            failure_rate := round(cw.failures * 100.0 / cw.calls, 2);
+            slow_call_rate := round(cw.slow_calls * 100.0 / cw.calls, 2);
         end if;
     end if;
     select count(*) filter (where t.to_state = 'open') + adv.opens, count(*) + adv.steps

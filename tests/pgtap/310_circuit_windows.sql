@@ -13,8 +13,8 @@ create function pg_temp.b(k text) returns booking_guard.circuit_breakers languag
     select * from booking_guard.circuit_breakers where key = k
 $$;
 create function pg_temp.w(k text) returns text language sql as $$
-    select format('%s calls, %s failed, %s slow', window_calls, window_failures, window_slow_calls)
-      from booking_guard.circuit_breakers where key = k
+    select format('%s calls, %s failed, %s slow', calls, failures, slow_calls)
+      from booking_guard_internal.circuit_windows where key = k
 $$;
 -- results in a row: s success, f failure, S slow success (2 minutes), F slow failure; the state after the last
 create function pg_temp.run(k text, results text) returns text language plpgsql as $$
@@ -99,9 +99,11 @@ insert into booking_guard.circuit_policies (key_pattern, sliding_window_type, sl
                                             half_open_max_calls)
 values ('count:%', 'count_based', 4, 4, 50, 75, '1 minute', 3);
 select ok(booking_guard.circuit_acquire('count:a') > 0, 'count: a new key of a count_based policy');
-select results_eq($$select window_head, length(window_outcomes), window_buckets is null, policy_pattern
-                      from booking_guard.circuit_breakers where key = 'count:a'$$,
-                  $$values (0::bigint, 4, true, 'count:%')$$, 'count: its window is a ring of 4 empty calls, tied to its policy');
+select results_eq($$select b.window_type, w.head, length(w.outcomes), w.buckets is null, w.policy_pattern, w.closed
+                      from booking_guard.circuit_breakers b join booking_guard_internal.circuit_windows w using (key)
+                     where key = 'count:a'$$,
+                  $$values ('count_based', 0::bigint, 4, true, 'count:%', true)$$,
+                  'count: its window is a ring of 4 empty calls, tied to its policy row');
 select is(pg_temp.run('count:a', 'fff'), 'closed', 'count: 3 failures in 3 calls stay closed below the minimum of 4');
 select is(pg_temp.w('count:a'), '3 calls, 3 failed, 0 slow', 'count: the window holds them');
 select is(pg_temp.run('count:a', 's'), 'open', 'count: the 4th call reaches the minimum: 75 % failed opens it (a success did it)');
@@ -143,7 +145,8 @@ select is(pg_temp.run('small:a', 'f'), 'open', '... 2 calls reach it');
 -- late results count only toward the state their permit was granted in
 select pg_temp.keep('late', booking_guard.circuit_acquire('count:k'));
 select is(pg_temp.run('count:k', 'ffff'), 'open', 'late: opened');
-select is((booking_guard.circuit_reset('count:k')).window_calls, 0, 'late: reset empties the window');
+select is((booking_guard.circuit_reset('count:k')).state || ', ' || pg_temp.w('count:k'), 'closed, 0 calls, 0 failed, 0 slow',
+          'late: reset empties the window');
 select is(booking_guard.circuit_record_failure('count:k', 'late', pg_temp.k('late')), 'closed',
           'late: a failure of a permit granted before the reset...');
 select is(pg_temp.w('count:k'), '0 calls, 0 failed, 0 slow', '... is not counted');
@@ -228,8 +231,8 @@ insert into booking_guard.circuit_policies (key_pattern, sliding_window_type, sl
 values ('time:%', 'time_based', 10, 3), ('hour:%', 'time_based', 3600, 3);
 select pg_temp.at('200 s');
 select ok(booking_guard.circuit_acquire('time:a') > 0, 'time: a new key of a time_based policy');
-select is((select cardinality(window_buckets) from booking_guard.circuit_breakers where key = 'time:a'), 30,
-          'time: 10 buckets of 1 s (calls, failures, slow calls each)');
+select results_eq($$select cardinality(buckets), bucket_width from booking_guard_internal.circuit_windows where key = 'time:a'$$,
+                  $$values (30, 1)$$, 'time: 10 buckets of 1 s (calls, failures, slow calls each)');
 select is(pg_temp.run('time:a', 'ff'), 'closed', 'time: 2 failures, below the minimum of 3');
 select pg_temp.at('209.9 s');
 select is(pg_temp.run('time:a', 's'), 'open', 'time: 9.9 s later they are still in the window: 2 of 3 failed');
@@ -249,8 +252,8 @@ select is(pg_temp.run('time:c', 'f'), 'open', '... and one more in the same seco
 select is(pg_temp.w('time:c'), '3 calls, 2 failed, 0 slow', 'time: one bucket holds the three');
 select pg_temp.at('0 s');
 select is(pg_temp.run('hour:a', 'sss'), 'closed', 'time: a window of an hour...');
-select is((select cardinality(window_buckets) from booking_guard.circuit_breakers where key = 'hour:a'), 180,
-          'time: ... has 60 buckets of 60 s');
+select results_eq($$select cardinality(buckets), bucket_width from booking_guard_internal.circuit_windows where key = 'hour:a'$$,
+                  $$values (180, 60)$$, 'time: ... has 60 buckets of 60 s');
 select pg_temp.at('3599 s');
 select is(pg_temp.run('hour:a', 'f'), 'closed', 'time: 3599 s later: 1 of 4 failed');
 select pg_temp.at('3600 s');
@@ -263,17 +266,18 @@ select is(pg_temp.run('count:f', 's'), 'closed', 'change: count:f, closed, windo
 update booking_guard.circuit_policies set failure_rate_threshold = 25 where key_pattern = 'count:%';
 select is(pg_temp.w('count:f'), '4 calls, 1 failed, 0 slow', 'change: a new threshold keeps the window');
 update booking_guard.circuit_policies set sliding_window_size = 6 where key_pattern = 'count:%';
-select results_eq($$select window_calls, length(window_outcomes) from booking_guard.circuit_breakers where key = 'count:f'$$,
+select results_eq($$select calls, length(outcomes) from booking_guard_internal.circuit_windows where key = 'count:f'$$,
                   $$values (0, 6)$$, 'change: a new window size starts a window of the new size');
 insert into booking_guard.circuit_policies (key_pattern, sliding_window_type) values ('count:f', 'consecutive');
-select results_eq($$select window_head, window_outcomes, policy_pattern from booking_guard.circuit_breakers where key = 'count:f'$$,
-                  $$values (null::bigint, null::bytea, 'count:f')$$, 'change: a more specific consecutive policy drops its window');
-select results_eq($$select length(window_outcomes), policy_pattern from booking_guard.circuit_breakers where key = 'count:b'$$,
+select results_eq($$select b.window_type, (select count(*) from booking_guard_internal.circuit_windows w where w.key = b.key)
+                      from booking_guard.circuit_breakers b where key = 'count:f'$$,
+                  $$values (null::text, 0::bigint)$$, 'change: a more specific consecutive policy drops its window');
+select results_eq($$select length(outcomes), policy_pattern from booking_guard_internal.circuit_windows where key = 'count:b'$$,
                   $$values (6, 'count:%')$$, 'change: the other keys of count:% keep theirs');
 select is(pg_temp.run('count:f', 'ff'), 'closed', 'change: count:f counts consecutive failures now: 2...');
 select is(pg_temp.run('count:f', 'f'), 'open', '... 3 open it');
 delete from booking_guard.circuit_policies where key_pattern = 'count:f';
-select is((select length(window_outcomes) from booking_guard.circuit_breakers where key = 'count:f'), 6,
+select is((select length(outcomes) from booking_guard_internal.circuit_windows where key = 'count:f'), 6,
           'change: deleting that policy gives count:f the window of count:% again');
 
 -- ---- composed scopes: one permit, refused while any scope refuses

@@ -486,8 +486,8 @@ RATE_POLICY = """insert into booking_guard.circuit_policies
 
 
 def window(db: psycopg.Connection, key: str) -> tuple:
-    return db.execute("select state, window_calls, window_failures, window_slow_calls from booking_guard.circuit_breakers "
-                      "where key = %s", (key,)).fetchone()
+    return db.execute("select b.state, w.calls, w.failures, w.slow_calls from booking_guard.circuit_breakers b "
+                      "join booking_guard_internal.circuit_windows w using (key) where key = %s", (key,)).fetchone()
 
 
 def test_32_sessions_failing_at_once_under_a_failure_rate_trip_exactly_once(db, connect):

@@ -145,8 +145,8 @@ def rated(db):
 
 
 def window(conn: psycopg.Connection, key: str = RATED) -> tuple:
-    return conn.execute("select window_calls, window_failures, window_slow_calls from booking_guard.circuit_breakers "
-                        "where key = %s", (key,)).fetchone()
+    return conn.execute("select calls, failures, slow_calls from booking_guard_internal.circuit_windows where key = %s",
+                        (key,)).fetchone()
 
 
 class Clock:

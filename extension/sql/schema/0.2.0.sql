@@ -148,35 +148,44 @@ comment on column booking_guard.circuit_policies.slow_call_rate_threshold is
 comment on column booking_guard.circuit_policies.slow_call_duration_threshold is
     'A call that took longer than this is slow.';
 
--- The sliding window of each breaker whose policy has one (window_head is null for the others):
--- the totals, and the calls (count_based: one byte per call, a ring) or per-bucket totals
--- (time_based: calls, failures and slow calls of each bucket, a ring) that leave the window. Its
--- size is bounded by the policy's (at most 1000 bytes, or 60 buckets); no CHECK here: every result
--- of a rate policy updates this row, and PostgreSQL prepares a table's CHECK constraints again for
--- every UPDATE statement.
+-- The window of a breaker whose policy has one is a row of booking_guard_internal.circuit_windows;
+-- the breaker row says which kind (so that a success of a key without one reads nothing more).
 alter table booking_guard.circuit_breakers
-    add column window_calls integer not null default 0,
-    add column window_failures integer not null default 0,
-    add column window_slow_calls integer not null default 0,
-    add column window_head bigint,
-    add column window_outcomes bytea,
-    add column window_buckets integer[],
-    add column policy_pattern text,
+    add column window_type text,
     add column last_transition_id bigint;
-comment on column booking_guard.circuit_breakers.window_calls is
-    'Calls in the sliding window (half-open: trial calls reported), of which window_failures failed and window_slow_calls were slow.';
-comment on column booking_guard.circuit_breakers.window_head is
-    'count_based: calls recorded since the window began; time_based: the newest bucket; null when the policy counts consecutive failures.';
-comment on column booking_guard.circuit_breakers.window_outcomes is
-    'count_based: the last calls, one byte each at position (call number mod window size): 1 failed, 2 slow.';
-comment on column booking_guard.circuit_breakers.window_buckets is
-    'time_based: per bucket (bucket number mod bucket count) its calls, failures and slow calls, three integers each.';
-comment on column booking_guard.circuit_breakers.policy_pattern is
-    'The key_pattern of the policy the window was built for: a result reads that policy row by its key, and a window built for another policy is started afresh.';
+comment on column booking_guard.circuit_breakers.window_type is
+    'count_based or time_based: the key has a sliding window (booking_guard_internal.circuit_windows); null: its policy counts consecutive failures.';
 comment on column booking_guard.circuit_breakers.last_transition_id is
     'The id of the key''s latest transition: a result of a permit granted before it (a lower number) is late and ignored.';
 update booking_guard.circuit_breakers b
    set last_transition_id = (select max(t.id) from booking_guard.circuit_transitions t where t.key = b.key);
+
+-- A closed breaker with a window takes every result in one UPDATE of this row: it carries what that
+-- needs (the values of the policy it was built for, whether the breaker is closed, its latest
+-- transition), and has no CHECK constraints (PostgreSQL prepares a table's CHECKs again for every
+-- UPDATE statement; the functions that write it keep its invariants, and its size is bounded by the
+-- policy's: at most 1000 bytes or 60 buckets). Not dumped: after a restore a window starts afresh.
+create table booking_guard_internal.circuit_windows (
+    key                           text primary key,
+    policy_pattern                text not null,
+    sliding_window_type           text not null,
+    sliding_window_size           integer not null,
+    bucket_width                  integer,
+    minimum_number_of_calls       integer not null,
+    failure_rate_threshold        numeric(5, 2) not null,
+    slow_call_rate_threshold      numeric(5, 2) not null,
+    slow_call_duration_threshold  interval not null,
+    closed                        boolean not null,
+    last_transition_id            bigint,
+    calls                         integer not null,
+    failures                      integer not null,
+    slow_calls                    integer not null,
+    head                          bigint not null,
+    outcomes                      bytea,
+    buckets                       integer[]
+);
+comment on table booking_guard_internal.circuit_windows is
+    'The sliding window of each breaker whose policy has one: its calls, failures and slow calls (half-open: of the trial calls), the calls themselves (count_based: a ring of one byte per call, 1 failed, 2 slow, at call number mod size) or per-bucket totals (time_based: calls, failures, slow calls per bucket, at bucket number mod bucket count), head (count_based: calls recorded; time_based: the newest bucket), the values of the policy row it was built for (policy_pattern; minimum_number_of_calls as it applies while closed), and, copied from the breaker, whether it is closed and its latest transition.';
 
 -- A permit of a call under several scopes is a trial permit of each half-open one.
 alter table booking_guard.circuit_permits drop constraint circuit_permits_pkey;
