@@ -1511,7 +1511,7 @@ begin
                            then greatest(e.opened_at + p.cooldown, e.forced_until) - v_now
                        when e.state = 'half_open' and v_taken >= p.half_open_max_calls then v_free_at - v_now
                    end;
-    sliding_window_type := coalesce(w.sliding_window_type, 'consecutive');
+    sliding_window_type := p.sliding_window_type;
     if w.key is not null then
         select * into cw from booking_guard_internal.circuit_window_at(w, e.state, v_now);
         window_calls := cw.calls;
