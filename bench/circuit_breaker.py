@@ -19,8 +19,9 @@ admission is a real over-admission. Counted over several rounds.
 
 Target (issue 5): booking_guard >= 0.5 x pybreaker+redis while exact.
 
-Each cell is measured --repeat times, the two sides alternating, and the median is printed (the
-machine may be shared; alternating spreads any disturbance over both sides).
+Each cell is measured --repeat times, booking_guard under each policy and pybreaker in turn, and the
+medians are printed, both policies against the same pybreaker figure (the machine may be shared;
+taking turns spreads any disturbance over every side).
 
 usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32]
                                                 [--model processes|threads|both]
@@ -274,15 +275,19 @@ def main() -> None:
                 ratios: dict[str, list[float]] = {policy: [] for policy in POLICIES}
                 for label, keys_of in (("hot key", hot), (f"{KEYS} keys", spread)):
                     for n in clients:
+                        flush = server.client()
+                        flush.flushall()
+                        flush.close()
+                        # the three sides in turn, each repeat: one pybreaker figure for both policies
+                        runs: dict[str, list[float]] = {"pybreaker": [], **{policy: [] for policy in POLICIES}}
+                        for _ in range(args.repeat):
+                            for policy in POLICIES:
+                                runs[policy].append(throughput(bg_client, (dsn, keys_of(policy), args.seconds), n, model))
+                            runs["pybreaker"].append(throughput(pb_client, (server.port, keys_of("default"), args.seconds),
+                                                                n, model))
+                        pb = statistics.median(runs["pybreaker"])
                         for policy in POLICIES:
-                            flush = server.client()
-                            flush.flushall()
-                            flush.close()
-                            bgs, pbs = [], []
-                            for _ in range(args.repeat):
-                                bgs.append(throughput(bg_client, (dsn, keys_of(policy), args.seconds), n, model))
-                                pbs.append(throughput(pb_client, (server.port, keys_of("default"), args.seconds), n, model))
-                            bg, pb = statistics.median(bgs), statistics.median(pbs)
+                            bg = statistics.median(runs[policy])
                             ratios[policy].append(bg / pb)
                             figures.append(figure(f"{policy} policy, {label}, {n} client(s) as {model}: acquire + record per s",
                                                   bg, "1/s", "pybreaker + redis", pb, ">= 0.5"))
