@@ -3,7 +3,7 @@
 -- verdict, leases), policy changes, composed scopes, circuit_try_acquire, BG001's JSON DETAIL, bounds.
 -- Time is a stopped clock (booking_guard.clock_at), never slept through; concurrency is in pytest.
 begin;
-select plan(141);
+select plan(148);
 set local client_min_messages = warning;
 
 create function pg_temp.at(t text) returns void language sql as $$
@@ -141,6 +141,18 @@ insert into booking_guard.circuit_policies (key_pattern, sliding_window_type, sl
 values ('small:%', 'count_based', 2, 100);
 select is(pg_temp.run('small:a', 'f'), 'closed', 'count: a minimum above the window size is the window size: 1 call...');
 select is(pg_temp.run('small:a', 'f'), 'open', '... 2 calls reach it');
+
+-- the breaker row: a failure dates last_failure_at; a window lost (not dumped, say) is made again
+select ok(booking_guard.circuit_acquire('count:m') > 0, 'row: count:m');
+create temp table m_row as select ctid::text as version from booking_guard.circuit_breakers where key = 'count:m';
+select is(pg_temp.run('count:m', 's'), 'closed', 'row: a success...');
+select is((select ctid::text from booking_guard.circuit_breakers where key = 'count:m'), (select version from m_row),
+          '... writes nothing to the breaker row (the same row version)');
+select is(pg_temp.run('count:m', 'f'), 'closed', 'row: a failure...');
+select is((pg_temp.b('count:m')).last_failure_at, '2030-01-01 00:00:00+00'::timestamptz, '... dates last_failure_at');
+delete from booking_guard_internal.circuit_windows where key = 'count:m';
+select is(pg_temp.run('count:m', 'f'), 'closed', 'row: with its window gone, a result...');
+select is(pg_temp.w('count:m'), '1 calls, 1 failed, 0 slow', '... starts a new one');
 
 -- late results count only toward the state their permit was granted in
 select pg_temp.keep('late', booking_guard.circuit_acquire('count:k'));
