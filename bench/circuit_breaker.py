@@ -23,7 +23,7 @@ Each cell is measured --repeat times, booking_guard under each policy and pybrea
 medians are printed, both policies against the same pybreaker figure (the machine may be shared;
 taking turns spreads any disturbance over every side).
 
-usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32] [--policies default,count_based]
                                                 [--model processes|threads|both]
 """
 
@@ -249,7 +249,9 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--model", choices=["processes", "threads", "both"], default="both",
                         help="clients as processes (an application's workers), threads (one process), or both")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="booking_guard policies to measure")
     args = parser.parse_args()
+    policies = args.policies.split(",")
     clients = [int(c) for c in args.clients.split(",")]
     models = ["processes", "threads"] if args.model == "both" else [args.model]
     mp.set_start_method("fork")
@@ -272,21 +274,21 @@ def main() -> None:
                 print(f"\nacquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
                       f"each client one {model[:-2] if model == 'processes' else model[:-1]} with its own connection")
                 print(f"{'policy':<12} {'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
-                ratios: dict[str, list[float]] = {policy: [] for policy in POLICIES}
+                ratios: dict[str, list[float]] = {policy: [] for policy in policies}
                 for label, keys_of in (("hot key", hot), (f"{KEYS} keys", spread)):
                     for n in clients:
                         flush = server.client()
                         flush.flushall()
                         flush.close()
                         # the three sides in turn, each repeat: one pybreaker figure for both policies
-                        runs: dict[str, list[float]] = {"pybreaker": [], **{policy: [] for policy in POLICIES}}
+                        runs: dict[str, list[float]] = {"pybreaker": [], **{policy: [] for policy in policies}}
                         for _ in range(args.repeat):
-                            for policy in POLICIES:
+                            for policy in policies:
                                 runs[policy].append(throughput(bg_client, (dsn, keys_of(policy), args.seconds), n, model))
                             runs["pybreaker"].append(throughput(pb_client, (server.port, keys_of("default"), args.seconds),
                                                                 n, model))
                         pb = statistics.median(runs["pybreaker"])
-                        for policy in POLICIES:
+                        for policy in policies:
                             bg = statistics.median(runs[policy])
                             ratios[policy].append(bg / pb)
                             figures.append(figure(f"{policy} policy, {label}, {n} client(s) as {model}: acquire + record per s",
