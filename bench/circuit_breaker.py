@@ -1,24 +1,29 @@
 """The shared circuit breaker against pybreaker with its Redis storage, in one run.
 
 Throughput: acquire + record round trips per second (the closed state's success path, the one every
-booking takes) at 1, 8 and 32 clients, on one hot key and spread over 100 keys. Each client has its
-own connection: booking_guard.circuit_acquire + circuit_record_success on PostgreSQL (DATABASE_URL; a
-scratch database), pybreaker.CircuitBreaker(state_storage=CircuitRedisStorage) on a redis-server this
-script starts on 127.0.0.1 and stops at the end. Both sides do the same work: one breaker per key and
+booking takes) at 1, 8 and 32 clients, on one hot key and spread over 100 keys, under two policies:
+the default (open after 3 consecutive failures: a success with no failure streak writes nothing) and
+a failure-rate policy (count_based window of 100 calls: every result is written into the window
+under the breaker's row lock). Each client has its own connection: booking_guard.circuit_acquire +
+circuit_record_success with the call's duration (what booking_guard.app.circuit.circuit() sends) on
+PostgreSQL (DATABASE_URL; a scratch database), pybreaker.CircuitBreaker(state_storage=
+CircuitRedisStorage) on a redis-server this script starts on 127.0.0.1 and stops at the end.
+pybreaker has no rate policy: its side is the same under both. Both sides do the same work: one breaker per key and
 client, no protected work in between. Clients are processes (an application's worker processes; on a
 small machine PostgreSQL's process per connection then competes with them for the CPUs) and threads
 of one process (a threaded application server; the GIL caps both sides' client work alike).
 
-Exactness: the same 32-process race on a half-open breaker that admits one trial call. Each admitted
-call stays in progress until every process has tried, so a second admission is a real over-admission.
-Counted over several rounds for both.
+Exactness: the same 32-process race on a half-open breaker that admits one trial call (booking_guard
+under both policies). Each admitted call stays in progress until every process has tried, so a second
+admission is a real over-admission. Counted over several rounds.
 
 Target (issue 5): booking_guard >= 0.5 x pybreaker+redis while exact.
 
-Each cell is measured --repeat times, the two sides alternating, and the median is printed (the
-machine may be shared; alternating spreads any disturbance over both sides).
+Each cell is measured --repeat times, booking_guard under each policy and pybreaker in turn, and the
+medians are printed, both policies against the same pybreaker figure (the machine may be shared;
+taking turns spreads any disturbance over every side).
 
-usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32] [--policies default,count_based]
                                                 [--model processes|threads|both]
 """
 
@@ -33,7 +38,7 @@ import statistics
 import subprocess
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pybreaker
@@ -42,9 +47,22 @@ from _common import emit, figure, machine, scratch_database
 
 DB = "bg_bench_circuit"
 KEYS = 100
-HOT = ["appointment_booking:service:1"]
-SPREAD = [f"appointment_booking:service:{i}" for i in range(1, KEYS + 1)]
+# the default policy applies to appointment_booking:*, the rate policy to rated:*
+POLICIES = {"default": "appointment_booking", "count_based": "rated"}
+RATE_POLICY = ("insert into booking_guard.circuit_policies (key_pattern, sliding_window_type, sliding_window_size, "
+               "minimum_number_of_calls) values ('rated:%', 'count_based', 100, 100)")
 RACE_KEY = "appointment_booking:global"
+RATE_RACE_KEY = "rated:global"
+TOOK = timedelta(milliseconds=120)   # the duration each call reports (not slow under either policy)
+
+
+def hot(policy: str) -> list[str]:
+    return [f"{POLICIES[policy]}:service:1"]
+
+
+def spread(policy: str) -> list[str]:
+    return [f"{POLICIES[policy]}:service:{i}" for i in range(1, KEYS + 1)]
+
 RACERS = 32
 MAX_OPS = 5_000_000   # a bound on every loop, far above what a run reaches
 
@@ -112,7 +130,7 @@ def bg_client(dsn: str, keys: list[str], seconds: float, start: mp.Barrier, out:
         while n < MAX_OPS and time.perf_counter() < end:
             key = keys[n % len(keys)]
             permit = conn.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
-            conn.execute("select booking_guard.circuit_record_success(%s, %s)", (key, permit))
+            conn.execute("select booking_guard.circuit_record_success(%s, %s, %s)", (key, permit, TOOK))
             n += 1
         out.put(n / (time.perf_counter() - t0))
 
@@ -148,13 +166,14 @@ def throughput(target, args: tuple, clients: int, model: str) -> float:
 
 # ---- the half-open race
 
-def bg_racer(dsn: str, rounds: int, start: mp.Barrier, done: mp.Barrier, release: mp.Event, out: mp.Queue) -> None:
+def bg_racer(dsn: str, key: str, rounds: int, start: mp.Barrier, done: mp.Barrier, release: mp.Event,
+             out: mp.Queue) -> None:
     # this process's clock is 60 s ahead: the breaker the parent opens is past its 30 s cooldown here
     with psycopg.connect(dsn, autocommit=True, options="-c booking_guard.clock_offset=60s") as conn:
         for _ in range(rounds):
             start.wait()
             try:
-                permit = conn.execute("select booking_guard.circuit_acquire(%s)", (RACE_KEY,)).fetchone()[0]
+                permit = conn.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
             except psycopg.Error as error:
                 if error.sqlstate != "BG001":
                     raise
@@ -162,7 +181,7 @@ def bg_racer(dsn: str, rounds: int, start: mp.Barrier, done: mp.Barrier, release
             else:
                 out.put("admitted")
                 release.wait(timeout=60)   # the trial call is in progress until everyone has tried
-                conn.execute("select booking_guard.circuit_record_success(%s, %s)", (RACE_KEY, permit))
+                conn.execute("select booking_guard.circuit_record_success(%s, %s, %s)", (key, permit, TOOK))
             done.wait()
 
 
@@ -184,12 +203,11 @@ def pb_racer(port: int, rounds: int, start: mp.Barrier, done: mp.Barrier, releas
     r.close()
 
 
-def bg_open(dsn: str) -> None:
+def bg_open(dsn: str, key: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        if conn.execute("select count(*) from booking_guard.circuit_breakers where key = %s", (RACE_KEY,)).fetchone()[0]:
-            conn.execute("select booking_guard.circuit_reset(%s)", (RACE_KEY,))
-        for _ in range(3):
-            conn.execute("select booking_guard.circuit_record_failure(%s, 'bench')", (RACE_KEY,))
+        if conn.execute("select count(*) from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0]:
+            conn.execute("select booking_guard.circuit_reset(%s)", (key,))
+        conn.execute("select booking_guard.circuit_force_open(%s, clock_timestamp() + interval '1 second')", (key,))
 
 
 def pb_open(port: int) -> None:
@@ -231,7 +249,9 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--model", choices=["processes", "threads", "both"], default="both",
                         help="clients as processes (an application's workers), threads (one process), or both")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="booking_guard policies to measure")
     args = parser.parse_args()
+    policies = args.policies.split(",")
     clients = [int(c) for c in args.clients.split(",")]
     models = ["processes", "threads"] if args.model == "both" else [args.model]
     mp.set_start_method("fork")
@@ -240,9 +260,11 @@ def main() -> None:
     try:
         with scratch_database(DB) as dsn:
             with psycopg.connect(dsn, autocommit=True) as conn:
-                # warm the breakers and the policy cache of both sides once
-                for key in SPREAD:
-                    conn.execute("select booking_guard.circuit_acquire(%s)", (key,))
+                conn.execute(RATE_POLICY)
+                # create the breakers (and their windows) once
+                for policy in POLICIES:
+                    for key in spread(policy):
+                        conn.execute("select booking_guard.circuit_acquire(%s)", (key,))
             env = machine()
             print(f"circuit breaker bench: {env['cpu']}, PostgreSQL {env['postgresql']}, redis-server {server.version} "
                   f"(127.0.0.1), Python {env['python']}, pybreaker {importlib.metadata.version('pybreaker')}; "
@@ -251,39 +273,48 @@ def main() -> None:
             for model in models:
                 print(f"\nacquire + record round trips per second (median of {args.repeat} x {args.seconds:g} s), "
                       f"each client one {model[:-2] if model == 'processes' else model[:-1]} with its own connection")
-                print(f"{'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
-                ratios = []
-                for label, keys in (("hot key", HOT), (f"{KEYS} keys", SPREAD)):
-                    flush = server.client()
-                    flush.flushall()
-                    flush.close()
+                print(f"{'policy':<12} {'keys':<9} {'clients':>7} {'booking_guard':>14} {'pybreaker+redis':>16} {'ratio':>6}")
+                ratios: dict[str, list[float]] = {policy: [] for policy in policies}
+                for label, keys_of in (("hot key", hot), (f"{KEYS} keys", spread)):
                     for n in clients:
-                        bgs, pbs = [], []
+                        flush = server.client()
+                        flush.flushall()
+                        flush.close()
+                        # the three sides in turn, each repeat: one pybreaker figure for both policies
+                        runs: dict[str, list[float]] = {"pybreaker": [], **{policy: [] for policy in policies}}
                         for _ in range(args.repeat):
-                            bgs.append(throughput(bg_client, (dsn, keys, args.seconds), n, model))
-                            pbs.append(throughput(pb_client, (server.port, keys, args.seconds), n, model))
-                        bg, pb = statistics.median(bgs), statistics.median(pbs)
-                        ratios.append(bg / pb)
-                        figures.append(figure(f"{label}, {n} client(s) as {model}: acquire + record per s", bg, "1/s",
-                                              "pybreaker + redis", pb, ">= 0.5"))
-                        print(f"{label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
-                print(f"ratio booking_guard / pybreaker+redis ({model}): min {min(ratios):.2f}, max {max(ratios):.2f} "
-                      "(target >= 0.5)")
+                            for policy in policies:
+                                runs[policy].append(throughput(bg_client, (dsn, keys_of(policy), args.seconds), n, model))
+                            runs["pybreaker"].append(throughput(pb_client, (server.port, keys_of("default"), args.seconds),
+                                                                n, model))
+                        pb = statistics.median(runs["pybreaker"])
+                        for policy in policies:
+                            bg = statistics.median(runs[policy])
+                            ratios[policy].append(bg / pb)
+                            figures.append(figure(f"{policy} policy, {label}, {n} client(s) as {model}: acquire + record per s",
+                                                  bg, "1/s", "pybreaker + redis", pb, ">= 0.5"))
+                            print(f"{policy:<12} {label:<9} {n:>7} {bg:>14,.0f} {pb:>16,.0f} {bg / pb:>6.2f}")
+                for policy, values in ratios.items():
+                    print(f"ratio booking_guard ({policy} policy) / pybreaker+redis ({model}): min {min(values):.2f}, "
+                          f"max {max(values):.2f} (target >= 0.5)")
 
             print(f"\nhalf-open race: {RACERS} processes, {args.rounds} rounds, 1 trial call allowed, "
                   "each admitted call in progress until all have tried")
             beyond: dict[str, int] = {}
             for name, target, targs, reopen in (
-                    ("booking_guard", bg_racer, (dsn,), lambda: bg_open(dsn)),
+                    ("booking_guard (default policy)", bg_racer, (dsn, RACE_KEY), lambda: bg_open(dsn, RACE_KEY)),
+                    ("booking_guard (count_based)", bg_racer, (dsn, RATE_RACE_KEY), lambda: bg_open(dsn, RATE_RACE_KEY)),
                     ("pybreaker+redis", pb_racer, (server.port,), lambda: pb_open(server.port))):
                 admitted = race(target, targs, reopen, args.rounds)
                 over = [a for a in admitted if a > 1]
-                print(f"{name:<16} over-admitted in {len(over)}/{len(admitted)} rounds; admitted per round: "
+                print(f"{name:<31} over-admitted in {len(over)}/{len(admitted)} rounds; admitted per round: "
                       f"min {min(admitted)}, max {max(admitted)}, mean {sum(admitted) / len(admitted):.1f}; "
                       f"calls beyond the limit: {sum(a - 1 for a in over)}")
                 beyond[name] = sum(a - 1 for a in over)
-            figures.append(figure(f"half-open race, {RACERS} processes: calls beyond the limit", beyond["booking_guard"],
-                                  "calls", "pybreaker + redis", beyond["pybreaker+redis"], "0"))
+            for name in ("booking_guard (default policy)", "booking_guard (count_based)"):
+                figures.append(figure(f"half-open race, {RACERS} processes, {name.removeprefix('booking_guard ')}: "
+                                      "calls beyond the limit", beyond[name], "calls", "pybreaker + redis",
+                                      beyond["pybreaker+redis"], "0"))
             print(f"load average after: {os.getloadavg()[0]:.1f}")
             emit("circuit_breaker", figures)
     finally:

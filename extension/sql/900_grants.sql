@@ -57,8 +57,11 @@ grant execute on function
     booking_guard.validate_appointment_creation(bigint, bigint, text),
     booking_guard.rollback_on_failure(bigint, text, text),
     booking_guard.queue_for_review(bigint, text, jsonb),
-    booking_guard.circuit_acquire(text), booking_guard.circuit_record_success(text, bigint),
-    booking_guard.circuit_record_failure(text, text, bigint), booking_guard.circuit_state(text),
+    booking_guard.circuit_acquire(text), booking_guard.circuit_acquire(text[]),
+    booking_guard.circuit_try_acquire(text), booking_guard.circuit_try_acquire(text[]),
+    booking_guard.circuit_record_success(text, bigint, interval), booking_guard.circuit_record_success(text[], bigint, interval),
+    booking_guard.circuit_record_failure(text, text, bigint, interval),
+    booking_guard.circuit_record_failure(text[], text, bigint, interval), booking_guard.circuit_state(text),
     booking_guard.backoff_delay(integer, interval, double precision, interval, double precision, text, double precision),
     booking_guard.schedule_retry(bigint, text, jsonb, integer, interval),
     booking_guard.claim_retries(text, integer, timestamptz),
@@ -75,6 +78,7 @@ grant execute on function
 -- folds new events into the metric counters first: a cache of the events, not a change of state.
 grant select on all tables in schema booking_guard to booking_guard_monitor;
 grant select on sequence booking_guard.circuit_fast_fails to booking_guard_monitor;
+grant select on booking_guard_internal.circuit_windows to booking_guard_monitor;   -- circuit_status shows the windows
 grant execute on function
     booking_guard.detect(interval), booking_guard.detect_rule(text, interval), booking_guard.check_call(bigint),
     booking_guard.daily_report(date), booking_guard.daily_report_json(date), booking_guard.kpis(interval),
@@ -91,8 +95,16 @@ grant execute on function
     booking_guard_internal.day_alerts(timestamptz, timestamptz),
     booking_guard_internal.circuit_snapshot(booking_guard.circuit_breakers),
     booking_guard_internal.circuit_policy(text),
-    booking_guard_internal.circuit_advance(booking_guard.circuit_breakers, booking_guard.circuit_policies, timestamptz, boolean),
+    booking_guard_internal.circuit_advance(booking_guard.circuit_breakers, booking_guard_internal.circuit_windows,
+                                           booking_guard.circuit_policies, timestamptz, boolean),
     booking_guard_internal.circuit_now(), booking_guard_internal.circuit_check_key(text),
+    booking_guard_internal.circuit_window_empty(booking_guard_internal.circuit_windows),
+    booking_guard_internal.circuit_window_trial(booking_guard_internal.circuit_windows, boolean, boolean),
+    booking_guard_internal.circuit_window_at(booking_guard_internal.circuit_windows, text, timestamptz),
+    booking_guard_internal.circuit_trial_verdict(booking_guard_internal.circuit_windows, booking_guard.circuit_policies),
+    booking_guard_internal.circuit_rates_exceeded(booking_guard_internal.circuit_windows, integer, text),
+    booking_guard_internal.circuit_minimum_calls(booking_guard.circuit_policies, text),
+    booking_guard_internal.circuit_buckets(integer),
     booking_guard_internal.histogram_le(double precision, double precision[]),
     booking_guard_internal.metric_label_seeds(), booking_guard_internal.alert_types(),
     booking_guard_internal.cron_state(text), booking_guard_internal.cron_exec(text, text),

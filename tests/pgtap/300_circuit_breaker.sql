@@ -39,19 +39,21 @@ select has_table('booking_guard', t, 'table booking_guard.' || t)
   from unnest(array['circuit_policies', 'circuit_breakers', 'circuit_transitions', 'circuit_permits']) t;
 select has_view('booking_guard', v, 'view booking_guard.' || v) from unnest(array['circuit_status', 'circuit_recoveries']) v;
 select columns_are('booking_guard', 'circuit_policies',
-                   array['key_pattern', 'failure_threshold', 'cooldown', 'success_threshold', 'half_open_max_calls', 'call_timeout'],
-                   'circuit_policies has the columns DESIGN.md fixes');
+                   array['key_pattern', 'failure_threshold', 'cooldown', 'success_threshold', 'half_open_max_calls', 'call_timeout',
+                         'sliding_window_type', 'sliding_window_size', 'minimum_number_of_calls', 'failure_rate_threshold',
+                         'slow_call_rate_threshold', 'slow_call_duration_threshold'],
+                   'circuit_policies has the fixed columns and the window options');
 select columns_are('booking_guard', 'circuit_breakers',
                    array['key', 'state', 'failure_count', 'success_count', 'last_failure_at', 'opened_at', 'closed_at',
-                         'forced_until', 'updated_at'],
-                   'circuit_breakers has the columns DESIGN.md fixes');
+                         'forced_until', 'updated_at', 'window_type', 'last_transition_id'],
+                   'circuit_breakers has the fixed columns, its window''s type and its latest transition');
 select columns_are('booking_guard', 'circuit_transitions', array['id', 'key', 'from_state', 'to_state', 'at', 'reason'],
                    'circuit_transitions has the columns DESIGN.md fixes');
 select col_type_is('booking_guard', 'circuit_policies', 'cooldown', 'interval', 'cooldown is an interval');
 select col_type_is('booking_guard', 'circuit_breakers', 'opened_at', 'timestamp with time zone', 'opened_at is timestamptz');
 select has_function('booking_guard', 'circuit_acquire', array['text']);
-select has_function('booking_guard', 'circuit_record_success', array['text', 'bigint']);
-select has_function('booking_guard', 'circuit_record_failure', array['text', 'text', 'bigint']);
+select has_function('booking_guard', 'circuit_record_success', array['text', 'bigint', 'interval']);
+select has_function('booking_guard', 'circuit_record_failure', array['text', 'text', 'bigint', 'interval']);
 select has_function('booking_guard', 'circuit_state', array['text']);
 select has_function('booking_guard', 'circuit_reset', array['text']);
 select has_function('booking_guard', 'circuit_force_open', array['text', 'timestamp with time zone']);
@@ -65,7 +67,7 @@ select ok((select extconfig @> array['booking_guard.circuit_policies'::regclass,
              from pg_extension where extname = 'booking_guard'),
           'policies, breakers, transitions and the permit sequence are kept by pg_dump');
 select ok(has_function_privilege('booking_guard_app', 'booking_guard.circuit_acquire(text)', 'execute'), 'app may acquire');
-select ok(has_function_privilege('booking_guard_app', 'booking_guard.circuit_record_failure(text, text, bigint)', 'execute'),
+select ok(has_function_privilege('booking_guard_app', 'booking_guard.circuit_record_failure(text, text, bigint, interval)', 'execute'),
           'app may record failures');
 select ok(not has_function_privilege('booking_guard_app', 'booking_guard.circuit_reset(text)', 'execute'), 'app may not reset');
 select ok(not has_table_privilege('booking_guard_app', 'booking_guard.circuit_breakers', 'update'),
@@ -275,10 +277,10 @@ select ok(booking_guard.circuit_acquire('appointment_booking:staff:8') > 0 and b
           'policy: half_open_max_calls 2 admits two trials');
 select throws_ok($$select booking_guard.circuit_acquire('appointment_booking:staff:8')$$, 'BG001', null, 'policy: and rejects the third');
 select pg_temp.clock_reset();
-select throws_ok($$insert into booking_guard.circuit_policies (key_pattern, failure_threshold) values ('x%', 0)$$, '23514', null,
-                 'policy: a threshold of 0 is refused by CHECK');
-select throws_ok($$update booking_guard.circuit_policies set cooldown = '-1 second' where key_pattern = '%'$$, '23514', null,
-                 'policy: a negative cooldown is refused by CHECK');
+select throws_ok($$insert into booking_guard.circuit_policies (key_pattern, failure_threshold) values ('x%', 0)$$, 'BG005',
+                 'invalid circuit breaker policy: failure_threshold is out of range', 'policy: a threshold of 0 is BG005');
+select throws_ok($$update booking_guard.circuit_policies set cooldown = '-1 second' where key_pattern = '%'$$, 'BG005',
+                 'invalid circuit breaker policy: cooldown is out of range', 'policy: a negative cooldown is BG005');
 insert into booking_guard.circuit_policies (key_pattern, failure_threshold) values ('%', 4);
 select is((select failure_threshold from booking_guard.circuit_policies where key_pattern = '%'), 4,
           'policy: inserting % again replaces the seeded row (what pg_restore does)');

@@ -4,6 +4,7 @@
 Time is moved with booking_guard.clock_offset or stopped with booking_guard.clock_at (superuser only),
 never slept through."""
 
+import json
 import subprocess
 import threading
 import uuid
@@ -68,7 +69,8 @@ def test_32_sessions_racing_on_half_open_get_exactly_max_calls_permits(db, conne
         kinds = Counter(kind for kind, _ in outcomes)
         assert kinds == {"ok": max_calls, "BG001": SESSIONS - max_calls}, (round_, kinds)
         rejected = [e for kind, e in outcomes if kind == "BG001"]
-        assert all(e.diag.message_detail.startswith("state: half_open,") for e in rejected)
+        assert all(json.loads(e.diag.message_detail) == {"key": key, "state": "half_open", "retry_after_seconds": 10}
+                   for e in rejected)
         permits = db.execute("select count(*) from booking_guard.circuit_permits where key = %s", (key,)).fetchone()[0]
         assert permits == max_calls
         # exactly one open -> half_open, written by one of the admitted sessions
@@ -175,13 +177,15 @@ def test_rejection_error_carries_state_retry_after_and_hint(db):
     diag = caught.value.diag
     assert diag.sqlstate == "BG001"
     assert diag.message_primary == f'circuit breaker "{key}" is open: call rejected'
-    assert diag.message_detail.startswith("state: open, retry after: 30 s, opened at: ")
-    assert diag.message_detail.endswith(f", failures: 3, key: {key}")
+    assert json.loads(diag.message_detail) == {"key": key, "state": "open", "retry_after_seconds": 30}
     assert "calcom_booking_failed" in diag.message_hint
+    # raised by the function the client called: one line of context, not a stack of helpers
+    assert diag.context.startswith("PL/pgSQL function booking_guard.circuit_acquire(text) line ")
+    assert "\n" not in diag.context
     db.execute("set booking_guard.clock_offset = '20 seconds'")
     with pytest.raises(psycopg.Error) as caught:
         db.execute("select booking_guard.circuit_acquire(%s)", (key,))
-    assert "retry after: 10 s," in caught.value.diag.message_detail
+    assert json.loads(caught.value.diag.message_detail)["retry_after_seconds"] == 10
     # rejected calls are fast fails, not failures
     assert db.execute("select failure_count from booking_guard.circuit_breakers where key = %s", (key,)).fetchone()[0] == 3
     assert db.execute("select booking_guard.circuit_fast_fail_total()").fetchone()[0] == 2
@@ -442,7 +446,7 @@ def test_the_breaker_follows_the_model(db, ops):
                     assert model.acquire(now, value) is None, (op, now)
                 else:
                     assert kind == "BG001"
-                    assert model.acquire(now, None) == value.diag.message_detail.split(",")[0].removeprefix("state: ")
+                    assert model.acquire(now, None) == json.loads(value.diag.message_detail)["state"]
             elif op in ("success", "failure"):
                 permit = permits[arg % len(permits)] if permits and arg >= 0 else None
                 if op == "success":
@@ -470,5 +474,270 @@ def test_the_breaker_follows_the_model(db, ops):
                                      from booking_guard.circuit_status where key = %s""", (key,)).fetchone()
             opens = sum(1 for _, to, _ in model.transitions if to == "open")
             assert status == (len(model.transitions), opens, model.fc, model.sc)
+    finally:
+        db.execute("reset booking_guard.clock_at")
+
+
+# ---- policies with rates: exact under races, and against a model of resilience4j's count-based window
+
+RATE_POLICY = """insert into booking_guard.circuit_policies
+                     (key_pattern, sliding_window_type, sliding_window_size, minimum_number_of_calls, half_open_max_calls)
+                 values (%s, 'count_based', %s, %s, %s)"""
+
+
+def window(db: psycopg.Connection, key: str) -> tuple:
+    return db.execute("select b.state, w.calls, w.failures, w.slow_calls from booking_guard.circuit_breakers b "
+                      "join booking_guard_internal.circuit_windows w using (key) where key = %s", (key,)).fetchone()
+
+
+def test_32_sessions_failing_at_once_under_a_failure_rate_trip_exactly_once(db, connect):
+    key = "rated:global"
+    db.execute(RATE_POLICY, ("rated:%", 10, 10, 1))
+    conns = sessions(connect)
+    for _ in range(5):
+        db.execute("select booking_guard.circuit_record_success(%s, booking_guard.circuit_acquire(%s), '100 ms')", (key, key))
+    permits = {id(c): c.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0] for c in conns}
+    outcomes = race(conns, lambda c: c.execute("select booking_guard.circuit_record_failure(%s, 'timeout', %s, '1 s')",
+                                               (key, permits[id(c)])).fetchone()[0])
+    assert all(kind == "ok" for kind, _ in outcomes)
+    # in whatever order the row lock serialised them: 4 failures below the minimum of 10 calls, the
+    # 5th makes 5 of 10 (50 %) and opens it, the other 27 come while it is open and count for nothing
+    assert Counter(state for _, state in outcomes) == {"closed": 4, "open": SESSIONS - 4}
+    assert db.execute("select from_state, to_state, reason from booking_guard.circuit_transitions where key = %s",
+                      (key,)).fetchall() == [("closed", "open", "failure_rate: 5 of 10 calls failed (50.00% >= 50.00%): timeout")]
+    assert window(db, key) == ("open", 10, 5, 0)
+
+
+def test_results_from_32_sessions_are_all_in_the_window(db, connect):
+    """No result is lost or counted twice when sessions report at once (no trip: below the minimum)."""
+    key = "rated:busy"
+    db.execute(RATE_POLICY, ("rated:%", 1000, 1000, 1))
+    conns = sessions(connect)
+
+    def report(c: psycopg.Connection) -> int:
+        failures = 0
+        for i in range(30):
+            permit = c.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0]
+            if (permit + i) % 3 == 0:
+                c.execute("select booking_guard.circuit_record_failure(%s, 'x', %s, '2 minutes')", (key, permit))
+                failures += 1
+            else:
+                c.execute("select booking_guard.circuit_record_success(%s, %s, '1 second')", (key, permit))
+        return failures
+
+    outcomes = race(conns, report)
+    assert all(kind == "ok" for kind, _ in outcomes)
+    failed = sum(n for _, n in outcomes)
+    assert window(db, key) == ("closed", SESSIONS * 30, failed, failed)
+
+
+def test_32_sessions_racing_on_half_open_with_rates_share_the_permitted_calls_in_all(db, connect):
+    key = "rated:service:1"
+    db.execute(RATE_POLICY, ("rated:%", 10, 10, 3))
+    db.execute("select booking_guard.circuit_force_open(%s, clock_timestamp() + interval '1 second')", (key,))
+    conns = sessions(connect, offset="31 seconds")
+    outcomes = race(conns, lambda c: c.execute("select booking_guard.circuit_acquire(%s)", (key,)).fetchone()[0])
+    assert Counter(kind for kind, _ in outcomes) == {"ok": 3, "BG001": SESSIONS - 3}
+    admitted = [permit for kind, permit in outcomes if kind == "ok"]
+    success = "select booking_guard.circuit_record_success(%s, %s, '1 s')"
+    assert conns[0].execute(success, (key, admitted[0])).fetchone()[0] == "half_open"
+    # a reported trial frees no slot: the three trial calls of this half-open period are given
+    outcomes = race(conns, lambda c: c.execute("select * from booking_guard.circuit_try_acquire(%s)", (key,)).fetchone())
+    assert all(kind == "ok" and not row[0] and row[1] == "half_open" for kind, row in outcomes)
+    assert conns[0].execute("select booking_guard.circuit_record_failure(%s, 'x', %s, '1 s')",
+                            (key, admitted[1])).fetchone()[0] == "half_open"
+    assert conns[0].execute(success, (key, admitted[2])).fetchone()[0] == "closed"
+
+
+def test_32_sessions_under_composed_scopes_share_the_global_trial(db, connect):
+    db.execute("select booking_guard.circuit_force_open('appointment_booking:global', clock_timestamp() + interval '1 second')")
+    conns = sessions(connect, offset="31 seconds")
+    scopes = {id(c): ["appointment_booking:global", f"appointment_booking:service:{i}"] for i, c in enumerate(conns)}
+    outcomes = race(conns, lambda c: c.execute("select booking_guard.circuit_acquire(%s::text[])",
+                                               (scopes[id(c)],)).fetchone()[0])
+    assert Counter(kind for kind, _ in outcomes) == {"ok": 1, "BG001": SESSIONS - 1}
+    refused_by = {json.loads(e.diag.message_detail)["key"] for kind, e in outcomes if kind == "BG001"}
+    assert refused_by == {"appointment_booking:global"}
+    permit = next(p for kind, p in outcomes if kind == "ok")
+    assert db.execute("select key from booking_guard.circuit_permits where permit = %s", (permit,)).fetchall() == [
+        ("appointment_booking:global",)]
+    # a refused call leaves nothing behind (not even its service's new breaker), and is a fast fail
+    assert db.execute("select count(*) from booking_guard.circuit_breakers where key like 'appointment_booking:service:%%'"
+                      ).fetchone()[0] == 1
+    assert db.execute("select booking_guard.circuit_fast_fail_total()").fetchone()[0] == SESSIONS - 1
+
+
+RATE = {"size": 4, "minimum": 3, "permitted": 2, "failure_rate": 50, "slow_rate": 50, "slow_after": 1.0,
+        "cooldown": 30, "call_timeout": 10}
+
+
+class RateModel:
+    """resilience4j's count-based breaker with booking_guard's leases and late permits, in plain Python:
+    the window holds the last `size` calls and opens the breaker at `minimum` calls (at most `size`)
+    when a rate reaches its threshold; half-open admits `permitted` trial calls in all and decides
+    on their rates once min(minimum, permitted) have reported; a trial lease that runs out is a
+    failed (and, past slow_after, slow) trial call at its end."""
+
+    def __init__(self) -> None:
+        self.exists = False
+        self.state = "closed"
+        self.window: list[tuple[bool, bool]] = []     # (failed, slow), oldest first
+        self.trial = [0, 0, 0]                         # half-open: calls, failures, slow calls reported
+        self.reopened = False                          # open because of the trial calls (their counts stay on show)
+        self.opened_at = 0.0
+        self.trials: dict[int, tuple[float, float]] = {}
+        self.closed_permits: dict[int, int] = {}
+        self.transitions: list[tuple[str, str, float]] = []
+
+    def move(self, to: str, at: float) -> None:
+        self.reopened = self.state == "half_open" and to == "open"
+        self.transitions.append((self.state, to, at))
+        self.state = to
+        self.trials.clear()
+        if to != "open":
+            self.window, self.trial = [], [0, 0, 0]
+
+    @staticmethod
+    def exceeded(calls: int, failures: int, slow: int) -> bool:
+        return failures * 100 >= RATE["failure_rate"] * calls or slow * 100 >= RATE["slow_rate"] * calls
+
+    def trial_result(self, failed: bool, slow: bool, at: float) -> None:
+        self.trial = [self.trial[0] + 1, self.trial[1] + failed, self.trial[2] + slow]
+        if self.trial[0] >= min(RATE["minimum"], RATE["permitted"]):
+            if self.exceeded(*self.trial):
+                self.move("open", at)
+                self.opened_at = at
+            else:
+                self.move("closed", at)
+
+    def advance(self, now: float) -> None:
+        while True:
+            if self.state == "open" and now >= self.opened_at + RATE["cooldown"]:
+                self.move("half_open", self.opened_at + RATE["cooldown"])
+            elif self.state == "half_open":
+                expired = sorted((e, p) for p, (_, e) in self.trials.items() if e < now)
+                if not expired:
+                    return
+                at, permit = expired[0]
+                del self.trials[permit]
+                self.trial_result(True, RATE["call_timeout"] > RATE["slow_after"], at)
+            else:
+                return
+
+    def acquire(self, now: float, permit: int | None) -> str | None:
+        self.exists = True
+        self.advance(now)
+        if self.state == "closed":
+            self.closed_permits[permit] = len(self.transitions)
+            return None
+        if self.state == "open" or len(self.trials) + self.trial[0] >= RATE["permitted"]:
+            return self.state
+        self.trials[permit] = (now, now + RATE["call_timeout"])
+        return None
+
+    def record(self, now: float, permit: int | None, ok: bool, took: float) -> str:
+        if not self.exists and ok:
+            return "closed"
+        self.exists = True
+        self.advance(now)
+        slow = took > RATE["slow_after"]
+        if self.state == "closed":
+            if permit is None or self.closed_permits.get(permit) == len(self.transitions):
+                self.window = (self.window + [(not ok, slow)])[-RATE["size"]:]
+                calls, failures, slows = len(self.window), sum(f for f, _ in self.window), sum(s for _, s in self.window)
+                if calls >= min(RATE["minimum"], RATE["size"]) and self.exceeded(calls, failures, slows):
+                    self.move("open", now)
+                    self.opened_at = now
+        elif self.state == "half_open":
+            if permit is None and self.trials:
+                permit = min(self.trials, key=lambda p: (self.trials[p][0], p))
+            if self.trials.pop(permit, None) is not None:
+                self.trial_result(not ok, slow, now)
+        return self.state
+
+    def reset(self, now: float) -> bool:
+        if not self.exists:
+            return False
+        self.advance(now)
+        if self.state != "closed":
+            self.move("closed", now)
+        self.window, self.trial = [], [0, 0, 0]
+        return True
+
+    def counts(self) -> tuple[int, int, int]:
+        if self.state == "half_open" or self.reopened:
+            return tuple(self.trial)
+        return len(self.window), sum(f for f, _ in self.window), sum(s for _, s in self.window)
+
+
+RATE_OPS = st.lists(st.one_of(
+    st.tuples(st.just("wait"), st.sampled_from([0, 1, 5, 9, 10, 11, 29, 30, 31])),
+    st.tuples(st.just("acquire"), st.just(0)),
+    st.tuples(st.just("acquire"), st.just(0)),
+    st.tuples(st.sampled_from(["success", "failure"]), st.tuples(st.integers(-1, 6), st.sampled_from([0.5, 1.0, 2.0]))),
+    st.tuples(st.sampled_from(["success", "failure"]), st.tuples(st.just(-1), st.sampled_from([0.5, 2.0]))),
+    st.tuples(st.just("reset"), st.just(0)),
+), min_size=5, max_size=45)
+
+S, Fl = ("success", (-1, 0.5)), ("failure", (-1, 0.5))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=RATE_OPS)
+@example(ops=[A, Fl, Fl, S, ("wait", 30), A, A, A, ("success", (1, 0.5)), ("success", (2, 0.5))])   # opens, 2 trials close it
+@example(ops=[A, Fl, S, Fl, ("wait", 30), A, ("wait", 11), A, A])             # a lost trial fails; the next decides
+@example(ops=[A, S, S, ("success", (-1, 2.0)), ("failure", (-1, 2.0)), S, S, S])   # slow calls, then the window slides
+@example(ops=[A, S, ("success", (-1, 2.0)), ("success", (0, 2.0)), ("wait", 30), A, A, ("wait", 11)])   # both leases end
+def test_the_rate_breaker_follows_the_model(db, ops):
+    key = f"ratemodel:{uuid.uuid4().hex}"
+    db.execute("""insert into booking_guard.circuit_policies
+                      (key_pattern, sliding_window_type, sliding_window_size, minimum_number_of_calls, half_open_max_calls,
+                       failure_rate_threshold, slow_call_rate_threshold, slow_call_duration_threshold, cooldown, call_timeout)
+                  values ('ratemodel:%%', 'count_based', %(size)s, %(minimum)s, %(permitted)s, %(failure_rate)s, %(slow_rate)s,
+                          %(slow_after)s * interval '1 second', %(cooldown)s * interval '1 second',
+                          %(call_timeout)s * interval '1 second')
+                  on conflict do nothing""", RATE)
+    model, now, permits = RateModel(), 0.0, []
+
+    def at(t: float) -> None:
+        db.execute("select set_config('booking_guard.clock_at', %s, false)", ((BASE + timedelta(seconds=t)).isoformat(),))
+
+    at(now)
+    try:
+        for op, arg in ops:
+            if op == "wait":
+                now += arg
+                at(now)
+            elif op == "acquire":
+                row = db.execute("select allowed, state, permit from booking_guard.circuit_try_acquire(%s)", (key,)).fetchone()
+                if row[0]:
+                    permits.append(row[2])
+                    assert model.acquire(now, row[2]) is None, (op, now)
+                else:
+                    assert model.acquire(now, None) == row[1], (op, now)
+            elif op in ("success", "failure"):
+                index, took = arg
+                permit = permits[index % len(permits)] if permits and index >= 0 else None
+                if op == "success":
+                    state = db.execute("select booking_guard.circuit_record_success(%s, %s, %s)",
+                                       (key, permit, timedelta(seconds=took))).fetchone()[0]
+                else:
+                    state = db.execute("select booking_guard.circuit_record_failure(%s, 'x', %s, %s)",
+                                       (key, permit, timedelta(seconds=took))).fetchone()[0]
+                assert state == model.record(now, permit, op == "success", took), (op, permit, now)
+            else:
+                try:
+                    db.execute("select booking_guard.circuit_reset(%s)", (key,))
+                    assert model.reset(now)
+                except psycopg.Error as error:
+                    assert error.sqlstate == "BG004" and not model.reset(now)
+            model.advance(now)
+            if model.exists:
+                status = db.execute("""select state, window_calls, window_failures, window_slow_calls
+                                         from booking_guard.circuit_status where key = %s""", (key,)).fetchone()
+                assert status == (model.state, *model.counts()), (op, now)
+        written = db.execute("""select from_state, to_state, extract(epoch from at - %s)::float8
+                                  from booking_guard.circuit_transitions where key = %s order by id""", (BASE, key)).fetchall()
+        assert written == model.transitions[:len(written)]
     finally:
         db.execute("reset booking_guard.clock_at")

@@ -113,3 +113,84 @@ comment on table booking_guard.review_queue is
     'Calls waiting for a person: one open item per call and reason.';
 comment on table booking_guard.circuit_policies is
     'Circuit breaker policy per key pattern (LIKE syntax, e.g. appointment_booking:service:%); the longest matching pattern wins, the row % is the default.';
+
+-- Circuit breaker: besides N consecutive failures, a breaker may open on the failure rate or the
+-- slow-call rate over a sliding window of its last calls (count_based) or last seconds (time_based).
+alter table booking_guard.circuit_policies
+    add column sliding_window_type text not null default 'consecutive',
+    add column sliding_window_size integer not null default 100,
+    add column minimum_number_of_calls integer not null default 100,
+    add column failure_rate_threshold numeric(5, 2) not null default 50,
+    add column slow_call_rate_threshold numeric(5, 2) not null default 100,
+    add column slow_call_duration_threshold interval not null default '60 seconds',
+    add constraint circuit_policies_sliding_window_type_check
+        check (sliding_window_type in ('consecutive', 'count_based', 'time_based')),
+    add constraint circuit_policies_sliding_window_size_check
+        check (sliding_window_size between 1 and 3600 and (sliding_window_type <> 'count_based' or sliding_window_size <= 1000)),
+    add constraint circuit_policies_minimum_number_of_calls_check check (minimum_number_of_calls between 1 and 100000),
+    add constraint circuit_policies_failure_rate_threshold_check check (failure_rate_threshold > 0 and failure_rate_threshold <= 100),
+    add constraint circuit_policies_slow_call_rate_threshold_check
+        check (slow_call_rate_threshold > 0 and slow_call_rate_threshold <= 100),
+    add constraint circuit_policies_slow_call_duration_threshold_check
+        check (slow_call_duration_threshold > interval '0' and slow_call_duration_threshold <= interval '1 day'),
+    add constraint circuit_policies_key_pattern_length_check
+        check (length(key_pattern) <= 255 and key_pattern !~ '[[:cntrl:]]');
+comment on column booking_guard.circuit_policies.sliding_window_type is
+    'consecutive: open after failure_threshold consecutive failures (the default); count_based: on the rates over the last sliding_window_size calls; time_based: over the last sliding_window_size seconds.';
+comment on column booking_guard.circuit_policies.sliding_window_size is
+    'Calls (count_based, 1 to 1000) or seconds (time_based, 1 to 3600) the rates are taken over.';
+comment on column booking_guard.circuit_policies.minimum_number_of_calls is
+    'Calls the window must hold before its rates can open the breaker (count_based: at most the window size).';
+comment on column booking_guard.circuit_policies.failure_rate_threshold is
+    'Percent of failed calls in the window at or above which the breaker opens (count_based and time_based).';
+comment on column booking_guard.circuit_policies.slow_call_rate_threshold is
+    'Percent of slow calls in the window at or above which the breaker opens (count_based and time_based).';
+comment on column booking_guard.circuit_policies.slow_call_duration_threshold is
+    'A call that took longer than this is slow.';
+
+-- The window of a breaker whose policy has one is a row of booking_guard_internal.circuit_windows;
+-- the breaker row says which kind (so that a success of a key without one reads nothing more).
+alter table booking_guard.circuit_breakers
+    add column window_type text,
+    add column last_transition_id bigint;
+comment on column booking_guard.circuit_breakers.window_type is
+    'count_based or time_based: the key has a sliding window (booking_guard_internal.circuit_windows); null: its policy counts consecutive failures.';
+comment on column booking_guard.circuit_breakers.last_transition_id is
+    'The id of the key''s latest transition: a result of a permit granted before it (a lower number) is late and ignored.';
+update booking_guard.circuit_breakers b
+   set last_transition_id = (select max(t.id) from booking_guard.circuit_transitions t where t.key = b.key);
+
+-- A closed breaker with a window takes every result in one UPDATE of this row: it carries what that
+-- needs (the values of the policy it was built for, whether the breaker is closed, its latest
+-- transition), and has no CHECK constraints (PostgreSQL prepares a table's CHECKs again for every
+-- UPDATE statement; the functions that write it keep its invariants, and its size is bounded by the
+-- policy's: at most 1000 bytes or 60 buckets). Not dumped: after a restore a window starts afresh.
+create table booking_guard_internal.circuit_windows (
+    key                           text primary key,
+    policy_pattern                text not null,
+    sliding_window_type           text not null,
+    sliding_window_size           integer not null,
+    bucket_width                  integer,
+    minimum_number_of_calls       integer not null,
+    failure_rate_threshold        numeric(5, 2) not null,
+    slow_call_rate_threshold      numeric(5, 2) not null,
+    slow_call_duration_threshold  interval not null,
+    closed                        boolean not null,
+    last_transition_id            bigint,
+    calls                         integer not null,
+    failures                      integer not null,
+    slow_calls                    integer not null,
+    head                          bigint not null,
+    outcomes                      bytea,
+    buckets                       integer[]
+);
+comment on table booking_guard_internal.circuit_windows is
+    'The sliding window of each breaker whose policy has one: its calls, failures and slow calls (half-open: of the trial calls), the calls themselves (count_based: a ring of one byte per call, 1 failed, 2 slow, at call number mod size) or per-bucket totals (time_based: calls, failures, slow calls per bucket, at bucket number mod bucket count), head (count_based: calls recorded; time_based: the newest bucket), the values of the policy row it was built for (policy_pattern; minimum_number_of_calls as it applies while closed), and, copied from the breaker, whether it is closed and its latest transition.';
+
+-- A permit of a call under several scopes is a trial permit of each half-open one.
+alter table booking_guard.circuit_permits drop constraint circuit_permits_pkey;
+alter table booking_guard.circuit_permits add constraint circuit_permits_pkey primary key (key, permit);
+comment on table booking_guard.circuit_permits is
+    'Outstanding half-open trial permits per key and their leases; every transition of a key deletes its permits, so a result of an older permit is late and ignored.';
+comment on table booking_guard.circuit_transitions is
+    'Every state change of every breaker (never a same-state row), for open counts, recovery times and the dashboard; reason starts with a code (failure_threshold, failure_rate, slow_call_rate, half_open_failure, trial_rates, call_timeout, cooldown_elapsed, forced_until_passed, success_threshold, reset, forced_open).';
