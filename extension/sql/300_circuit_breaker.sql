@@ -780,7 +780,10 @@ declare
     v_taken    integer;
     v_free_at  timestamptz;
 begin
-    -- closed, or open before its cooldown's end: answered from the row as read, without a lock
+    -- closed, or open before its cooldown's end: answered from the row as read, without a lock.
+    -- One clock reading for all scopes, so that the refusing scope with the longest wait is chosen
+    -- by waits measured at the same instant.
+    v_now := booking_guard_internal.circuit_now();
     foreach k in array keys loop
         select * into b from booking_guard.circuit_breakers c where c.key = k;
         if not found then
@@ -790,7 +793,6 @@ begin
         continue when b.state = 'closed';
         if b.state = 'open' then
             p := booking_guard_internal.circuit_policy(k);
-            v_now := booking_guard_internal.circuit_now();
             v_reopen := greatest(b.opened_at + p.cooldown, b.forced_until);
             if v_now < v_reopen then
                 v_wait := case when isfinite(v_reopen) then v_reopen - v_now end;
