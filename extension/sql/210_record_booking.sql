@@ -7,11 +7,13 @@
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one that
---      carries the booking id), flags the call, validates; a failed validation undoes all of that,
---      rolls the call back to creation_failed (rollback_on_failure: critical alert
---      appointment_validation_failed) and queues it for review, in the caller's transaction; a call
---      that still has an appointment (a second booking refused) keeps it: alert and review, no
---      rollback.
+--      carries the booking id), flags the call, validates (reads both rows back and judges them
+--      with validation_verdict(), the rules validate_appointment_creation() applies); a failed
+--      validation undoes all of that, rolls the call back to creation_failed (rollback_on_failure:
+--      critical alert appointment_validation_failed) and queues it for review, in the caller's
+--      transaction; a call that still has an appointment (a second booking refused) keeps it:
+--      alert and review, no rollback.
+--   5. logs its events in one statement: the validation's (when one ran) and its own
 --
 -- It runs with the caller's rights: it writes what the application could write itself (an
 -- appointment, its call's flags), so the caller needs SELECT, INSERT and UPDATE on the two tables,
@@ -35,7 +37,9 @@ comment on type booking_guard.booking_result is
 
 -- Concurrent callers with the same booking id queue on the row this inserts: a second insert of a
 -- key waits for the transaction holding it. The row is deleted again at once, so the table stays
--- empty; the wait lasts until the holder's transaction ends.
+-- empty; the wait lasts until the holder's transaction ends. Once the holder has ended, its row is
+-- dead (deleted, or never committed), so the waiting insert goes through: a plain insert, no ON
+-- CONFLICT (a speculative insertion costs more and would only matter for a row that stays).
 create function booking_guard_internal.lock_booking(booking_id text)
 returns void
 language plpgsql
@@ -43,14 +47,22 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    insert into booking_guard_internal.booking_locks as l (booking_id) values (lock_booking.booking_id)
-        on conflict on constraint booking_locks_pkey do nothing;
+    insert into booking_guard_internal.booking_locks (booking_id) values (lock_booking.booking_id);
     delete from booking_guard_internal.booking_locks l where l.booking_id = lock_booking.booking_id;
 end
 $$;
 
 comment on function booking_guard_internal.lock_booking(text) is
     'Serialises record_booking() calls of one booking id until the end of the caller''s transaction (a row lock in booking_guard_internal.booking_locks, not an advisory key another role could hold).';
+
+create function booking_guard_internal.attached_appointments()
+returns regclass
+language c
+stable
+as 'MODULE_PATHNAME', 'attached_appointments';
+
+comment on function booking_guard_internal.attached_appointments() is
+    'record_booking(): the attached appointments table, as this session''s C module keeps it (read again after attach() or detach()); BG003 when not attached.';
 
 create function booking_guard_internal.insert_appointment(tbl regclass, appointment jsonb)
 returns bigint
@@ -62,28 +74,41 @@ comment on function booking_guard_internal.insert_appointment(regclass, jsonb) i
     'record_booking(): inserts the object''s keys into the columns of the same names of the table and returns the id; the plan is kept per table and set of keys (C). Unknown keys are BG005.';
 
 -- What record_booking() records on booking_guard's side, with booking_guard_owner's rights: the
--- application role can write its bookings, not booking_guard's tables.
+-- application role can write its bookings, not booking_guard's tables. One statement writes both
+-- events: the validation's (when one ran: validation_ms is not null), which the latency KPI and the
+-- validation metrics read, and record_booking's own, which the booking metrics count. PL/pgSQL
+-- keeps the insert's plan for the session.
 create function booking_guard_internal.log_booking(call_id bigint, success boolean, reason text, appointment_id bigint,
-                                                   created boolean, duration_ms numeric)
+                                                   created boolean, duration_ms numeric, validation_ms float8,
+                                                   validated_id bigint)
 returns void
-language sql
+language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
+begin
     insert into booking_guard.events (kind, entity_type, entity_id, details)
-    values ('record_booking', 'call', log_booking.call_id::text,
-            jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
-                               'appointment_id', log_booking.appointment_id, 'created', log_booking.created,
-                               'duration_ms', log_booking.duration_ms))
+    select e.kind, 'call', log_booking.call_id::text, e.details
+      from (values
+            (1, 'validation',
+             jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
+                                'duration_ms', log_booking.validation_ms, 'appointment_id', log_booking.validated_id)),
+            (2, 'record_booking',
+             jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
+                                'appointment_id', log_booking.appointment_id, 'created', log_booking.created,
+                                'duration_ms', log_booking.duration_ms))) e (n, kind, details)
+     where e.n = 2 or log_booking.validation_ms is not null
+     order by e.n;
+end
 $$;
 
-comment on function booking_guard_internal.log_booking(bigint, boolean, text, bigint, boolean, numeric) is
-    'record_booking(): appends its event (success, reason, appointment, duration), which the booking metrics count.';
+comment on function booking_guard_internal.log_booking(bigint, boolean, text, bigint, boolean, numeric, float8, bigint) is
+    'record_booking(): appends its validation event (when validation_ms is not null: duration and the appointment examined), which the latency KPI reads, and its own event (success, reason, appointment, duration), which the booking metrics count.';
 
--- A booking that failed validation: its validation event (the one in the undone subtransaction is
--- gone), a critical alert, and a review item with everything needed to redo it by hand. A call
--- that does not exist, or that keeps an earlier appointment (a second booking refused), is not
--- rolled back: the alert says so.
+-- A booking that failed validation: a critical alert, and a review item with everything needed to
+-- redo it by hand (its validation event is logged with record_booking's, outside the undone
+-- subtransaction). A call that does not exist, or that keeps an earlier appointment (a second
+-- booking refused), is not rolled back: the alert says so.
 create function booking_guard_internal.booking_refused(call_id bigint, booking_id text, reason text, validation jsonb,
                                                        appointment jsonb, rolled_back jsonb)
 returns jsonb
@@ -96,10 +121,6 @@ declare
     alert_id   bigint;
     review_id  bigint;
 begin
-    perform booking_guard_internal.log_event('validation', null, 'call', booking_refused.call_id::text,
-        jsonb_build_object('success', false, 'reason', left(booking_refused.reason, 63),
-                           'duration_ms', booking_refused.validation -> 'duration_ms',
-                           'appointment_id', booking_refused.validation -> 'appointment_id'));
     if booking_refused.rolled_back is not null then
         alert_id := (booking_refused.rolled_back ->> 'alert_id')::bigint;
     elsif booking_refused.reason = 'call_not_found' then
@@ -126,7 +147,7 @@ end
 $$;
 
 comment on function booking_guard_internal.booking_refused(bigint, text, text, jsonb, jsonb, jsonb) is
-    'record_booking(): a booking that failed validation: its validation event, a critical alert (unless the rollback raised one) and a review item (counted against review_queue_max_open); returns their ids.';
+    'record_booking(): a booking that failed validation: a critical alert (unless the rollback raised one) and a review item (counted against review_queue_max_open); returns their ids.';
 
 create function booking_guard.record_booking(call_id bigint, calcom_booking_id text, appointment jsonb default '{}')
 returns booking_guard.booking_result
@@ -141,11 +162,11 @@ declare
     conflicting  text[];
     existing     record;
     the_id       bigint;
+    facts        record;
+    validating   timestamptz;
     v            booking_guard.validation_result;
     failed       boolean := false;
     rolled_back  jsonb;
-    alert_id     bigint;
-    review_id    bigint;
     result       booking_guard.booking_result;
 begin
     if record_booking.call_id is null or record_booking.calcom_booking_id is null
@@ -194,7 +215,7 @@ begin
                   hint = 'Leave them out of the appointment object.';
     end if;
 
-    tbl := (booking_guard_internal.attached()).appointments_table;
+    tbl := booking_guard_internal.attached_appointments();   -- BG003 when not attached
     payload := payload || jsonb_build_object('call_id', record_booking.call_id,
                                              'calcom_v2_booking_id', record_booking.calcom_booking_id);
 
@@ -237,8 +258,24 @@ begin
                    call_successful = true,
                    updated_at = now()
              where g.id = record_booking.call_id;
-            v := booking_guard.validate_appointment_creation(record_booking.call_id, the_id,
-                                                             record_booking.calcom_booking_id);
+            -- validate: read back what stands now (the call, the appointment written: none when an
+            -- application trigger swallowed the insert) and judge it by the validation's rules
+            validating := clock_timestamp();
+            select c.id is not null as call_found, c.retell_call_id::text as retell_call_id,
+                   c.booking_id::text as call_booking_id, a.id::bigint as id, a.call_id::bigint as appointment_call_id,
+                   a.calcom_v2_booking_id::text as booking_id, a.created_at::text as created_at,
+                   extract(epoch from now() - a.created_at)::float8 as age_seconds,
+                   extract(epoch from s.interval_value)::float8 as window_seconds
+              into facts
+              from (select) one
+              left join booking_guard.settings s on s.name = 'validation_recent_window'
+              left join booking_guard_internal.guarded_calls c on c.id = record_booking.call_id
+              left join booking_guard_internal.guarded_appointments a on a.id = the_id and c.id is not null;
+            v := booking_guard_internal.validation_verdict(
+                     record_booking.call_id, the_id, record_booking.calcom_booking_id,
+                     extract(epoch from validating)::float8, facts.call_found, facts.retell_call_id,
+                     facts.call_booking_id, facts.id, facts.appointment_call_id, facts.booking_id, facts.created_at,
+                     facts.age_seconds, facts.window_seconds);
             if not v.success then
                 -- undo this block's writes (the call's flags, the appointment); caught below
                 raise exception using errcode = 'BGV01', message = 'validation failed: ' || v.reason;
@@ -273,7 +310,9 @@ begin
 
     perform booking_guard_internal.log_booking(record_booking.call_id, result.success, result.reason,
                                                result.appointment_id, result.created,
-                                               round(extract(epoch from clock_timestamp() - started) * 1000, 3));
+                                               round(extract(epoch from clock_timestamp() - started) * 1000, 3),
+                                               (v.details ->> 'duration_ms')::float8,
+                                               (v.details ->> 'appointment_id')::bigint);
     return result;
 end
 $$;

@@ -79,6 +79,7 @@ PG_FUNCTION_INFO_V1(rules_changed);
 PG_FUNCTION_INFO_V1(run_job);
 PG_FUNCTION_INFO_V1(run_job_steps);
 PG_FUNCTION_INFO_V1(insert_appointment);
+PG_FUNCTION_INFO_V1(attached_appointments);
 PG_FUNCTION_INFO_V1(attachment_changed);
 
 void		_PG_init(void);
@@ -1315,6 +1316,27 @@ run_job_steps(PG_FUNCTION_ARGS)
 }
 
 /* ---- record_booking()'s insert: a plan per table and set of keys, kept here ---- */
+
+/*
+ * booking_guard_internal.attached_appointments(): the attached appointments table, from the
+ * attachment this session keeps (read again after attach() or detach(), see load_attachment());
+ * BG003 when nothing is attached. record_booking() asks once per booking: one lookup in memory
+ * where a query of booking_guard.attached_tables would cost a function call with its own settings.
+ */
+Datum
+attached_appointments(PG_FUNCTION_ARGS)
+{
+	if (!attachment.known)
+		load_attachment();
+	if (!OidIsValid(attachment.appointments))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard is not attached"),
+				 errdetail("No calls and appointments tables have been attached in this database."),
+				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
+	PG_RETURN_OID(attachment.appointments);
+}
+
 
 typedef struct InsertKey
 {
