@@ -15,9 +15,10 @@
 --      second booking refused) keeps it: alert and review, no rollback.
 --   5. logs its events in one statement: the validation's (when one ran) and its own
 --
--- The steps are one C function (extension/src/booking_guard.c): written in PL/pgSQL they cost a
--- third more than the writes they make. What decides stays in PL/Python and PL/pgSQL: the
--- validation's rules (validation_verdict()), what a refusal does (booking_failed()), what is
+-- The steps are one C function (extension/src/booking_guard.c): the booking path has to cost what
+-- an application doing the same itself costs, and PL/pgSQL's own work per statement and expression
+-- was most of the difference (docs/performance.md). What decides stays in PL/Python and PL/pgSQL:
+-- the validation's rules (validation_verdict()), what a refusal does (booking_failed()), what is
 -- logged (log_booking()).
 --
 -- It runs with the caller's rights: it writes what the application could write itself (an

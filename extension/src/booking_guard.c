@@ -17,12 +17,13 @@
  *     local user id change (no SET ROLE back), as a security-restricted operation (no temporary
  *     objects, no cursors left behind) and in a GUC nest level that is undone afterwards, so that
  *     code run as the worker cannot leave a setting behind for the caller.
- *   - record_booking() is one C call after its input checks (book()): in PL/pgSQL its steps cost
- *     a third more than the writes they make. It inserts a jsonb object into the attached
- *     appointments table with a plan kept here, keyed by table and set of keys: no session-level
- *     name the caller could prepare first (0.1.0 executed a prepared statement whose name the
- *     caller could predict). The rules it applies stay in PL/Python (validation_verdict()) and
- *     what a refusal does in PL/pgSQL (booking_failed()).
+ *   - record_booking() is one C function: it has to cost what an application doing the same
+ *     itself costs, and PL/pgSQL's own work per statement and expression was most of the
+ *     difference (docs/performance.md). It inserts a jsonb object into the attached appointments
+ *     table with a plan kept here, keyed by table and set of keys: no session-level name the
+ *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
+ *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
+ *     and what is logged in PL/pgSQL (booking_failed(), log_booking()).
  *
  * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
  */
@@ -221,6 +222,7 @@ static SPIPlanPtr judge_commit_plan;
 static SPIPlanPtr sync_plan;
 
 static void insert_plans_invalidate(Datum arg, Oid relid);
+static void forget_kept_functions(Datum arg, int cacheid, uint32 hashvalue);
 static bool is_attached(Relation rel, bool calls);
 
 static void
@@ -251,6 +253,7 @@ _PG_init(void)
 	RegisterSubXactCallback(forget_transaction_state, NULL);
 	CacheRegisterRelcacheCallback(insert_plans_invalidate, (Datum) 0);
 	CacheRegisterRelcacheCallback(forget_cached, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, forget_kept_functions, (Datum) 0);
 }
 
 static RuleMode
@@ -1498,9 +1501,11 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 /* ---- record_booking()'s steps ---- */
 
 /*
- * The functions book() calls, by OID, looked up once per session and again after any change to
- * pg_proc (a function replaced or the extension updated). Called through the function manager
- * with a FmgrInfo made for each call: a SECURITY DEFINER one switches identity as in a query.
+ * The functions record_booking() calls, by OID, looked up once per session and again after any
+ * change to pg_proc (a function replaced, the extension updated). Called through the function
+ * manager, with the EXECUTE check a query would make, and a FmgrInfo made for each call (a
+ * function's cached state never outlives the call): a SECURITY DEFINER one switches identity as in
+ * a query.
  */
 typedef struct KeptFunction
 {
@@ -1527,8 +1532,6 @@ static KeptFunction kept_functions[] = {
 	[FN_LOG_BOOKING] = {"log_booking", 8, {INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
 };
 
-static bool kept_functions_callback_registered;
-
 static void
 forget_kept_functions(Datum arg, int cacheid, uint32 hashvalue)
 {
@@ -1545,11 +1548,6 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 	LOCAL_FCINFO(fcinfo, 13);
 	Datum		result;
 
-	if (!kept_functions_callback_registered)
-	{
-		CacheRegisterSyscacheCallback(PROCOID, forget_kept_functions, (Datum) 0);
-		kept_functions_callback_registered = true;
-	}
 	if (!OidIsValid(fn->oid))
 		fn->oid = internal_function(fn->name, fn->nargs, fn->argtypes);
 	/* as a query calling it would: the caller needs EXECUTE on it */
@@ -1568,9 +1566,10 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 	return result;
 }
 
-/* The queries book() keeps for the session, each on first use. They run with the caller's rights
- * through the guarded views, and name everything down to its operators (they are parsed under
- * the caller's search_path). PostgreSQL plans them again by itself when the tables change. */
+/* The queries record_booking() keeps for the session, each prepared on first use. They run with
+ * the caller's rights through the guarded views, and name everything down to its operators (they
+ * are parsed under the caller's search_path). PostgreSQL plans them again by itself when the
+ * tables change. */
 enum
 {
 	Q_RECORDED,
@@ -1622,8 +1621,8 @@ static struct
 		" 'calcom_booking_id', $3, 'already_recorded', true)", 3, {INT8OID, INT8OID, TEXTOID}},
 };
 
-/* Runs one of book()'s queries; returns in the memory context it was called in (SPI leaves its own
- * current after each query, and SPI_finish() frees that one). */
+/* Runs one of record_booking()'s queries; returns in the memory context it was called in (SPI
+ * leaves its own current after each query, and SPI_finish() frees that one). */
 static void
 run_book_query(int which, Datum *args, const char *nulls, int expected)
 {
@@ -1798,8 +1797,7 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
 }
 
 /*
- * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call
- * (the same steps in PL/pgSQL cost a third more than the writes they make):
+ * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
  *
  *   1. checks its input; bad input is BG005 and writes nothing
  *   2. serialises on the booking id (lock_booking(), a row lock in booking_guard's own table) and
