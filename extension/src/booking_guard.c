@@ -1586,12 +1586,10 @@ static struct
 	Oid			argtypes[4];
 	SPIPlanPtr	plan;
 }			book_queries[] = {
-	/* the appointment that carries the booking id: this call's first, else an orphan, else the oldest */
+	/* the appointments that carry the booking id (recorded_appointment() picks one) */
 	[Q_RECORDED] = {"select a.id::pg_catalog.int8, a.call_id::pg_catalog.int8"
 		" from booking_guard_internal.guarded_appointments a"
-		" where a.calcom_v2_booking_id operator(pg_catalog.=) $1"
-		" order by coalesce(a.call_id operator(pg_catalog.=) $2, false) desc, (a.call_id is null) desc, a.id"
-	" limit 1", 2, {TEXTOID, INT8OID}},
+	" where a.calcom_v2_booking_id operator(pg_catalog.=) $1", 1, {TEXTOID}},
 	/* the calendar's webhook was first: the orphaned appointment is linked to this call */
 	[Q_LINK_ORPHAN] = {"update booking_guard_internal.guarded_appointments a"
 		" set call_id = $1, updated_at = pg_catalog.now() where a.id operator(pg_catalog.=) $2",
@@ -1652,6 +1650,41 @@ result_value(int column, bool *isnull)
 	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, column, isnull);
 	return *isnull ? value : SPI_datumTransfer(value, TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attbyval,
 											   TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attlen);
+}
+
+/*
+ * The appointment the booking id is recorded under, of those the last query found: the call's own
+ * (the first of them), else an orphan (no call), else the first; false when there is none. Chosen
+ * here rather than by ORDER BY ... LIMIT 1: a booking id has one appointment or none, and the
+ * sort's executor nodes cost more than looking at that one.
+ */
+static bool
+recorded_appointment(int64 call_id, int64 *id, bool *call_null, int64 *call)
+{
+	int			best = -1;
+	int			best_rank = 0;
+	int64		best_id = 0;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull, no_call;
+		int64		this_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		Datum		this_call = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &no_call);
+		int			rank = !no_call && DatumGetInt64(this_call) == call_id ? 3 : no_call ? 2 : 1;
+
+		if (isnull)
+			continue;
+		if (best < 0 || rank > best_rank || (rank == best_rank && this_id < best_id))
+		{
+			best = (int) i;
+			best_rank = rank;
+			best_id = this_id;
+			*call_null = no_call;
+			*call = no_call ? 0 : DatumGetInt64(this_call);
+		}
+	}
+	*id = best_id;
+	return best >= 0;
 }
 
 /* Unix time of a timestamptz, as validation_verdict() takes it. */
@@ -1891,12 +1924,9 @@ record_booking(PG_FUNCTION_ARGS)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	MemoryContextSwitchTo(caller);
 	args[0] = PointerGetDatum(booking_id);
-	args[1] = Int64GetDatum(call_id);
 	run_book_query(Q_RECORDED, args, NULL, SPI_OK_SELECT);
-	existing_id = DatumGetInt64(result_value(1, &existing_null));
-	existing_call = existing_null ? 0 : DatumGetInt64(result_value(2, &existing_call_null));
-	if (existing_null)
-		existing_call_null = true;
+	existing_call_null = true;
+	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call);
 
 	if (!existing_call_null && existing_call == call_id)
 	{
