@@ -1340,6 +1340,11 @@ typedef struct InsertPlan
 
 static HTAB *insert_plans;
 
+/* At most this many insert plans are kept per session: every subset of a table's columns is a key
+ * set of its own, and a caller sending many of them would otherwise grow the session's memory
+ * without bound. A key set beyond them is planned for its call only. */
+#define INSERT_PLANS_KEPT 64
+
 /* A plan is planned against the table as it was: a change to the table marks its plans invalid
  * (the plan cache would replan by itself, but the column list was checked against the old table).
  * The plan is freed on its next use, never here: an invalidation may arrive while it runs. */
@@ -1456,7 +1461,7 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 			Relation	rel = RelationIdGetRelation(relid);
 
 			initStringInfo(&known);
-			natts = RelationGetNumberOfAttributes(rel);
+			natts = RelationIsValid(rel) ? RelationGetNumberOfAttributes(rel) : 0;
 			for (int i = 0; i < natts; i++)
 			{
 				Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), i);
@@ -1464,7 +1469,8 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 				if (!att->attisdropped)
 					appendStringInfo(&known, "%s%s", known.len ? ", " : "", NameStr(att->attname));
 			}
-			RelationClose(rel);
+			if (RelationIsValid(rel))
+				RelationClose(rel);
 			ereport(ERROR,
 					(errcode(ERRCODE_BG_BAD_INPUT),
 					 errmsg("record_booking(): unknown appointment field(s): %s", unknown.data),
@@ -1479,7 +1485,8 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 		if (plan == NULL)
 			elog(ERROR, "booking_guard: SPI_prepare failed for \"%s\": %s", query.data,
 				 SPI_result_code_string(SPI_result));
-		if (joined.len < (int) sizeof(key.keys))
+		if (joined.len < (int) sizeof(key.keys)
+			&& (found || hash_get_num_entries(insert_plans) < INSERT_PLANS_KEPT))
 		{
 			if (SPI_keepplan(plan) != 0)
 				elog(ERROR, "booking_guard: SPI_keepplan failed");
@@ -1750,9 +1757,10 @@ booking_appointment(FunctionCallInfo fcinfo)
 						  psprintf("appointment: %s", jsonb_prefix(payload, 200)),
 						  "Pass the appointment's columns as an object: '{\"service_id\": 7, \"staff_id\": 3}'.");
 	}
-	if (toast_datum_size(PG_GETARG_DATUM(2)) > 65536)
+	/* its size as stored in memory: a compressed argument counts at its full size */
+	if (VARSIZE(payload) > 65536)
 		bad_booking_input(psprintf("record_booking(): the appointment is too large: %zu bytes",
-								   (size_t) toast_datum_size(PG_GETARG_DATUM(2))),
+								   (size_t) VARSIZE(payload)),
 						  "An appointment's columns fit in 64 kB.",
 						  "Pass the appointment's columns, not documents: keep large texts out of the booking call.");
 	return payload;
@@ -1938,6 +1946,8 @@ record_booking(PG_FUNCTION_ARGS)
 		success = true;
 		reason = CStringGetTextDatum("ok");
 		details = result_value(1, &isnull);
+		if (isnull)
+			elog(ERROR, "booking_guard: record_booking() found no details of booking %s", text_to_cstring(booking_id));
 		the_id = existing_id;
 		the_id_null = false;
 	}
@@ -1994,7 +2004,11 @@ record_booking(PG_FUNCTION_ARGS)
 			row = DatumGetHeapTupleHeader(verdict);
 			success = DatumGetBool(GetAttributeByNum(row, 1, &isnull)) && !isnull;
 			reason = GetAttributeByNum(row, 2, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.validation_verdict() returned no reason");
 			details = GetAttributeByNum(row, 3, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.validation_verdict() returned no details");
 			validated = true;
 
 			if (success)
@@ -2050,6 +2064,8 @@ record_booking(PG_FUNCTION_ARGS)
 			args[5] = Int64GetDatum(the_id);
 			arg_nulls[5] = !existing_null || the_id_null;	/* an appointment this call inserted */
 			refusal = call_kept(FN_BOOKING_FAILED, args, arg_nulls, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.booking_failed() returned no details");
 		}
 		created = success && existing_null;
 	}
