@@ -41,6 +41,7 @@
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_proc.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_am.h"
 #include "catalog/partition.h"
 #include "catalog/pg_index.h"
@@ -1709,6 +1710,8 @@ bad_booking_input(const char *message, const char *detail, const char *hint)
 					errhint("%s", hint)));
 }
 
+/* Whether the text matches the pattern, under the database's collation: a COLLATE clause of the
+ * caller's cannot change what the input checks accept. */
 static bool
 text_matches(text *value, const char *pattern, Oid collation)
 {
@@ -1891,9 +1894,9 @@ record_booking(PG_FUNCTION_ARGS)
 		elog(ERROR, "booking_guard.record_booking() must return booking_guard.booking_result");
 	booking_id = PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1);
 	if (PG_ARGISNULL(0) || booking_id == NULL
-		|| !text_matches(booking_id, "\\S", PG_GET_COLLATION())
+		|| !text_matches(booking_id, "\\S", DEFAULT_COLLATION_OID)
 		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255
-		|| text_matches(booking_id, "[[:cntrl:]]", PG_GET_COLLATION()))
+		|| text_matches(booking_id, "[[:cntrl:]]", DEFAULT_COLLATION_OID))
 		bad_booking_input("record_booking() needs a call id and a Cal.com booking id",
 						  psprintf("call_id: %s, calcom_booking_id: %s",
 								   PG_ARGISNULL(0) ? "null" : psprintf(INT64_FORMAT, PG_GETARG_INT64(0)),
