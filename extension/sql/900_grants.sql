@@ -66,9 +66,12 @@ grant execute on function
     booking_guard.schedule_retry(bigint, text, jsonb, integer, interval),
     booking_guard.claim_retries(text, integer, timestamptz),
     booking_guard.finish_retry(bigint, boolean, text, text),
-    booking_guard_internal.lock_booking(text), booking_guard_internal.insert_appointment(regclass, jsonb),
-    booking_guard_internal.log_booking(bigint, boolean, text, bigint, boolean, numeric),
+    booking_guard_internal.lock_booking(text),
+    booking_guard_internal.booking_failed(bigint, text, text, jsonb, jsonb, bigint),
+    booking_guard_internal.log_booking(bigint, boolean, text, bigint, boolean, numeric, float8, bigint),
     booking_guard_internal.log_validation(bigint, boolean, text, float8, bigint),
+    booking_guard_internal.validation_verdict(bigint, bigint, text, float8, boolean, text, text, bigint, bigint, text, text,
+                                              float8, float8),
     booking_guard_internal.booking_refused(bigint, text, text, jsonb, jsonb, jsonb),
     booking_guard_internal.record_rollback(bigint, text, text, text, jsonb)
    to booking_guard_app, booking_guard_admin;

@@ -1,6 +1,6 @@
 /*
  * booking_guard's C module: the booking path's triggers, the switch to booking_guard_worker,
- * the job runner and the appointment insert of record_booking().
+ * the job runner and the steps of record_booking().
  *
  * Why C:
  *   - The triggers fire on every booking. Written in PL/pgSQL they cost more than the booking
@@ -17,9 +17,13 @@
  *     local user id change (no SET ROLE back), as a security-restricted operation (no temporary
  *     objects, no cursors left behind) and in a GUC nest level that is undone afterwards, so that
  *     code run as the worker cannot leave a setting behind for the caller.
- *   - record_booking() inserts a jsonb object into the attached appointments table. Its plan is
- *     kept here, keyed by table and set of keys: no session-level name the caller could prepare
- *     first (0.1.0 executed a prepared statement whose name the caller could predict).
+ *   - record_booking() is one C function: it has to cost what an application doing the same
+ *     itself costs, and PL/pgSQL's own work per statement and expression was most of the
+ *     difference (docs/performance.md). It inserts a jsonb object into the attached appointments
+ *     table with a plan kept here, keyed by table and set of keys: no session-level name the
+ *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
+ *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
+ *     and what is logged in PL/pgSQL (booking_failed(), log_booking()).
  *
  * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
  */
@@ -32,9 +36,12 @@
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/detoast.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/objectaccess.h"
 #include "catalog/pg_proc.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_am.h"
 #include "catalog/partition.h"
 #include "catalog/pg_index.h"
@@ -46,6 +53,7 @@
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "nodes/value.h"
@@ -78,7 +86,7 @@ PG_FUNCTION_INFO_V1(rule_mode);
 PG_FUNCTION_INFO_V1(rules_changed);
 PG_FUNCTION_INFO_V1(run_job);
 PG_FUNCTION_INFO_V1(run_job_steps);
-PG_FUNCTION_INFO_V1(insert_appointment);
+PG_FUNCTION_INFO_V1(record_booking);
 PG_FUNCTION_INFO_V1(attachment_changed);
 
 void		_PG_init(void);
@@ -215,6 +223,7 @@ static SPIPlanPtr judge_commit_plan;
 static SPIPlanPtr sync_plan;
 
 static void insert_plans_invalidate(Datum arg, Oid relid);
+static void forget_kept_functions(Datum arg, int cacheid, uint32 hashvalue);
 static bool is_attached(Relation rel, bool calls);
 
 static void
@@ -245,6 +254,7 @@ _PG_init(void)
 	RegisterSubXactCallback(forget_transaction_state, NULL);
 	CacheRegisterRelcacheCallback(insert_plans_invalidate, (Datum) 0);
 	CacheRegisterRelcacheCallback(forget_cached, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, forget_kept_functions, (Datum) 0);
 }
 
 static RuleMode
@@ -1331,6 +1341,11 @@ typedef struct InsertPlan
 
 static HTAB *insert_plans;
 
+/* At most this many insert plans are kept per session: every subset of a table's columns is a key
+ * set of its own, and a caller sending many of them would otherwise grow the session's memory
+ * without bound. A key set beyond them is planned for its call only. */
+#define INSERT_PLANS_KEPT 64
+
 /* A plan is planned against the table as it was: a change to the table marks its plans invalid
  * (the plan cache would replan by itself, but the column list was checked against the old table).
  * The plan is freed on its next use, never here: an invalidation may arrive while it runs. */
@@ -1365,16 +1380,15 @@ object_keys(Jsonb *object)
 }
 
 /*
- * booking_guard_internal.insert_appointment(tbl, appointment): inserts the object's keys into the
- * columns of the same names and returns the new row's id. Runs as the caller: inserting is what the
- * application could do itself, and the table owner's code on the table runs with the application's
- * rights. An unknown key is a BG005 naming the table's columns.
+ * Inserts the object's keys into the columns of the same names of the table and sets *id to the
+ * new row's id; false when no row was inserted (a trigger of the application's swallowed it). Runs
+ * as the caller: inserting is what the application could do itself, and the table owner's code on
+ * the table runs with the application's rights. An unknown key is a BG005 naming the table's
+ * columns. The caller is connected to SPI.
  */
-Datum
-insert_appointment(PG_FUNCTION_ARGS)
+static bool
+insert_appointment(Oid relid, Jsonb *object, int64 *id)
 {
-	Oid			relid = PG_GETARG_OID(0);
-	Jsonb	   *object = PG_GETARG_JSONB_P(1);
 	List	   *keys;
 	ListCell   *lc;
 	StringInfoData joined;
@@ -1384,16 +1398,10 @@ insert_appointment(PG_FUNCTION_ARGS)
 	SPIPlanPtr	plan;
 	Datum		arg = PointerGetDatum(object);
 	Oid			argtype = JSONBOID;
-	Datum		result;
 	bool		isnull;
 	int			rc;
+	MemoryContext cxt = CurrentMemoryContext;
 
-	if (!JB_ROOT_IS_OBJECT(object) || JB_ROOT_IS_SCALAR(object))
-		ereport(ERROR,
-				(errcode(ERRCODE_BG_BAD_INPUT),
-				 errmsg("the appointment must be a jsonb object"),
-				 errdetail("appointment: %s", JsonbToCString(NULL, &object->root, 200)),
-				 errhint("Pass the appointment's columns as an object: '{\"service_id\": 7}'.")));
 	keys = object_keys(object);
 	initStringInfo(&joined);
 	/* length-prefixed: keys may hold any character, and two key sets must never join alike */
@@ -1416,8 +1424,6 @@ insert_appointment(PG_FUNCTION_ARGS)
 		entry = hash_search(insert_plans, &key, HASH_FIND, &found);
 	}
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "booking_guard: SPI_connect failed");
 	if (found && entry->valid)
 		plan = entry->plan;
 	else
@@ -1456,7 +1462,7 @@ insert_appointment(PG_FUNCTION_ARGS)
 			Relation	rel = RelationIdGetRelation(relid);
 
 			initStringInfo(&known);
-			natts = RelationGetNumberOfAttributes(rel);
+			natts = RelationIsValid(rel) ? RelationGetNumberOfAttributes(rel) : 0;
 			for (int i = 0; i < natts; i++)
 			{
 				Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), i);
@@ -1464,7 +1470,8 @@ insert_appointment(PG_FUNCTION_ARGS)
 				if (!att->attisdropped)
 					appendStringInfo(&known, "%s%s", known.len ? ", " : "", NameStr(att->attname));
 			}
-			RelationClose(rel);
+			if (RelationIsValid(rel))
+				RelationClose(rel);
 			ereport(ERROR,
 					(errcode(ERRCODE_BG_BAD_INPUT),
 					 errmsg("record_booking(): unknown appointment field(s): %s", unknown.data),
@@ -1479,7 +1486,8 @@ insert_appointment(PG_FUNCTION_ARGS)
 		if (plan == NULL)
 			elog(ERROR, "booking_guard: SPI_prepare failed for \"%s\": %s", query.data,
 				 SPI_result_code_string(SPI_result));
-		if (joined.len < (int) sizeof(key.keys))
+		if (joined.len < (int) sizeof(key.keys)
+			&& (found || hash_get_num_entries(insert_plans) < INSERT_PLANS_KEPT))
 		{
 			if (SPI_keepplan(plan) != 0)
 				elog(ERROR, "booking_guard: SPI_keepplan failed");
@@ -1489,13 +1497,621 @@ insert_appointment(PG_FUNCTION_ARGS)
 		}
 	}
 	rc = SPI_execute_plan(plan, &arg, NULL, false, 0);
+	MemoryContextSwitchTo(cxt);
 	if (rc != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "booking_guard: inserting the appointment failed: %s", SPI_result_code_string(rc));
-	/* no row: a trigger of the application's swallowed the insert (validation then says so) */
-	isnull = SPI_processed == 0;
-	result = isnull ? (Datum) 0 : SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (SPI_processed == 0)
+		return false;
+	*id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	return !isnull;
+}
+
+/* ---- record_booking()'s steps ---- */
+
+/*
+ * The functions record_booking() calls, by OID, looked up once per session and again after any
+ * change to pg_proc (a function replaced, the extension updated). Called through the function
+ * manager, with the EXECUTE check a query would make, and a FmgrInfo made for each call (a
+ * function's cached state never outlives the call): a SECURITY DEFINER one switches identity as in
+ * a query.
+ */
+typedef struct KeptFunction
+{
+	const char *name;			/* in booking_guard_internal */
+	int			nargs;
+	Oid			argtypes[13];
+	Oid			oid;			/* InvalidOid: look it up */
+} KeptFunction;
+
+enum
+{
+	FN_LOCK_BOOKING,
+	FN_VALIDATION_VERDICT,
+	FN_BOOKING_FAILED,
+	FN_LOG_BOOKING
+};
+
+static KeptFunction kept_functions[] = {
+	[FN_LOCK_BOOKING] = {"lock_booking", 1, {TEXTOID}},
+	[FN_VALIDATION_VERDICT] = {"validation_verdict", 13,
+	{INT8OID, INT8OID, TEXTOID, FLOAT8OID, BOOLOID, TEXTOID, TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID,
+	FLOAT8OID, FLOAT8OID}},
+	[FN_BOOKING_FAILED] = {"booking_failed", 6, {INT8OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT8OID}},
+	[FN_LOG_BOOKING] = {"log_booking", 8, {INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
+};
+
+static void
+forget_kept_functions(Datum arg, int cacheid, uint32 hashvalue)
+{
+	for (int i = 0; i < lengthof(kept_functions); i++)
+		kept_functions[i].oid = InvalidOid;
+}
+
+/* Calls a kept function with the given arguments (null where nulls[i]); returns its result. */
+static Datum
+call_kept(int which, Datum *args, bool *nulls, bool *result_null)
+{
+	KeptFunction *fn = &kept_functions[which];
+	FmgrInfo	flinfo;
+	LOCAL_FCINFO(fcinfo, 13);
+	Datum		result;
+
+	if (!OidIsValid(fn->oid))
+		fn->oid = internal_function(fn->name, fn->nargs, fn->argtypes);
+	/* as a query calling it would: the caller needs EXECUTE on it */
+	if (pg_proc_aclcheck(fn->oid, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		aclcheck_error(ACLCHECK_NO_PRIV, OBJECT_FUNCTION, fn->name);
+	InvokeFunctionExecuteHook(fn->oid);
+	fmgr_info(fn->oid, &flinfo);
+	InitFunctionCallInfoData(*fcinfo, &flinfo, fn->nargs, InvalidOid, NULL, NULL);
+	for (int i = 0; i < fn->nargs; i++)
+	{
+		fcinfo->args[i].value = args[i];
+		fcinfo->args[i].isnull = nulls[i];
+	}
+	result = FunctionCallInvoke(fcinfo);
+	*result_null = fcinfo->isnull;
+	return result;
+}
+
+/* The queries record_booking() keeps for the session, each prepared on first use. They run with
+ * the caller's rights through the guarded views, and name everything down to its operators (they
+ * are parsed under the caller's search_path). PostgreSQL plans them again by itself when the
+ * tables change. */
+enum
+{
+	Q_RECORDED,
+	Q_LINK_ORPHAN,
+	Q_FLAG_CALL,
+	Q_FACTS,
+	Q_RECORDED_DETAILS
+};
+
+static struct
+{
+	const char *query;
+	int			nargs;
+	Oid			argtypes[4];
+	SPIPlanPtr	plan;
+}			book_queries[] = {
+	/* the appointments that carry the booking id (recorded_appointment() picks one) */
+	[Q_RECORDED] = {"select a.id::pg_catalog.int8, a.call_id::pg_catalog.int8"
+		" from booking_guard_internal.guarded_appointments a"
+	" where a.calcom_v2_booking_id operator(pg_catalog.=) $1", 1, {TEXTOID}},
+	/* the calendar's webhook was first: the orphaned appointment is linked to this call */
+	[Q_LINK_ORPHAN] = {"update booking_guard_internal.guarded_appointments a"
+		" set call_id = $1, updated_at = pg_catalog.now() where a.id operator(pg_catalog.=) $2",
+	2, {INT8OID, INT8OID}},
+	/* the call's flags: with its appointment already there, the calls trigger finds the claim
+	 * true and the commit-time check has nothing left to judge */
+	[Q_FLAG_CALL] = {"update booking_guard_internal.guarded_calls g"
+		" set appointment_made = true, session_outcome = 'appointment_booked',"
+		" appointment_link_status = 'linked',"
+		" appointment_linked_at = coalesce(g.appointment_linked_at, pg_catalog.now()),"
+		" booking_id = coalesce(g.booking_id, $2), booking_confirmed = true, call_successful = true,"
+		" updated_at = pg_catalog.now()"
+		" where g.id operator(pg_catalog.=) $1", 2, {INT8OID, TEXTOID}},
+	/* what the validation judges: the call and the appointment as they stand now, and the window */
+	[Q_FACTS] = {"select c.id is not null, c.retell_call_id::pg_catalog.text, c.booking_id::pg_catalog.text,"
+		" a.id::pg_catalog.int8, a.call_id::pg_catalog.int8, a.calcom_v2_booking_id::pg_catalog.text,"
+		" a.created_at::pg_catalog.text,"
+		" pg_catalog.date_part('epoch', pg_catalog.now() operator(pg_catalog.-) a.created_at::pg_catalog.timestamptz),"
+		" pg_catalog.date_part('epoch', s.interval_value)"
+		" from (select) one"
+		" left join booking_guard.settings s on s.name operator(pg_catalog.=) 'validation_recent_window'"
+		" left join booking_guard_internal.guarded_calls c on c.id operator(pg_catalog.=) $1"
+		" left join booking_guard_internal.guarded_appointments a"
+		"   on a.id operator(pg_catalog.=) $2 and c.id is not null", 2, {INT8OID, INT8OID}},
+	/* a booking recorded before: what the result says about it */
+	[Q_RECORDED_DETAILS] = {"select pg_catalog.jsonb_build_object('call_id', $1, 'appointment_id', $2,"
+		" 'calcom_booking_id', $3, 'already_recorded', true)", 3, {INT8OID, INT8OID, TEXTOID}},
+};
+
+/* Runs one of record_booking()'s queries; returns in the memory context it was called in (SPI
+ * leaves its own current after each query, and SPI_finish() frees that one). */
+static void
+run_book_query(int which, Datum *args, const char *nulls, int expected)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			rc;
+
+	if (book_queries[which].plan == NULL)
+		book_queries[which].plan = prepare_kept(book_queries[which].query, book_queries[which].nargs,
+												book_queries[which].argtypes);
+	rc = SPI_execute_plan(book_queries[which].plan, args, nulls, false, 0);
+	MemoryContextSwitchTo(cxt);
+	if (rc != expected)
+		elog(ERROR, "booking_guard: record_booking() step %d failed: %s", which, SPI_result_code_string(rc));
+}
+
+/* One column of the first row of the last query's result, copied out of SPI's memory. */
+static Datum
+result_value(int column, bool *isnull)
+{
+	Datum		value;
+
+	if (SPI_processed == 0)
+	{
+		*isnull = true;
+		return (Datum) 0;
+	}
+	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, column, isnull);
+	return *isnull ? value : SPI_datumTransfer(value, TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attbyval,
+											   TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attlen);
+}
+
+/*
+ * The appointment the booking id is recorded under, of those the last query found: the call's own
+ * (the first of them), else an orphan (no call), else the first; false when there is none. Chosen
+ * here rather than by ORDER BY ... LIMIT 1: a booking id has one appointment or none, and the
+ * sort's executor nodes cost more than looking at that one.
+ */
+static bool
+recorded_appointment(int64 call_id, int64 *id, bool *call_null, int64 *call)
+{
+	int			best = -1;
+	int			best_rank = 0;
+	int64		best_id = 0;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull, no_call;
+		int64		this_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		Datum		this_call = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &no_call);
+		int			rank = !no_call && DatumGetInt64(this_call) == call_id ? 3 : no_call ? 2 : 1;
+
+		if (isnull)
+			continue;
+		if (best < 0 || rank > best_rank || (rank == best_rank && this_id < best_id))
+		{
+			best = (int) i;
+			best_rank = rank;
+			best_id = this_id;
+			*call_null = no_call;
+			*call = no_call ? 0 : DatumGetInt64(this_call);
+		}
+	}
+	*id = best_id;
+	return best >= 0;
+}
+
+/* Unix time of a timestamptz, as validation_verdict() takes it. */
+static double
+unix_seconds(TimestampTz t)
+{
+	return (double) t / USECS_PER_SEC + (double) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+}
+
+/* record_booking()'s input, checked: bad input is BG005 and writes nothing. */
+static void
+bad_booking_input(const char *message, const char *detail, const char *hint)
+{
+	ereport(ERROR, (errcode(ERRCODE_BG_BAD_INPUT), errmsg_internal("%s", message), errdetail_internal("%s", detail),
+					errhint("%s", hint)));
+}
+
+/* Whether the text matches the pattern, under the database's collation: a COLLATE clause of the
+ * caller's cannot change what the input checks accept. */
+static bool
+text_matches(text *value, const char *pattern, Oid collation)
+{
+	return DatumGetBool(DirectFunctionCall2Coll(textregexeq, collation, PointerGetDatum(value),
+												CStringGetTextDatum(pattern)));
+}
+
+/* The first n characters of a text. */
+static char *
+text_prefix(text *value, int n)
+{
+	char	   *s = text_to_cstring(value);
+
+	s[pg_mbcharcliplen(s, strlen(s), n)] = '\0';
+	return s;
+}
+
+static char *
+jsonb_prefix(Jsonb *value, int n)
+{
+	char	   *s = JsonbToCString(NULL, &value->root, VARSIZE(value));
+
+	s[pg_mbcharcliplen(s, strlen(s), n)] = '\0';
+	return s;
+}
+
+/*
+ * The appointment as record_booking() takes it: an object (an empty array, as some JSON encoders
+ * write an empty map, is one) of at most 64 kB.
+ */
+static Jsonb *
+booking_appointment(FunctionCallInfo fcinfo)
+{
+	Jsonb	   *payload;
+
+	if (PG_ARGISNULL(2))
+		return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	payload = PG_GETARG_JSONB_P(2);
+	if (JB_ROOT_IS_ARRAY(payload) && !JB_ROOT_IS_SCALAR(payload) && JB_ROOT_COUNT(payload) == 0)
+		return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	if (!JB_ROOT_IS_OBJECT(payload))
+	{
+		char	   *type = TextDatumGetCString(DirectFunctionCall1(jsonb_typeof, JsonbPGetDatum(payload)));
+
+		bad_booking_input(psprintf("record_booking(): the appointment must be a jsonb object, not %s", type),
+						  psprintf("appointment: %s", jsonb_prefix(payload, 200)),
+						  "Pass the appointment's columns as an object: '{\"service_id\": 7, \"staff_id\": 3}'.");
+	}
+	/* its size as stored in memory: a compressed argument counts at its full size */
+	if (VARSIZE(payload) > 65536)
+		bad_booking_input(psprintf("record_booking(): the appointment is too large: %zu bytes",
+								   (size_t) VARSIZE(payload)),
+						  "An appointment's columns fit in 64 kB.",
+						  "Pass the appointment's columns, not documents: keep large texts out of the booking call.");
+	return payload;
+}
+
+/*
+ * The appointment's columns for the insert: call_id and calcom_v2_booking_id, when the object gives
+ * them, must be the arguments (BG005 otherwise); they are set from the arguments.
+ */
+static Jsonb *
+booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
+{
+	StringInfoData conflicting;
+	const char *keys[2] = {"calcom_v2_booking_id", "call_id"};	/* in the order the message names them */
+	char	   *args[2];
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	JsonbValue *merged;
+
+	args[0] = text_to_cstring(booking_id);
+	args[1] = psprintf(INT64_FORMAT, call_id);
+	initStringInfo(&conflicting);
+	for (int i = 0; i < 2; i++)
+	{
+		JsonbValue *given = getKeyJsonValueFromContainer(&payload->root, keys[i], strlen(keys[i]), NULL);
+		char	   *as_text = NULL;
+
+		if (given == NULL)
+			continue;
+		/* as ->> gives it: a string's contents, a scalar's text, null for JSON null */
+		if (given->type == jbvString)
+			as_text = pnstrdup(given->val.string.val, given->val.string.len);
+		else if (given->type != jbvNull)
+		{
+			JsonbValue *scalar = given;
+
+			if (scalar->type == jbvBinary)
+				as_text = JsonbToCString(NULL, scalar->val.binary.data, scalar->val.binary.len);
+			else
+			{
+				Jsonb	   *wrapped = JsonbValueToJsonb(scalar);
+
+				as_text = JsonbToCString(NULL, &wrapped->root, VARSIZE(wrapped));
+			}
+		}
+		if (as_text == NULL || strcmp(as_text, args[i]) != 0)
+			appendStringInfo(&conflicting, "%s%s (%s, the argument says %s)", conflicting.len ? "; " : "", keys[i],
+							 as_text ? as_text : "", args[i]);
+	}
+	if (conflicting.len > 0)
+		bad_booking_input(psprintf("record_booking(): the appointment contradicts the arguments: %s", conflicting.data),
+						  "call_id and calcom_v2_booking_id of the appointment are taken from record_booking's arguments.",
+						  "Leave them out of the appointment object.");
+
+	/* the appointment's columns, with call_id and calcom_v2_booking_id from the arguments */
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	v.type = jbvString;
+	v.val.string.val = "call_id";
+	v.val.string.len = strlen("call_id");
+	pushJsonbValue(&state, WJB_KEY, &v);
+	v.type = jbvNumeric;
+	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(call_id)));
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	v.type = jbvString;
+	v.val.string.val = "calcom_v2_booking_id";
+	v.val.string.len = strlen("calcom_v2_booking_id");
+	pushJsonbValue(&state, WJB_KEY, &v);
+	v.type = jbvString;
+	v.val.string.val = VARDATA_ANY(booking_id);
+	v.val.string.len = VARSIZE_ANY_EXHDR(booking_id);
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	merged = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(payload),
+											  JsonbPGetDatum(JsonbValueToJsonb(merged))));
+}
+
+/*
+ * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
+ *
+ *   1. checks its input; bad input is BG005 and writes nothing
+ *   2. serialises on the booking id (lock_booking(), a row lock in booking_guard's own table) and
+ *      looks the booking up: recorded before for this call, nothing is created
+ *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
+ *      links the orphan that carries the booking id; flags the call; reads both back and judges them
+ *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
+ *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
+ *      alerts and queues it for review
+ *   4. logs the validation's event and record_booking's (log_booking(), one statement)
+ *
+ * Runs as the caller: every write to the application is one the caller could make itself.
+ * Idempotency needs each call to see the appointments committed before it took the lock: READ
+ * COMMITTED does, SERIALIZABLE detects the conflict, REPEATABLE READ is refused.
+ */
+Datum
+record_booking(PG_FUNCTION_ARGS)
+{
+	TimestampTz started = GetCurrentTimestamp();
+	int64		call_id;
+	text	   *booking_id;
+	Jsonb	   *payload;
+	Datum		appointment;
+	bool		appointment_null;
+	TupleDesc	result_desc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	Datum		args[13];
+	bool		arg_nulls[13];
+	char		spi_nulls[4];
+	bool		isnull;
+	bool		existing_null, existing_call_null;
+	int64		existing_id = 0, existing_call = 0;
+	int64		the_id = 0;
+	bool		the_id_null = true;
+	bool		validated = false;
+	bool		success = false;
+	Datum		reason = (Datum) 0;
+	Datum		details = (Datum) 0;
+	double		validation_ms = 0;
+	Datum		examined = (Datum) 0;
+	bool		examined_null = true;
+	bool		created = false;
+	Datum		refusal = (Datum) 0;
+	MemoryContext caller = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	/* 1. the input */
+	if (get_call_result_type(fcinfo, NULL, &result_desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "booking_guard.record_booking() must return booking_guard.booking_result");
+	booking_id = PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1);
+	if (PG_ARGISNULL(0) || booking_id == NULL
+		|| !text_matches(booking_id, "\\S", DEFAULT_COLLATION_OID)
+		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255
+		|| text_matches(booking_id, "[[:cntrl:]]", DEFAULT_COLLATION_OID))
+		bad_booking_input("record_booking() needs a call id and a Cal.com booking id",
+						  psprintf("call_id: %s, calcom_booking_id: %s",
+								   PG_ARGISNULL(0) ? "null" : psprintf(INT64_FORMAT, PG_GETARG_INT64(0)),
+								   booking_id == NULL ? "null"
+								   : TextDatumGetCString(DirectFunctionCall1(quote_literal,
+																			 CStringGetTextDatum(text_prefix(booking_id, 100))))),
+						  "The booking id is 1 to 255 printable characters: "
+						  "select * from booking_guard.record_booking(42, 'cal-123', '{\"service_id\": 7}');");
+	call_id = PG_GETARG_INT64(0);
+	payload = booking_appointment(fcinfo);
+	if (XactIsoLevel == XACT_REPEATABLE_READ)
+		bad_booking_input("record_booking() cannot run in a REPEATABLE READ transaction",
+						  "Its idempotency needs to see appointments committed by concurrent sessions after this "
+						  "transaction's snapshot was taken.",
+						  "Use READ COMMITTED (the default) or SERIALIZABLE.");
+	payload = booking_columns(payload, call_id, booking_id);
+	appointment = PG_GETARG_DATUM(2);
+	appointment_null = PG_ARGISNULL(2);
+
+	if (!attachment.known)
+		load_attachment();
+	if (!OidIsValid(attachment.appointments))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard is not attached"),
+				 errdetail("No calls and appointments tables have been attached in this database."),
+				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
+
+	/* 2. the booking id's lock, then what is recorded under it */
+	args[0] = PointerGetDatum(booking_id);
+	arg_nulls[0] = false;
+	(void) call_kept(FN_LOCK_BOOKING, args, arg_nulls, &isnull);
+
+	/* connected to SPI, but working in the caller's memory: what is kept outlives SPI_finish() */
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	MemoryContextSwitchTo(caller);
+	args[0] = PointerGetDatum(booking_id);
+	run_book_query(Q_RECORDED, args, NULL, SPI_OK_SELECT);
+	existing_call_null = true;
+	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call);
+
+	if (!existing_call_null && existing_call == call_id)
+	{
+		/* recorded before: the first appointment stands, nothing is created */
+		args[0] = Int64GetDatum(call_id);
+		args[1] = Int64GetDatum(existing_id);
+		args[2] = PointerGetDatum(booking_id);
+		run_book_query(Q_RECORDED_DETAILS, args, NULL, SPI_OK_SELECT);
+		success = true;
+		reason = CStringGetTextDatum("ok");
+		details = result_value(1, &isnull);
+		if (isnull)
+			elog(ERROR, "booking_guard: record_booking() found no details of booking %s", text_to_cstring(booking_id));
+		the_id = existing_id;
+		the_id_null = false;
+	}
+	else
+	{
+		/* 3. write, read back and judge, in a subtransaction */
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(caller);
+		PG_TRY();
+		{
+			Datum		verdict;
+			HeapTupleHeader row;
+
+			if (existing_null)
+				the_id_null = !insert_appointment(attachment.appointments, payload, &the_id);
+			else
+			{
+				the_id = existing_id;
+				the_id_null = false;
+				if (existing_call_null)
+				{
+					args[0] = Int64GetDatum(call_id);
+					args[1] = Int64GetDatum(existing_id);
+					run_book_query(Q_LINK_ORPHAN, args, NULL, SPI_OK_UPDATE);
+				}
+				/* else the booking belongs to another call: the validation says so */
+			}
+			args[0] = Int64GetDatum(call_id);
+			args[1] = PointerGetDatum(booking_id);
+			run_book_query(Q_FLAG_CALL, args, NULL, SPI_OK_UPDATE);
+
+			args[0] = Int64GetDatum(call_id);
+			args[1] = Int64GetDatum(the_id);
+			spi_nulls[0] = ' ';
+			spi_nulls[1] = the_id_null ? 'n' : ' ';
+			run_book_query(Q_FACTS, args, spi_nulls, SPI_OK_SELECT);
+			args[0] = Int64GetDatum(call_id);
+			arg_nulls[0] = false;
+			args[1] = Int64GetDatum(the_id);
+			arg_nulls[1] = the_id_null;
+			args[2] = PointerGetDatum(booking_id);
+			arg_nulls[2] = false;
+			args[3] = Float8GetDatum(unix_seconds(GetCurrentTimestamp()));
+			arg_nulls[3] = false;
+			for (int i = 1; i <= 9; i++)
+			{
+				args[3 + i] = result_value(i, &arg_nulls[3 + i]);
+				if (i >= 8 && !arg_nulls[3 + i])	/* date_part() gives float8 */
+					args[3 + i] = Float8GetDatum(DatumGetFloat8(args[3 + i]));
+			}
+			verdict = call_kept(FN_VALIDATION_VERDICT, args, arg_nulls, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.validation_verdict() returned null");
+			row = DatumGetHeapTupleHeader(verdict);
+			success = DatumGetBool(GetAttributeByNum(row, 1, &isnull)) && !isnull;
+			reason = GetAttributeByNum(row, 2, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.validation_verdict() returned no reason");
+			details = GetAttributeByNum(row, 3, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.validation_verdict() returned no details");
+			validated = true;
+
+			if (success)
+				ReleaseCurrentSubTransaction();
+			else
+				RollbackAndReleaseCurrentSubTransaction();	/* the call's flags, the appointment */
+			MemoryContextSwitchTo(caller);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+			int			category;
+
+			MemoryContextSwitchTo(caller);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(caller);
+			CurrentResourceOwner = owner;
+			category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+			if (category == ERRCODE_DATA_EXCEPTION || category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
+			{
+				char	   *text = jsonb_prefix(payload, 500);
+				char	   *table = quote_qualified_identifier(get_namespace_name(get_rel_namespace(attachment.appointments)),
+															   get_rel_name(attachment.appointments));
+
+				ereport(ERROR,
+						(errcode(ERRCODE_BG_BAD_INPUT),
+						 errmsg("record_booking(): the appointment for booking %s cannot be stored: %s",
+								text_to_cstring(booking_id), edata->message),
+						 errdetail("appointment: %s; the server said: %s (SQLSTATE %s)", text, edata->message,
+								   unpack_sql_state(edata->sqlerrcode)),
+						 errhint("Give values that fit the columns and constraints of %s.", table)));
+			}
+			ReThrowError(edata);
+		}
+		PG_END_TRY();
+
+		if (!success)
+		{
+			/* the refusal, in the caller's transaction: the call rolled back, an alert, a review item */
+			args[0] = Int64GetDatum(call_id);
+			arg_nulls[0] = false;
+			args[1] = PointerGetDatum(booking_id);
+			arg_nulls[1] = false;
+			args[2] = reason;
+			arg_nulls[2] = false;
+			args[3] = details;
+			arg_nulls[3] = false;
+			args[4] = appointment;
+			arg_nulls[4] = appointment_null;
+			args[5] = Int64GetDatum(the_id);
+			arg_nulls[5] = !existing_null || the_id_null;	/* an appointment this call inserted */
+			refusal = call_kept(FN_BOOKING_FAILED, args, arg_nulls, &isnull);
+			if (isnull)
+				elog(ERROR, "booking_guard_internal.booking_failed() returned no details");
+		}
+		created = success && existing_null;
+	}
 	SPI_finish();
-	if (isnull)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(result);
+
+	/* 4. the events: the validation's, when one ran, and record_booking's */
+	if (validated)
+	{
+		Jsonb	   *facts = DatumGetJsonbP(details);
+		JsonbValue *ms = getKeyJsonValueFromContainer(&facts->root, "duration_ms", strlen("duration_ms"), NULL);
+		JsonbValue *seen = getKeyJsonValueFromContainer(&facts->root, "appointment_id", strlen("appointment_id"), NULL);
+
+		validation_ms = ms != NULL && ms->type == jbvNumeric
+			? DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(ms->val.numeric))) : 0.0;
+		if (seen != NULL && seen->type == jbvNumeric)
+		{
+			examined = DirectFunctionCall1(numeric_int8, NumericGetDatum(seen->val.numeric));
+			examined_null = false;
+		}
+	}
+	args[0] = Int64GetDatum(call_id);
+	args[1] = BoolGetDatum(success);
+	args[2] = reason;
+	args[3] = Int64GetDatum(the_id);
+	args[4] = BoolGetDatum(created);
+	args[5] = DirectFunctionCall2(numeric_round,
+								  DirectFunctionCall1(float8_numeric,
+													  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
+								  Int32GetDatum(3));
+	args[6] = Float8GetDatum(validation_ms);
+	args[7] = examined;
+	memset(arg_nulls, false, sizeof(arg_nulls));
+	arg_nulls[3] = !success || the_id_null;
+	arg_nulls[6] = !validated;
+	arg_nulls[7] = examined_null;
+	(void) call_kept(FN_LOG_BOOKING, args, arg_nulls, &isnull);
+
+	/* the result: success, reason, details, the appointment (none when refused), created */
+	values[0] = BoolGetDatum(success);
+	values[1] = reason;
+	values[2] = success ? details : refusal;
+	values[3] = Int64GetDatum(the_id);
+	nulls[3] = !success || the_id_null;
+	values[4] = BoolGetDatum(created);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(result_desc), values, nulls)));
 }

@@ -94,8 +94,9 @@ select is_empty($$select p.oid::regprocedure::text from pg_proc p
 -- down to its operators. None is SECURITY DEFINER: where they need rights they switch to
 -- booking_guard_worker around their queries.
 select is(array_agg(p.proname::text order by p.proname),
-          array['appointments_sync', 'appointments_truth_check', 'attachment_changed', 'calls_before', 'calls_truth_check', 'claim_check_needed',
-                'commit_check_possible', 'insert_appointment', 'rule_mode', 'rules_changed', 'run_job', 'run_job_steps'],
+          array['appointments_sync', 'appointments_truth_check', 'attachment_changed', 'calls_before', 'calls_truth_check',
+                'claim_check_needed', 'commit_check_possible', 'record_booking', 'rule_mode', 'rules_changed', 'run_job',
+                'run_job_steps'],
           'the C functions, none of them SECURITY DEFINER')
   from pg_proc p join pg_language l on l.oid = p.prolang and l.lanname = 'c'
  where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace) and not p.prosecdef;

@@ -46,6 +46,44 @@ def test_a_prepared_statement_named_like_booking_guards_is_never_run(core, login
                         (call_id,)).fetchone()[0] == 1
 
 
+HOSTILE_OPERATORS = """
+create table hostile.fired (what text);
+create function hostile.eq_int8(a bigint, b bigint) returns boolean language plpgsql as $$
+begin insert into hostile.fired values ('= bigint'); return a operator(pg_catalog.=) b; end $$;
+create function hostile.eq_text(a text, b text) returns boolean language plpgsql as $$
+begin insert into hostile.fired values ('= text'); return a operator(pg_catalog.=) b; end $$;
+create function hostile.minus_tstz(a timestamptz, b timestamptz) returns interval language plpgsql as $$
+begin insert into hostile.fired values ('- timestamptz'); return a operator(pg_catalog.-) b; end $$;
+create function hostile.now() returns timestamptz language plpgsql as $$
+begin insert into hostile.fired values ('now()'); return pg_catalog.now(); end $$;
+create operator hostile.= (leftarg = bigint, rightarg = bigint, function = hostile.eq_int8);
+create operator hostile.= (leftarg = text, rightarg = text, function = hostile.eq_text);
+create operator hostile.- (leftarg = timestamptz, rightarg = timestamptz, function = hostile.minus_tstz);
+"""
+
+
+def test_record_booking_runs_nothing_found_on_the_callers_search_path(core, login_role):
+    """record_booking() runs as its caller and parses its queries under the caller's search_path:
+    operators and functions of the caller's own schema, put before pg_catalog, are never picked,
+    neither when its plans are made nor when they are made again under the new path."""
+    app, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
+    core.execute(f"create schema hostile authorization {app}")
+    conn.execute(HOSTILE_OPERATORS)
+    first, second, orphaned = new_call(conn), new_call(conn), new_call(conn)
+    assert conn.execute("select success from booking_guard.record_booking(%s, 'cal-path-1', '{}')",
+                        (first,)).fetchone()[0] is True
+    conn.execute("set search_path = hostile, pg_catalog, public")
+    new_appointment(conn, None, calcom_v2_booking_id="cal-path-3")   # the calendar's webhook first: an orphan
+    for call_id, booking in ((second, "cal-path-2"), (second, "cal-path-2"), (orphaned, "cal-path-3"),
+                             (first, "cal-path-2")):   # created, recorded before, linked, refused
+        conn.execute("select booking_guard.record_booking(%s, %s, '{}')", (call_id, booking))
+    assert core.execute("select what from hostile.fired").fetchall() == []
+    conn.execute("select 1::bigint = 2::bigint, now()")   # an unqualified query picks them
+    assert sorted(core.execute("select what from hostile.fired").fetchall()) == [("= bigint",), ("now()",)]
+    assert core.execute("select count(*) from appointments where calcom_v2_booking_id like 'cal-path-%'"
+                        ).fetchone()[0] == 3
+
+
 # -- a table owner's code on the attached tables ------------------------------------------------
 
 OWNER_CODE = """

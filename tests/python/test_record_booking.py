@@ -207,3 +207,15 @@ def test_the_insert_follows_a_changed_table(attached, connect):
     attached.execute("alter table appointments add column room text")
     assert conn.execute(RECORD, (calls[1], "cal-alter-1", '{"status": "b", "room": "2"}')).fetchone()[0] is True
     assert attached.execute("select room from appointments where calcom_v2_booking_id = 'cal-alter-1'").fetchone()[0] == "2"
+
+
+def test_a_collation_of_the_callers_does_not_change_the_input_check(attached):
+    """The booking id is checked under the database's collation: one the caller attaches to the
+    argument (here one the regular expressions of the check cannot use) changes nothing."""
+    attached.execute("create collation pg_temp.loose (provider = icu, locale = 'und', deterministic = false)")
+    call_id = new_call(attached, "retell-collate")
+    assert attached.execute(RECORD.replace("%s, %s, %s", "%s, %s collate pg_temp.loose, %s"),
+                            (call_id, "cal-collate", "{}")).fetchone()[:2] == (True, "ok")
+    with pytest.raises(psycopg.Error) as caught:
+        attached.execute(RECORD.replace("%s, %s, %s", "%s, %s collate pg_temp.loose, %s"), (call_id, "cal\n2", "{}"))
+    assert caught.value.sqlstate == "BG005"
