@@ -685,6 +685,12 @@ is_attached(Relation rel, bool calls)
  * Has the call an appointment? One index probe, read directly: no SQL, no user code (no policy,
  * no function) runs, so no identity needs switching. A partitioned table, or one without a
  * suitable index, is probed with SQL as the worker.
+ *
+ * Under READ COMMITTED the probe reads the latest committed state, not the statement's snapshot:
+ * an appointment deleted by a transaction that committed after this statement began but before
+ * it locked the call would otherwise still be seen, and a claim with nothing behind it would be
+ * marked verified and skip the check at COMMIT. Under REPEATABLE READ and SERIALIZABLE the
+ * transaction's snapshot is the truth it may act on.
  */
 static bool
 has_linked_appointment(int64 call_id)
@@ -700,6 +706,7 @@ has_linked_appointment(int64 call_id)
 	{
 		Relation	heap;
 		Relation	index;
+		Snapshot	snapshot;
 		IndexScanDesc scan;
 		TupleTableSlot *slot;
 		ScanKeyData key;
@@ -714,11 +721,14 @@ has_linked_appointment(int64 call_id)
 			ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(call_id));
 		heap = table_open(attachment.appointments, AccessShareLock);
 		index = index_open(attachment.probe_index, AccessShareLock);
-		scan = index_beginscan(heap, index, GetActiveSnapshot(), 1, 0);
+		snapshot = IsolationUsesXactSnapshot() ? GetActiveSnapshot() : RegisterSnapshot(GetLatestSnapshot());
+		scan = index_beginscan(heap, index, snapshot, 1, 0);
 		index_rescan(scan, &key, 1, NULL, 0);
 		slot = table_slot_create(heap, NULL);
 		found = index_getnext_slot(scan, ForwardScanDirection, slot);
 		index_endscan(scan);
+		if (!IsolationUsesXactSnapshot())
+			UnregisterSnapshot(snapshot);
 		ExecDropSingleTupleTableSlot(slot);
 		index_close(index, AccessShareLock);
 		table_close(heap, AccessShareLock);
@@ -729,8 +739,8 @@ has_linked_appointment(int64 call_id)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	run_kept(&probe_plan, "select from booking_guard_internal.guarded_appointments a "
-			 "where a.call_id operator(pg_catalog.=) $1 limit 1", 1, argtypes, &arg, true, 1,
-			 "probing a call's appointments");
+			 "where a.call_id operator(pg_catalog.=) $1 limit 1", 1, argtypes, &arg,
+			 IsolationUsesXactSnapshot(), 1, "probing a call's appointments");
 	found = SPI_processed > 0;
 	SPI_finish();
 	end_worker(&as);
