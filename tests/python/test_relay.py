@@ -127,10 +127,10 @@ def undelivered(db) -> int:
 
 
 def relay_is_waiting(db) -> bool:
-    # the relay has finished its first round and sits in LISTEN, waiting for a notification
+    # the relay has finished its first round (alerts, then review items) and sits in LISTEN
     return db.execute("""select exists (select from pg_stat_activity
                                          where datname = current_database() and application_name = 'booking-guard relay'
-                                           and state = 'idle' and query like '%%claim_alerts%%')""").fetchone()[0]
+                                           and state = 'idle' and query like '%%claim_reviews%%')""").fetchone()[0]
 
 
 def test_a_new_alert_is_posted_at_once_woken_by_notify(db, slack, relays):
