@@ -150,11 +150,12 @@ def test_an_item_with_two_alerts_closes_with_the_last(clinic):
     assert items(db)[0][5] == "pending"
     db.execute("select booking_guard.resolve_alert(%s)", (alerts[1],))
     assert items(db)[0][5] == "resolved"
-    assert db.execute("select note from booking_guard.review_queue").fetchone()[0].startswith(f"resolved with its alert #{alerts[1]}")
+    note = db.execute("select note from booking_guard.review_queue").fetchone()[0]
+    assert note.startswith(f"resolved with its alert #{alerts[1]}")
 
 
 def test_each_exhausted_retry_of_a_call_is_its_own_item(db):
-    for n in range(2):
+    for _ in range(2):
         retry = db.execute("select booking_guard.schedule_retry(7, 'record_booking', '{}', 1, '0')").fetchone()[0]
         [(claimed,)] = db.execute("select id from booking_guard.claim_retries('w', 1)").fetchall()
         assert claimed == retry
@@ -169,7 +170,8 @@ def test_a_new_item_notifies_its_id_and_urgent_ones_go_to_the_outbox(db, connect
     listener.execute("listen booking_guard_review")
     urgent = db.execute("select booking_guard.queue_for_review(1, 'calcom_booking_failed', '{}')").fetchone()[0]
     calm = db.execute("select booking_guard.queue_for_review(2, 'service_not_found', '{}')").fetchone()[0]
-    assert db.execute("select booking_guard.queue_for_review(1, 'calcom_booking_failed', '{\"again\": 1}')").fetchone()[0] == urgent
+    again = db.execute("select booking_guard.queue_for_review(1, 'calcom_booking_failed', '{\"again\": 1}')").fetchone()[0]
+    assert again == urgent
     db.execute("notify booking_guard_review, 'sentinel'")
     notes = [(n.channel, n.payload) for n in listener.notifies(timeout=10, stop_after=3)]
     assert notes == [("booking_guard_review", str(urgent)), ("booking_guard_review", str(calm)),
