@@ -7,7 +7,7 @@ RUNBOOKS = ROOT / "docs" / "runbooks"
 
 
 def test_the_pages_known_to_the_package_are_the_pages_of_docs_runbooks():
-    assert PAGES == {p.stem for p in RUNBOOKS.glob("*.md")} - {"README"}
+    assert {p.stem for p in RUNBOOKS.glob("*.md")} - {"README"} == PAGES
 
 
 def test_every_alert_type_and_review_reason_has_a_page(db):

@@ -283,7 +283,7 @@ def render(snap: Snapshot | None, error: str | None = None, database: str | None
         parts.append("<p class=\"empty\">No bookings in the last 24 hours.</p>")
     parts.append("</section>")
 
-    parts.append("<section id=\"failures\"><h2>Failure breakdown</h2>")
+    parts.append("<section class=\"wide\" id=\"failures\"><h2>Failure breakdown</h2>")
     if snap.failures:
         top = max(v for _, v in snap.failures) or 1
         parts.append("<table><tr><th>reason</th><th>failures</th><th></th></tr>")
@@ -295,7 +295,7 @@ def render(snap: Snapshot | None, error: str | None = None, database: str | None
         parts.append("<p class=\"empty\">No failed bookings recorded.</p>")
     parts.append("</section>")
 
-    parts.append("<section id=\"circuit-breakers\"><h2>Circuit breaker status</h2>")
+    parts.append("<section class=\"wide\" id=\"circuit-breakers\"><h2>Circuit breaker status</h2>")
     if snap.breakers:
         parts.append("<table><tr><th>key</th><th>state</th><th>failures</th><th>last opened</th><th>last closed</th></tr>")
         for key, state, failures, opened_at, closed_at in snap.breakers:

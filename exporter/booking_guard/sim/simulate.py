@@ -18,8 +18,8 @@ extension) right after the transaction that injected it committed:
     double_booking        two workers booked the same call (two Cal.com bookings, record_booking each)
     retry_double_booked   a retry recorded the same Cal.com booking twice (raw SQL, or record_booking)
 
-Beside the workers run what a deployment runs: verify_due() every `verify_every` seconds (as
-`booking-guard serve` does) and run_monitor() every `monitor_every` seconds (pg_cron runs it
+Beside the workers run what a deployment runs: verify_due() and fold_metrics() every `verify_every`
+seconds (as `booking-guard serve` does) and run_monitor() every `monitor_every` seconds (pg_cron runs it
 every minute; the simulator may run it more often), and a LISTEN on booking_guard_alert that
 collects every alert id notified, so the soak can check that no alert was lost.
 """
@@ -511,7 +511,9 @@ def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None
         drivers = [_Driver(dsn, "verify_due", "select * from booking_guard.verify_due()", config.verify_every, stop,
                            driver_errors),
                    _Driver(dsn, "run_monitor", f"select booking_guard.run_monitor('{config.monitor_window}')",
-                           config.monitor_every, stop, driver_errors)]
+                           config.monitor_every, stop, driver_errors),
+                   _Driver(dsn, "fold_metrics", "select booking_guard.fold_metrics()", config.verify_every, stop,
+                           driver_errors)]
         workers = [Worker(i, dsn, run_id, shared) for i in range(config.workers)]
         threads = [threading.Thread(target=w.run, name=f"worker-{w.number}") for w in workers]
         for t in [listener, *drivers, *threads]:
