@@ -94,7 +94,9 @@ begin
        set context = q.context || excluded.context, updated_at = now()
     returning q.id, q.xmax = 0 into v_id, v_inserted;   -- xmax 0: a new row, not the conflict update
     if queue_review.alert_id is not null then
-        update booking_guard.alerts a set review_id = v_id where a.id = queue_review.alert_id and a.review_id is null;
+        -- not an alert_storm's: a storm stands for many entities, not this item's
+        update booking_guard.alerts a set review_id = v_id
+         where a.id = queue_review.alert_id and a.review_id is null and a.alert_type <> 'alert_storm';
     end if;
     if v_inserted then
         perform booking_guard_internal.log_event('review', queue_review.reason, 'call', queue_review.call_id::text,

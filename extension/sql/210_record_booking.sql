@@ -122,7 +122,8 @@ begin
                            'appointment', booking_refused.appointment, 'validation', booking_refused.validation,
                            'rollback', booking_refused.rolled_back, 'alert_id', alert_id));
     -- the item answers the alert: resolving one resolves the other
-    update booking_guard.alerts a set review_id = v_review where a.id = alert_id and a.review_id is null;
+    update booking_guard.alerts a set review_id = v_review
+     where a.id = alert_id and a.review_id is null and a.alert_type <> 'alert_storm';
     return jsonb_build_object('alert_id', alert_id, 'review_id', v_review);
 end
 $$;

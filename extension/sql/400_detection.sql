@@ -542,6 +542,11 @@ declare
     calls  jsonb := case when jsonb_typeof(f.details -> 'call_ids') = 'array' then f.details -> 'call_ids' else '[]' end;
     n      bigint;
 begin
+    -- seen again: its alert already has its open item
+    if exists (select from booking_guard.alerts a join booking_guard.review_queue q on q.id = a.review_id
+                where a.id = alert_id and q.status <> 'resolved') then
+        return;
+    end if;
     if f.rule = 'duplicate_booking' then
         perform booking_guard_internal.queue_review(
             case when jsonb_array_length(calls) = 1 then (calls ->> 0)::bigint end, 'duplicate_booking',

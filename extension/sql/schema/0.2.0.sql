@@ -213,3 +213,5 @@ comment on column booking_guard.metric_fold_state.booking_settle_before is
 -- the metrics count new appointments by id: attach() makes sure an index leads with it
 insert into booking_guard.required_indexes (table_role, column_name, why) values
     ('appointments', 'id', 'counting new appointments by id for the booking metrics');
+-- the outbox is the only mark of an urgent item not sent yet: dumped and restored with the items
+select pg_catalog.pg_extension_config_dump('booking_guard.review_notifications', '');
