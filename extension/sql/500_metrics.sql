@@ -141,11 +141,13 @@ begin
     delete from booking_guard.metric_booking_gaps g
      where settle_before is not null
        and g.noted_at < least(settle_before, (select s.booking_settle_before from booking_guard.metric_fold_state s));
-    -- for the next fold: when the oldest transaction open now began (a prepared one: any time)
+    -- for the next fold: when the oldest transaction open now began (a prepared one: any time;
+    -- autovacuum inserts no appointment)
     v_open := case when exists (select from pg_catalog.pg_prepared_xacts x where x.database = current_database())
                    then '-infinity'
                    else coalesce((select min(a.xact_start) from pg_catalog.pg_stat_activity a
-                                   where a.datname = current_database() and a.pid <> pg_backend_pid()),
+                                   where a.datname = current_database() and a.pid <> pg_backend_pid()
+                                   and a.backend_type <> 'autovacuum worker'),
                                  clock_timestamp()) end;
     update booking_guard.metric_fold_state s set booking_settle_before = v_open;
     return cardinality(v_new) + cardinality(v_found);

@@ -141,11 +141,13 @@ begin
       from booking_guard.alert_digests d
      where d.period_end < v_end
     on conflict (period_end) do nothing;
-    -- when the oldest transaction still open here began (a prepared one counts as open from any time)
+    -- when the oldest transaction still open here began (a prepared one counts as open from any time;
+    -- autovacuum writes no alert)
     v_oldest := case when exists (select from pg_catalog.pg_prepared_xacts x where x.database = current_database())
                      then '-infinity'
                      else (select min(a.xact_start) from pg_catalog.pg_stat_activity a
-                            where a.datname = current_database() and a.pid <> pg_backend_pid()) end;
+                            where a.datname = current_database() and a.pid <> pg_backend_pid()
+                              and a.backend_type <> 'autovacuum worker') end;
     return query
     update booking_guard.alert_digests d
        set claimed_by = relay, claimed_role = session_user, claimed_until = clock_timestamp() + lease, attempts = d.attempts + 1
