@@ -158,7 +158,7 @@ def test_every_dashboard_query_runs_in_prometheus(exporter_and_prometheus):
         query = expr.replace("$instance", ".*").replace("$database", ".*").replace("$__rate_interval", "1m")
         result = prometheus.get("/api/v1/query", query=query)
         assert result["status"] == "success", (expr, result)
-    # the panels follow the seed's dashboard, top to bottom, with what needs action right after the overview
+    # the rows top to bottom: the overview, then what needs action, then the rest
     rows = [p["title"] for p in sorted(dashboard["panels"], key=lambda p: p["gridPos"]["y"]) if p["type"] == "row"]
     assert rows[:6] == ["Overview", "Needs Action", "Success vs Failure Trends",
                         "Failure Breakdown and Circuit Breaker Status", "Data Consistency Alerts", "Validation Performance"]

@@ -8,7 +8,7 @@ a fake Cal.com on 127.0.0.1, a share of them with a fault injected (each recorde
 in sim.faults), and a Cal.com outage in the middle. Then it tells what happened: what was
 injected, what was prevented at commit, what was detected and repaired, what waits in the review
 queue, how the circuit breaker opened and recovered, the daily report (and how "found" differs from
-"consistent"), the KPIs against the seed's targets (and why each one that misses its target
+"consistent"), the KPIs against their targets (and why each one that misses its target
 misses it), and where to look next.
 
 With serve (`booking-guard demo --serve`, `make demo-serve`) it then keeps serving that database:
@@ -249,7 +249,7 @@ def run(dsn: str, config: SimConfig = DEMO_CONFIG, listen: str | None = None,
         print("Priority 1: a customer may believe they are booked and are not, or hold a booking refused (call them"
               " back); 2: a booking failed or is held twice (fix it today); 3: records disagree but the booking stands."
               " calcom_booking_failed: the application queued each booking Cal.com refused or the open breaker rejected,"
-              " as the seed's queueManualBooking does; nothing was booked, nothing is lost.")
+              " for a person to rebook; nothing was booked, nothing is lost.")
         urgent, critical = conn.execute(
             "select (select count(*) from booking_guard.review_notifications),"
             " (select count(*) from booking_guard.alerts where severity = 'critical' and delivered_at is null)").fetchone()
@@ -289,7 +289,7 @@ def run(dsn: str, config: SimConfig = DEMO_CONFIG, listen: str | None = None,
               f" rate is the share of the found ones repaired automatically ({trend['recovered']});"
               f" {'the rest wait for a person: ' + left if left else 'none waits for a person'}.")
 
-        print(heading("9. KPIs against the seed's targets (booking_guard.kpis('1 day'))"))
+        print(heading("9. KPIs against their targets (booking_guard.kpis('1 day'))"))
         print(table(conn.execute(
             "select name, value, unit, target, case when ok then 'yes' when not ok then 'NO' else 'no data' end as met,"
             " samples from booking_guard.kpis('1 day')")), end="")
