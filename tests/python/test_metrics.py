@@ -405,3 +405,18 @@ def test_concurrent_bookings_and_folds_count_every_appointment_once(attached, co
     assert written > writers * per_writer / 2
     assert value(db, "appointment_creation_success_total") == written
     assert gaps(db) == []
+
+
+def test_open_inconsistencies_are_only_what_a_person_must_act_on(db):
+    """What the status page and booking_guard_open_inconsistencies count: not the corrected, the superseded,
+    the resolved, a failure rate or a stalled job."""
+    plant = "select booking_guard_internal.raise_alert(%s, %s, 'call', %s, 'planted', %s::jsonb, %s)"
+    wanted = db.execute(plant, ("phantom_booking", "critical", "1", "{}", False)).fetchone()[0]
+    db.execute(plant, ("missing_direction", "warning", "2", "{}", True))                            # auto-corrected
+    db.execute(plant, ("missing_appointment", "critical", "3", '{"superseded_by": "rollback"}', False))
+    db.execute(plant, ("recent_failures", "warning", "4", "{}", False))                             # a rate, no record
+    db.execute(plant, ("job_stalled", "critical", "5", "{}", False))                                # operations, not data
+    resolved = db.execute(plant, ("outcome_flag_mismatch", "warning", "6", "{}", False)).fetchone()[0]
+    db.execute("select booking_guard.resolve_alert(%s)", (resolved,))
+    assert db.execute("select id from booking_guard.open_inconsistencies").fetchall() == [(wanted,)]
+    assert db.execute("select count(*) from booking_guard.alerts where resolved_at is null").fetchone()[0] == 5
