@@ -6,6 +6,8 @@
 #   make setup      install OS packages and the .venv (scripts/bootstrap)
 #   make test       setup, build, install, then lint + pgTAP + pytest on a throwaway cluster
 #   make demo       setup, build, install, then the demo on a throwaway cluster
+#   make demo-serve the demo, then its cluster, status page and /metrics stay up until Ctrl-C
+#                   (DEMO_LISTEN=HOST:PORT, default 127.0.0.1:9188)
 #   make lint       ruff, pgspot on the built script
 #   make bench      every benchmark under bench/ on a throwaway cluster (bench/results/latest.md, .json)
 #   make soak       the fault-injection soak and its verdict (SOAK_CALLS=100000 SOAK_WORKERS=16 SOAK_ARGS=...)
@@ -58,7 +60,9 @@ SOAK_CALLS   ?= 100000
 SOAK_WORKERS ?= 16
 SOAK_ARGS    ?=
 
-.PHONY: setup test demo lint bench soak install-ext
+DEMO_LISTEN  ?= 127.0.0.1:9188
+
+.PHONY: setup test demo demo-serve lint bench soak install-ext
 
 setup:
 	@scripts/bootstrap
@@ -73,6 +77,9 @@ test: install-ext
 
 demo: install-ext
 	scripts/with-database $(VENV)/booking-guard demo
+
+demo-serve: install-ext
+	scripts/with-database $(VENV)/booking-guard demo --serve --listen $(DEMO_LISTEN)
 
 bench: install-ext
 	scripts/with-database scripts/run-bench

@@ -361,6 +361,7 @@ declare
     created   text[] := '{}';
     ix        record;
     ix_name   name;
+    max_id    bigint;
 begin
     if calls is null or appointments is null then
         raise exception 'attach() needs both tables'
@@ -423,6 +424,9 @@ begin
     -- booking_guard's own: replaced, not a reason to fail
     perform booking_guard_internal.drop_triggers(array[calls, appointments]);
     perform booking_guard_internal.attachment_record(calls, appointments, created);
+    -- bookings are counted from here on (the metrics count appointment rows; earlier ones are history)
+    execute format('select max(id)::bigint from %s', appointments) into max_id;
+    perform booking_guard_internal.count_bookings_from(max_id);
     perform booking_guard_internal.install_triggers(calls, appointments);
     if booking_guard_internal.subscribed_tables() is not null then
         raise warning 'booking_guard is attached to tables a logical replication subscription writes: %',

@@ -161,10 +161,12 @@ begin
     if a.resolved_at is not null then
         return a;
     end if;
-    update booking_guard.alerts set resolved_at = now() where id = alert_id returning * into a;
+    perform booking_guard_internal.resolve_together(alert_id, null, 'fixed',
+                                                    format('resolved with its alert #%s by %s', alert_id, session_user));
+    select * into a from booking_guard.alerts where id = alert_id;
     return a;
 end
 $$;
 
 comment on function booking_guard.resolve_alert(bigint) is
-    'Closes an alert; the next occurrence of its fingerprint opens a new one.';
+    'Closes an alert (and its review item, unless another alert of the item is open or the alert was auto-corrected); the next occurrence of its fingerprint opens a new one.';

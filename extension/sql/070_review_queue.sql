@@ -9,8 +9,60 @@ create trigger review_priorities_replace_seeded_row
     before insert on booking_guard.review_priorities
     for each row execute function booking_guard_internal.replace_seeded_row('reason');
 
+-- An alert and the review item that answers it. Resolving the item resolves its open alerts;
+-- resolving an alert resolves its item once no other alert of the item is open, unless the alert
+-- was auto-corrected (the repair closed the alert, the person's work on the item remains: a rolled
+-- back booking still needs the customer called back). This is the one place that resolves either
+-- side: resolve_alert(), resolve_review() and run_monitor() come here, and nothing here calls them.
+create function booking_guard_internal.resolve_together(alert_id bigint, review_id bigint, resolution text, note text)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    item       bigint := review_id;
+    corrected  boolean;
+    r          booking_guard.review_queue;
+begin
+    if alert_id is not null then
+        update booking_guard.alerts a set resolved_at = now()
+         where a.id = alert_id and a.resolved_at is null
+        returning a.review_id, a.auto_corrected into item, corrected;
+        if item is not null
+           and (corrected or exists (select from booking_guard.alerts x where x.review_id = item and x.resolved_at is null)) then
+            item := null;
+        end if;
+    end if;
+    if item is null then
+        return;
+    end if;
+    update booking_guard.review_queue q
+       set status = 'resolved', resolution = resolve_together.resolution, note = left(resolve_together.note, 10000),
+           updated_at = now(), claimed_by = coalesce(q.claimed_by, session_user)
+     where q.id = item and q.status <> 'resolved'
+    returning q.* into r;
+    if found then
+        perform booking_guard_internal.log_event('review_resolved', r.reason, 'call', r.call_id::text,
+            jsonb_strip_nulls(jsonb_build_object('review_id', r.id, 'resolution', r.resolution, 'subject', r.subject,
+                                                 'with_alert', alert_id)));
+    end if;
+    if review_id is not null then
+        update booking_guard.alerts a set resolved_at = now()
+         where a.review_id = item and a.resolved_at is null;
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.resolve_together(bigint, bigint, text, text) is
+    'Resolves an alert (alert_id) or a review item (review_id) with what belongs to it: an item''s open alerts; an alert''s item once its last open alert is resolved, unless that alert was auto-corrected. The only function that resolves either.';
+
 -- booking_guard's own findings reach the queue through here, full or not: a rollback is never lost.
-create function booking_guard_internal.queue_review(call_id bigint, reason text, context jsonb default '{}')
+-- A new item is logged (an event), announced with NOTIFY booking_guard_review and its id only, and,
+-- when at least as urgent as review_notify_priority, put in the relay's outbox (review_notifications).
+create function booking_guard_internal.queue_review(call_id bigint, reason text, context jsonb default '{}',
+                                                    subject text default null, alert_id bigint default null)
 returns bigint
 language plpgsql
 security definer
@@ -20,33 +72,47 @@ as $$
 declare
     v_id        bigint;
     v_inserted  boolean;
+    v_priority  integer;
 begin
     if queue_review.reason is null or queue_review.reason !~ '^[a-z][a-z0-9_]{0,62}$'
        or queue_review.context is null or jsonb_typeof(queue_review.context) <> 'object'
-       or pg_column_size(queue_review.context) > 1048576 then
+       or pg_column_size(queue_review.context) > 1048576
+       or queue_review.subject !~ '^[a-z_]+:\S' or length(queue_review.subject) > 300 then
         raise exception 'invalid review item for call %', coalesce(queue_review.call_id::text, 'null')
             using errcode = 'BG005',
-                  detail = format('reason: %s, context: %s (%s bytes)', coalesce(left(queue_review.reason, 100), 'null'),
+                  detail = format('reason: %s, subject: %s, context: %s (%s bytes)', coalesce(left(queue_review.reason, 100), 'null'),
+                                  coalesce(left(queue_review.subject, 100), 'null'),
                                   coalesce(left(queue_review.context::text, 200), 'null'),
                                   coalesce(pg_column_size(queue_review.context), 0)),
-                  hint = 'Give a reason (a lower-case identifier such as calcom_booking_failed) and a jsonb object as context.';
+                  hint = 'Give a reason (a lower-case identifier such as calcom_booking_failed), a jsonb object as context '
+                         'and, for an item about something other than the call, a subject such as booking:cal-123.';
     end if;
-    insert into booking_guard.review_queue as q (call_id, reason, context, priority)
-    values (queue_review.call_id, queue_review.reason, queue_review.context,
-            coalesce((select p.priority from booking_guard.review_priorities p where p.reason = queue_review.reason), 5))
-    on conflict (coalesce(call_id, -1), reason) where status <> 'resolved' do update
+    v_priority := coalesce((select p.priority from booking_guard.review_priorities p where p.reason = queue_review.reason), 5);
+    insert into booking_guard.review_queue as q (call_id, reason, context, priority, subject)
+    values (queue_review.call_id, queue_review.reason, queue_review.context, v_priority, queue_review.subject)
+    on conflict (coalesce(call_id, -1), reason, coalesce(subject, '')) where status <> 'resolved' do update
        set context = q.context || excluded.context, updated_at = now()
     returning q.id, q.xmax = 0 into v_id, v_inserted;   -- xmax 0: a new row, not the conflict update
+    if queue_review.alert_id is not null then
+        -- not an alert_storm's: a storm stands for many entities, not this item's
+        update booking_guard.alerts a set review_id = v_id
+         where a.id = queue_review.alert_id and a.review_id is null and a.alert_type <> 'alert_storm';
+    end if;
     if v_inserted then
         perform booking_guard_internal.log_event('review', queue_review.reason, 'call', queue_review.call_id::text,
-                                                 jsonb_build_object('review_id', v_id));
+            jsonb_strip_nulls(jsonb_build_object('review_id', v_id, 'subject', queue_review.subject,
+                                                 'alert_id', queue_review.alert_id)));
+        perform pg_notify('booking_guard_review', v_id::text);
+        if v_priority <= (select s.integer_value from booking_guard.settings s where s.name = 'review_notify_priority') then
+            insert into booking_guard.review_notifications (review_id) values (v_id);
+        end if;
     end if;
     return v_id;
 end
 $$;
 
-comment on function booking_guard_internal.queue_review(bigint, text, jsonb) is
-    'Queues a call for a person (booking_guard''s own findings; no cap); a call already queued for the same reason keeps its one open item (context merged).';
+comment on function booking_guard_internal.queue_review(bigint, text, jsonb, text, bigint) is
+    'Queues a call (or, with a subject, a booking, appointment or retry) for a person (booking_guard''s own findings; no cap); what is queued already keeps its one open item (context merged). alert_id links the alert the item answers. A new item sends NOTIFY booking_guard_review with its id and, if urgent, goes to the relay''s outbox.';
 
 -- What an application queues: bounded, so that one role cannot flood the people reading the queue.
 create function booking_guard.queue_for_review(call_id bigint, reason text, context jsonb default '{}')
@@ -74,7 +140,7 @@ begin
     end if;
     if not exists (select from booking_guard.review_queue q
                     where coalesce(q.call_id, -1) = coalesce(queue_for_review.call_id, -1)
-                      and q.reason = queue_for_review.reason and q.status <> 'resolved') then
+                      and q.reason = queue_for_review.reason and q.subject is null and q.status <> 'resolved') then
         v_open := (select count(*) from (select from booking_guard.review_queue q where q.status <> 'resolved' limit v_max) o);
         if v_open >= v_max then
             raise exception 'the review queue is full: % open items', v_open
@@ -149,16 +215,11 @@ begin
                   detail = format('Resolved as %s at %s.', r.resolution, r.updated_at),
                   hint = 'A resolved item stays as it is; queue the call again if it needs more work.';
     end if;
-    update booking_guard.review_queue
-       set status = 'resolved', resolution = resolve_review.resolution, note = resolve_review.note, updated_at = now(),
-           claimed_by = coalesce(claimed_by, session_user)
-     where id = review_id
-    returning * into r;
-    perform booking_guard_internal.log_event('review_resolved', r.reason, 'call', r.call_id::text,
-                                    jsonb_build_object('review_id', r.id, 'resolution', r.resolution));
+    perform booking_guard_internal.resolve_together(null, review_id, resolve_review.resolution, resolve_review.note);
+    select * into r from booking_guard.review_queue where id = review_id;
     return r;
 end
 $$;
 
 comment on function booking_guard.resolve_review(bigint, text, text) is
-    'Closes a review item as fixed, dismissed or false_positive (the false positive rate KPI reads these).';
+    'Closes a review item as fixed, dismissed or false_positive (the false positive rate KPI reads these), and the alerts it answers.';

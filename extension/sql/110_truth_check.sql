@@ -125,6 +125,7 @@ declare
     mode     text;
     grace    interval;
     locked   boolean := appointments_changed;
+    rolled   jsonb;
 begin
     -- Read optimistically; lock and read again only when something has to be done, so that a
     -- consistent booking costs two index lookups at COMMIT and writes nothing.
@@ -197,10 +198,11 @@ begin
                                    'appointment_link_status', c.appointment_link_status), false);
             return 'alerted';
         end if;
+        rolled := booking_guard.rollback_on_failure(judge_call.call_id, 'no appointment linked at verification',
+                                                    'missing_appointment');
         perform booking_guard_internal.queue_review(judge_call.call_id, 'appointment_validation_failed',
-            booking_guard.rollback_on_failure(judge_call.call_id, 'no appointment linked at verification',
-                                              'missing_appointment')
-            || jsonb_build_object('rule', 'missing_appointment', 'retell_call_id', c.retell_call_id));
+            rolled || jsonb_build_object('rule', 'missing_appointment', 'retell_call_id', c.retell_call_id),
+            alert_id => (rolled ->> 'alert_id')::bigint);
         return 'rolled_back';
     end if;
 

@@ -111,7 +111,7 @@ as $$
 #variable_conflict use_column
 declare
     alert_id   bigint;
-    review_id  bigint;
+    v_review   bigint;
 begin
     if booking_refused.rolled_back is not null then
         alert_id := (booking_refused.rolled_back ->> 'alert_id')::bigint;
@@ -130,16 +130,19 @@ begin
                    booking_refused.booking_id, booking_refused.call_id, booking_refused.reason),
             jsonb_build_object('reason', booking_refused.reason, 'calcom_booking_id', booking_refused.booking_id));
     end if;
-    review_id := booking_guard.queue_for_review(booking_refused.call_id, 'appointment_validation_failed',
+    v_review := booking_guard.queue_for_review(booking_refused.call_id, 'appointment_validation_failed',
         jsonb_build_object('reason', booking_refused.reason, 'calcom_booking_id', booking_refused.booking_id,
                            'appointment', booking_refused.appointment, 'validation', booking_refused.validation,
                            'rollback', booking_refused.rolled_back, 'alert_id', alert_id));
-    return jsonb_build_object('alert_id', alert_id, 'review_id', review_id);
+    -- the item answers the alert: resolving one resolves the other
+    update booking_guard.alerts a set review_id = v_review
+     where a.id = alert_id and a.review_id is null and a.alert_type <> 'alert_storm';
+    return jsonb_build_object('alert_id', alert_id, 'review_id', v_review);
 end
 $$;
 
 comment on function booking_guard_internal.booking_refused(bigint, text, text, jsonb, jsonb, jsonb) is
-    'record_booking(): a booking that failed validation: a critical alert (unless the rollback raised one) and a review item (counted against review_queue_max_open); returns their ids.';
+    'record_booking(): a booking that failed validation: a critical alert (unless the rollback raised one) and a review item answering it (counted against review_queue_max_open); returns their ids.';
 
 -- What a refused booking does, after record_booking() undid its writes: a call left without any appointment
 -- is rolled back to creation_failed (not an unknown call, nor one that keeps an earlier

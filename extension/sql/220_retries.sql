@@ -172,9 +172,11 @@ begin
                                     jsonb_build_object('retry_id', r.id, 'attempt', r.attempts, 'ok', false,
                                                        'error', error, 'status', r.status));
     if r.status = 'failed' then
+        -- one item per retry (subject retry:<id>): a second exhausted retry of the call keeps its own history
         perform booking_guard_internal.queue_review(r.call_id, 'retry_exhausted',
             jsonb_build_object('retry_id', r.id, 'operation', r.operation, 'payload', r.payload,
-                               'attempts', r.attempts, 'last_error', r.last_error, 'history', r.history));
+                               'attempts', r.attempts, 'last_error', r.last_error, 'history', r.history),
+            'retry:' || r.id);
     end if;
     return r;
 end

@@ -487,7 +487,7 @@ begin
                  where a.id = v_id;
                 return format('linked to call %s', matches[1]);
             elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) in ('correct', 'enforce') then
-                perform booking_guard_internal.queue_ambiguous_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
+                perform booking_guard_internal.queue_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
             end if;
             return null;
         else
@@ -499,34 +499,74 @@ $$;
 comment on function booking_guard_internal.repair_finding(booking_guard.finding) is
     'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct or enforce; returns what was done, or null.';
 
--- An orphan whose booking id matches several calls is never guessed: a person decides. The
--- review queue is keyed by call, and an orphan has none: the items of ambiguous orphans share
--- the reason ambiguous_orphan with no call, one key per appointment in the context.
-create function booking_guard_internal.queue_ambiguous_orphan(appointment_id bigint, booking_id text, candidate_calls bigint[])
+-- An orphan is never guessed: one whose booking id several calls hold (ambiguous_orphan), or none
+-- (orphaned_appointment), goes to a person. One open item per appointment (subject
+-- appointment:<id>), its context keyed appointment_<id>, linked to the orphan's alert when given.
+create function booking_guard_internal.queue_orphan(appointment_id bigint, booking_id text, candidate_calls bigint[],
+                                                    alert_id bigint default null)
 returns boolean
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    key  text := 'appointment_' || appointment_id;
+    v_reason   text := case when cardinality(candidate_calls) > 1 then 'ambiguous_orphan' else 'orphaned_appointment' end;
+    v_subject  text := 'appointment:' || appointment_id;
+    fresh      boolean;
 begin
-    if exists (select from booking_guard.review_queue q
-                where q.call_id is null and q.reason = 'ambiguous_orphan' and q.status <> 'resolved'
-                  and q.context ? key) then
-        return false;
-    end if;
-    perform booking_guard_internal.queue_review(null, 'ambiguous_orphan',
-        jsonb_build_object(key, jsonb_build_object('appointment_id', appointment_id, 'calcom_v2_booking_id', booking_id,
-                                                   'candidate_call_ids', to_jsonb(candidate_calls))));
-    perform booking_guard_internal.log_event('review', 'orphaned_appointment', 'appointment', appointment_id::text,
-        jsonb_build_object('reason', 'ambiguous_orphan', 'candidate_call_ids', to_jsonb(candidate_calls)));
-    return true;
+    fresh := not exists (select from booking_guard.review_queue q
+                          where q.call_id is null and q.reason = v_reason and q.subject = v_subject
+                            and q.status <> 'resolved');
+    perform booking_guard_internal.queue_review(null, v_reason,
+        jsonb_build_object('appointment_' || appointment_id,
+                           jsonb_build_object('appointment_id', appointment_id, 'calcom_v2_booking_id', booking_id,
+                                              'candidate_call_ids', to_jsonb(coalesce(candidate_calls, '{}')))),
+        v_subject, alert_id);
+    return fresh;
 end
 $$;
 
-comment on function booking_guard_internal.queue_ambiguous_orphan(bigint, text, bigint[]) is
-    'Queues an orphaned appointment whose booking id matches several calls for review (reason ambiguous_orphan, the appointment in the context); false if it is queued already.';
+comment on function booking_guard_internal.queue_orphan(bigint, text, bigint[], bigint) is
+    'Queues an orphaned appointment that no call or several calls match by booking id for review (ambiguous_orphan with several, orphaned_appointment with none; subject appointment:<id>), linked to its alert; false if it is queued already.';
+
+-- The findings run_monitor hands to a person, at the point where they become alerts: those no rule
+-- may decide, whatever the rule's mode (a review item repairs nothing). A booking held by several
+-- appointments (which row is real?) and an orphan no call or several calls claim. The item is linked
+-- to the finding's alert and queued once: a repeat finds it open.
+create function booking_guard_internal.queue_finding(f booking_guard.finding, alert_id bigint, repaired text)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    calls  jsonb := case when jsonb_typeof(f.details -> 'call_ids') = 'array' then f.details -> 'call_ids' else '[]' end;
+    n      bigint;
+begin
+    -- seen again: its alert already has its open item
+    if exists (select from booking_guard.alerts a join booking_guard.review_queue q on q.id = a.review_id
+                where a.id = alert_id and q.status <> 'resolved') then
+        return;
+    end if;
+    if f.rule = 'duplicate_booking' then
+        perform booking_guard_internal.queue_review(
+            case when jsonb_array_length(calls) = 1 then (calls ->> 0)::bigint end, 'duplicate_booking',
+            jsonb_build_object('calcom_booking_id', f.entity_id, 'appointment_ids', f.details -> 'appointment_ids',
+                               'call_ids', calls),
+            'booking:' || f.entity_id, alert_id);
+    elsif f.rule = 'orphaned_appointment' and repaired is null then
+        n := (f.details ->> 'matching_calls')::bigint;
+        if n <> 1 then
+            perform booking_guard_internal.queue_orphan(f.entity_id::bigint, f.details ->> 'calcom_v2_booking_id',
+                array(select c.id::bigint from booking_guard_internal.guarded_calls c
+                       where c.booking_id = f.details ->> 'calcom_v2_booking_id' order by c.id),
+                alert_id);
+        end if;
+    end if;
+end
+$$;
+
+comment on function booking_guard_internal.queue_finding(booking_guard.finding, bigint, text) is
+    'run_monitor: queues a finding no rule may decide for a person, linked to its alert (duplicate_booking; orphaned_appointment when no call or several match), once.';
 
 create function booking_guard_internal.finding_description(f booking_guard.finding)
 returns text
@@ -639,6 +679,7 @@ begin
                 f.details || jsonb_strip_nulls(jsonb_build_object('repair', repaired)),
                 repaired is not null);
         end if;
+        perform booking_guard_internal.queue_finding(f, alert_id, repaired);
         if fresh then
             counts := jsonb_set(counts, '{new}', to_jsonb((counts ->> 'new')::bigint + 1));
             perform booking_guard_internal.log_event('detection', f.rule, f.entity_type, f.entity_id,
@@ -652,7 +693,7 @@ end
 $$;
 
 comment on function booking_guard_internal.monitor_findings(booking_guard.finding[], jsonb, interval) is
-    'run_monitor: raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule corrects) and logs the detection of new ones; returns the counts.';
+    'run_monitor: raises one deduplicated alert per finding (repairing, and marking auto_corrected, where the rule corrects), queues those no rule may decide for a person (queue_finding) and logs the detection of new ones; returns the counts.';
 
 -- An open alert of a detection rule that run_monitor did not see again: resolved when its
 -- condition no longer holds, otherwise marked seen (last_seen_at) so that it is not re-checked
@@ -674,7 +715,8 @@ begin
         update booking_guard.alerts x set last_seen_at = now() where x.id = alert_recheck.alert_id;
         return false;
     end if;
-    update booking_guard.alerts x set resolved_at = now() where x.id = alert_recheck.alert_id;
+    perform booking_guard_internal.resolve_together(alert_recheck.alert_id, null, 'fixed',
+        format('resolved with its alert #%s: run_monitor found the %s condition no longer holds', a.id, a.alert_type));
     perform booking_guard_internal.log_event('detection', a.alert_type, a.entity_type, a.entity_id,
                                              jsonb_build_object('resolved_alert_id', a.id));
     return true;

@@ -200,7 +200,7 @@ begin
 
     for amb in select * from jsonb_array_elements(ambiguous) loop
         if booking_guard.rule_mode('orphaned_appointment', null) in ('correct', 'enforce')
-           and booking_guard_internal.queue_ambiguous_orphan((amb ->> 'id')::bigint, amb ->> 'booking_id',
+           and booking_guard_internal.queue_orphan((amb ->> 'id')::bigint, amb ->> 'booking_id',
                    array(select jsonb_array_elements_text(amb -> 'matches')::bigint)) then
             n_ambig := n_ambig + 1;
         end if;

@@ -110,6 +110,12 @@ $$;
 comment on function booking_guard.alerts_failed(text, bigint[], text) is
     'Releases a relay''s claims after a failed send: the next attempt is due after backoff_delay(attempts) (at most 5 minutes); returns when.';
 
+-- The e-mail digest of a period lists the alerts detected and the urgent review items queued in it.
+-- Both are dated by their transaction's start (now()), so a period is claimed only once no
+-- transaction of this database that began before its end is still open: by then everything it
+-- lists has committed, and each alert and item is in exactly one digest. A period's digest that
+-- failed is tried again (the oldest unsent first); a relay that was down starts the next period
+-- where the last one ended, at most 7 days back.
 create function booking_guard.claim_digest(relay text, every interval default '4 hours', lease interval default '1 minute')
 returns table (period_start timestamptz, period_end timestamptz)
 language plpgsql
@@ -118,7 +124,8 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    v_end  timestamptz;
+    v_end     timestamptz;
+    v_oldest  timestamptz;
 begin
     perform booking_guard_internal.relay_check(relay, lease);
     if every is null or every < interval '1 second' or every > interval '7 days' then
@@ -127,23 +134,38 @@ begin
                   detail = 'A digest covers between 1 second and 7 days.',
                   hint = 'select * from booking_guard.claim_digest(''relay-1'', ''4 hours'');';
     end if;
-    -- the last period that ended a moment ago (a transaction of its last instant has committed by then)
+    -- the last period that ended a moment ago
     v_end := date_bin(every, now() - least(every * 0.1, interval '1 minute'), timestamptz '2000-01-01 00:00+00');
-    insert into booking_guard.alert_digests (period_end, period_start) values (v_end, v_end - every)
+    insert into booking_guard.alert_digests (period_end, period_start)
+    select v_end, greatest(coalesce(max(d.period_end), v_end - every), v_end - interval '7 days')
+      from booking_guard.alert_digests d
+     where d.period_end < v_end
     on conflict (period_end) do nothing;
+    -- when the oldest transaction still open here began (a prepared one counts as open from any time;
+    -- autovacuum writes no alert)
+    v_oldest := case when exists (select from pg_catalog.pg_prepared_xacts x where x.database = current_database())
+                     then '-infinity'
+                     else (select min(a.xact_start) from pg_catalog.pg_stat_activity a
+                            where a.datname = current_database() and a.pid <> pg_backend_pid()
+                              and a.backend_type <> 'autovacuum worker') end;
     return query
     update booking_guard.alert_digests d
        set claimed_by = relay, claimed_role = session_user, claimed_until = clock_timestamp() + lease, attempts = d.attempts + 1
-     where d.period_end = v_end and d.sent_at is null
-       and (d.claimed_until is null or d.claimed_until <= now()) and d.next_attempt_at <= now()
+     where d.period_end = (select x.period_end from booking_guard.alert_digests x
+                            where x.sent_at is null and x.period_end <= v_end
+                              and (x.claimed_until is null or x.claimed_until <= now()) and x.next_attempt_at <= now()
+                              and (v_oldest is null or v_oldest >= x.period_end)
+                            order by x.period_end
+                            limit 1
+                              for update skip locked)
     returning d.period_start, d.period_end;
 end
 $$;
 
 comment on function booking_guard.claim_digest(text, interval, interval) is
-    'Claims the e-mail digest of the period that has just ended (periods of length every, aligned to midnight UTC) unless it is sent or claimed; no row otherwise.';
+    'Claims the oldest e-mail digest not sent yet (periods of length every, aligned to midnight UTC, the last one just ended) whose alerts and review items have all committed (no transaction that began before its end is open); no row otherwise.';
 
-create function booking_guard.digest_sent(relay text, period_end timestamptz, alerts integer)
+create function booking_guard.digest_sent(relay text, period_end timestamptz, alerts integer, review_items integer default 0)
 returns boolean
 language sql
 security definer
@@ -151,7 +173,7 @@ set search_path = pg_catalog, pg_temp
 as $$
     with mine as (
         update booking_guard.alert_digests d
-           set sent_at = now(), alerts = digest_sent.alerts, claimed_until = null
+           set sent_at = now(), alerts = digest_sent.alerts, review_items = digest_sent.review_items, claimed_until = null
          where d.period_end = digest_sent.period_end and d.sent_at is null
            and d.claimed_by = digest_sent.relay and d.claimed_role = session_user
         returning 1
@@ -159,8 +181,8 @@ as $$
     select exists (select from mine)
 $$;
 
-comment on function booking_guard.digest_sent(text, timestamptz, integer) is
-    'Marks a period''s digest sent (alerts = how many it listed; 0 when there was nothing to send), if this relay (name and session role) claimed it; true when it did.';
+comment on function booking_guard.digest_sent(text, timestamptz, integer, integer) is
+    'Marks a period''s digest sent (alerts and review_items = how many it listed; 0 when there was nothing to send), if this relay (name and session role) claimed it; true when it did.';
 
 create function booking_guard.digest_failed(relay text, period_end timestamptz, error text)
 returns timestamptz
@@ -178,3 +200,88 @@ $$;
 
 comment on function booking_guard.digest_failed(text, timestamptz, text) is
     'Releases a failed digest: the next attempt is due after backoff_delay(attempts) (at most 5 minutes); returns when.';
+
+-- Urgent review items (priority up to review_notify_priority) to the webhook: the outbox
+-- review_notifications, claimed with SKIP LOCKED for a lease like alerts (claim_alerts()), the row
+-- deleted and review_queue.delivered_at set once sent, the next attempt after a backoff when not.
+create function booking_guard.claim_reviews(relay text, max_items integer default 10, lease interval default '30 seconds')
+returns setof booking_guard.review_queue
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform booking_guard_internal.relay_check(relay, lease);
+    if max_items is null or max_items not between 1 and 1000 then
+        raise exception 'invalid max_items %', coalesce(max_items::text, 'null')
+            using errcode = 'BG005',
+                  detail = 'claim_reviews() claims between 1 and 1000 review items at a time.',
+                  hint = 'select * from booking_guard.claim_reviews(''relay-1'', 10);';
+    end if;
+    return query
+    with claimed as (
+        update booking_guard.review_notifications n
+           set claimed_by = relay, claimed_role = session_user, claimed_until = clock_timestamp() + lease,
+               attempts = n.attempts + 1
+         where n.review_id in (select x.review_id from booking_guard.review_notifications x
+                                where (x.claimed_until is null or x.claimed_until <= now()) and x.next_attempt_at <= now()
+                                order by x.review_id
+                                limit max_items
+                                  for update skip locked)
+        returning n.review_id
+    )
+    select q.* from booking_guard.review_queue q where q.id in (select c.review_id from claimed c) order by q.id;
+end
+$$;
+
+comment on function booking_guard.claim_reviews(text, integer, interval) is
+    'Claims up to max_items urgent review items not sent yet for a relay until now() + lease (SKIP LOCKED: concurrent relays get different items); an expired or released claim can be claimed again.';
+
+create function booking_guard.reviews_delivered(relay text, review_ids bigint[])
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    n  integer;
+begin
+    perform booking_guard_internal.relay_check(relay, interval '1 second');
+    -- only what this relay (name and role) claimed
+    with mine as (
+        delete from booking_guard.review_notifications n
+         where n.review_id = any (review_ids) and n.claimed_by = relay and n.claimed_role = session_user
+        returning n.review_id
+    )
+    update booking_guard.review_queue q set delivered_at = now()
+      from mine
+     where q.id = mine.review_id;
+    get diagnostics n = row_count;
+    return n;
+end
+$$;
+
+comment on function booking_guard.reviews_delivered(text, bigint[]) is
+    'Marks urgent review items sent (review_queue.delivered_at) and ends their claims, for the items this relay (name and session role) holds a claim on; returns how many it marked.';
+
+create function booking_guard.reviews_failed(relay text, review_ids bigint[], error text)
+returns timestamptz
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_next  timestamptz;
+begin
+    perform booking_guard_internal.relay_check(relay, interval '1 second');
+    update booking_guard.review_notifications n
+       set claimed_by = null, claimed_until = null, last_error = left(error, 2000),
+           next_attempt_at = clock_timestamp() + booking_guard.backoff_delay(greatest(n.attempts, 1), max_delay => '5 minutes')
+     where n.review_id = any (review_ids) and n.claimed_by = relay and n.claimed_role = session_user;
+    select max(n.next_attempt_at) into v_next from booking_guard.review_notifications n where n.review_id = any (review_ids);
+    return v_next;
+end
+$$;
+
+comment on function booking_guard.reviews_failed(text, bigint[], text) is
+    'Releases a relay''s claims on review items after a failed send: the next attempt is due after backoff_delay(attempts) (at most 5 minutes); returns when.';

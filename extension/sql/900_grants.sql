@@ -86,6 +86,8 @@ grant execute on function
     booking_guard.detect(interval), booking_guard.detect_rule(text, interval), booking_guard.check_call(bigint),
     booking_guard.daily_report(date), booking_guard.daily_report_json(date), booking_guard.kpis(interval),
     booking_guard.metrics(), booking_guard.fold_metrics(integer),
+    booking_guard_internal.booking_ids_readable(),
+    booking_guard_internal.fold_counters(integer, bigint, timestamptz, bigint[], bigint[]),
     booking_guard.job_status(), booking_guard.stalled_jobs(),
     booking_guard.circuit_state(text), booking_guard.circuit_fast_fail_total(),
     booking_guard_internal.findings(interval, text), booking_guard_internal.check_window(interval),
@@ -121,7 +123,9 @@ grant execute on function
     booking_guard_internal.job_raise(jsonb),
     booking_guard.claim_alerts(text, integer, interval), booking_guard.alerts_delivered(text, bigint[]),
     booking_guard.alerts_failed(text, bigint[], text), booking_guard.claim_digest(text, interval, interval),
-    booking_guard.digest_sent(text, timestamptz, integer), booking_guard.digest_failed(text, timestamptz, text)
+    booking_guard.digest_sent(text, timestamptz, integer, integer), booking_guard.digest_failed(text, timestamptz, text),
+    booking_guard.claim_reviews(text, integer, interval), booking_guard.reviews_delivered(text, bigint[]),
+    booking_guard.reviews_failed(text, bigint[], text)
    to booking_guard_serve;
 
 -- booking_guard_admin: settings, rules, the review queue, breakers by hand, the jobs; attach() and
@@ -141,6 +145,7 @@ grant execute on function
     booking_guard_internal.check_owner(text, regclass), booking_guard_internal.index_name(regclass, name),
     booking_guard_internal.grant_columns(regclass, regclass, boolean),
     booking_guard_internal.attachment_record(regclass, regclass, text[]), booking_guard_internal.attachment_forget(),
+    booking_guard_internal.count_bookings_from(bigint),
     booking_guard_internal.drop_triggers(regclass[]), booking_guard_internal.install_triggers(regclass, regclass),
     booking_guard_internal.calls_before(), booking_guard_internal.calls_truth_check(),
     booking_guard_internal.appointments_sync(), booking_guard_internal.appointments_truth_check(),
@@ -168,8 +173,9 @@ grant execute on function
     booking_guard_internal.record_rollback(bigint, text, text, text, jsonb),
     booking_guard_internal.raise_alert(text, text, text, text, text, jsonb, boolean),
     booking_guard_internal.log_event(text, text, text, text, jsonb),
-    booking_guard_internal.queue_review(bigint, text, jsonb),
-    booking_guard_internal.queue_ambiguous_orphan(bigint, text, bigint[]),
+    booking_guard_internal.queue_review(bigint, text, jsonb, text, bigint),
+    booking_guard_internal.queue_orphan(bigint, text, bigint[], bigint),
+    booking_guard_internal.queue_finding(booking_guard.finding, bigint, text),
     booking_guard_internal.job_begin(text, jsonb), booking_guard_internal.job_step(jsonb),
     booking_guard_internal.job_end(jsonb),
     booking_guard_internal.verify_step(jsonb), booking_guard_internal.reconcile_step(jsonb),

@@ -15,8 +15,10 @@ def test_dump_and_restore_keeps_configuration(db, connect):
     db.execute("insert into calls (retell_call_id, company_id, direction, session_outcome, appointment_made)"
                " select 'dump-1', max(id), 'inbound', 'appointment_booked', true from companies")
     history = db.execute("select (select count(*) from booking_guard.alerts), (select count(*) from booking_guard.review_queue),"
-                         " (select count(*) from booking_guard.events)").fetchone()
+                         " (select count(*) from booking_guard.events),"
+                         " (select count(*) from booking_guard.review_notifications)").fetchone()
     assert history[0] >= 1 and history[1] == 1
+    assert history[3] == 1   # the urgent item not sent yet: the relay sends it from the restored database
     rules = db.execute("select count(*) from booking_guard.rules").fetchone()[0]
     source = db.info.dbname
     target = f"{source}_restored"
@@ -40,7 +42,8 @@ def test_dump_and_restore_keeps_configuration(db, connect):
                 "calls", "appointments")
             assert restored.execute(
                 "select (select count(*) from booking_guard.alerts), (select count(*) from booking_guard.review_queue),"
-                " (select count(*) from booking_guard.events)").fetchone() == history
+                " (select count(*) from booking_guard.events),"
+                " (select count(*) from booking_guard.review_notifications)").fetchone() == history
             # the identity sequences came along: a new alert does not collide with a restored one
             restored.execute("select booking_guard_internal.raise_alert('restore_check', 'info', 'call', '0', 'after restore')")
             restored.commit()

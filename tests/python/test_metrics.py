@@ -184,18 +184,33 @@ def test_the_booking_path_never_waits_for_a_fold(attached, connect):
     assert value(scrape, "appointment_creation_success_total") == 1
 
 
-def test_a_scrape_reads_no_application_table(attached, connect):
+def test_a_scrape_reads_only_the_new_appointment_ids(attached, connect):
     db = attached
     db.execute("select booking_guard.set_setting('verification_grace', '0')")
     new_call(db, "phantom-2", session_outcome="appointment_booked", appointment_made=False)
+    booked = new_call(db, "booked-2")
+    # a table of some size, counted already: what a scrape reads is what came since
+    db.execute("insert into appointments (call_id, calcom_v2_booking_id) select %s, 'cal-old-' || i"
+               " from generate_series(1, 2000) i", (booked,))
+    db.execute("analyze appointments")
+    assert value(db, "appointment_creation_success_total") == 2000
+    db.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-scan-1'), (%s, 'cal-scan-2')",
+               (booked, booked))
     scraper = connect()   # a fresh session: its pending table statistics are this scrape's alone
     with scraper.transaction():
         assert scraper.execute("select count(*) from booking_guard.metrics() where value > 0").fetchone()[0] > 0
-        scans = scraper.execute("""select coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0)
-                                from pg_stat_xact_user_tables
-                               where relid in ('public.calls'::regclass, 'public.appointments'::regclass,
-                                               'public.companies'::regclass)""").fetchone()[0]
-    assert scans == 0
+        reads = dict((name, (seq, idx, fetched)) for name, seq, idx, fetched in scraper.execute(
+            """select relname, coalesce(seq_scan, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0)
+                 from pg_stat_xact_user_tables
+                where relid in ('public.calls'::regclass, 'public.appointments'::regclass,
+                                'public.companies'::regclass)""").fetchall())
+    # the calls are never read; of the appointments, only the rows added since the last fold, by index
+    assert reads.get("calls", (0, 0, 0)) == (0, 0, 0)
+    assert reads.get("companies", (0, 0, 0)) == (0, 0, 0)
+    seq, idx, fetched = reads["appointments"]
+    assert seq == 0 and idx >= 1
+    assert fetched < 10   # the two new rows (and index bookkeeping), not the 2000 counted before
+    assert value(db, "appointment_creation_success_total") == 2002
 
 
 def test_circuit_breaker_series(db):
@@ -272,3 +287,136 @@ def test_folds_in_batches_of_whole_transactions(db):
     # whole transactions: the 51st event is in the next transaction, so each run stops before it
     assert runs == [120, 30, 30, 30, 0]
     assert value(db, "data_inconsistency_manual_review_total") == 210
+
+
+# -- every booking counted, whatever wrote it ----------------------------------------------
+
+def gaps(conn: psycopg.Connection) -> list[tuple[int, int]]:
+    return conn.execute("select lo, hi from booking_guard.metric_booking_gaps order by lo").fetchall()
+
+
+def test_every_booking_is_counted_whatever_wrote_it(attached):
+    db = attached
+    db.execute("select booking_guard.set_setting('verification_grace', '0')")
+    by_function, by_sql = new_call(db, "fn-1"), new_call(db, "sql-1")
+    assert db.execute("select success from booking_guard.record_booking(%s, 'cal-fn-1')", (by_function,)).fetchone() == (True,)
+    retry = db.execute("select success, created from booking_guard.record_booking(%s, 'cal-fn-1')", (by_function,)).fetchone()
+    assert retry == (True, False)   # recorded before: no second appointment, no second booking
+    with db.transaction():
+        db.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-sql-1')", (by_sql,))
+        db.execute("update calls set appointment_made = true, session_outcome = 'appointment_booked' where id = %s", (by_sql,))
+    db.execute("insert into appointments (call_id, calcom_v2_booking_id, source) values (null, 'cal-hook-1', 'retell_webhook')")
+    # bookings that did not stand: a refusal, a claim with no appointment (rolled back at COMMIT),
+    # and a refusal whose call is rolled back (counted once, not once more for the rollback)
+    nowhere = db.execute("select max(id) + 1000 from calls").fetchone()[0]
+    assert db.execute("select reason from booking_guard.record_booking(%s, 'cal-none')", (nowhere,)).fetchone() == (
+        "call_not_found",)
+    new_call(db, "claim-1", session_outcome="appointment_booked", appointment_made=True)
+    other = new_call(db, "other-1", booking_id="cal-expected")
+    refused = db.execute("select reason from booking_guard.record_booking(%s, 'cal-other')", (other,)).fetchone()[0]
+    assert db.execute("select session_outcome from calls where id = %s", (other,)).fetchone() == ("creation_failed",)
+    s = series(db)
+    assert s[("appointment_creation_success_total", ())] == 3
+    failures = {dict(labels)["reason"]: v for (name, labels), v in s.items()
+                if name == "appointment_creation_failure_total" and v}
+    assert failures == {"call_not_found": 1, "appointment_not_found": 1, refused: 1}
+    # durations exist for record_booking()'s calls only
+    assert s[("appointment_creation_duration_seconds_count", ())] == 4
+    # the status page's window: 3 written (1 through record_booking), 3 that did not stand
+    windows = dict(db.execute("select name, sum(value) from booking_guard.metric_windows group by 1").fetchall())
+    assert (windows["creation_success"], windows["creation_recorded"], windows["creation_failed"]) == (3, 1, 3)
+
+
+def test_a_booking_committed_after_a_later_one_is_counted_once(attached, connect):
+    db = attached
+    c = new_call(db, "late-1")
+    slow = connect(autocommit=False)
+    slow.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-slow')", (c,))
+    db.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-fast')", (c,))
+    assert value(db, "appointment_creation_success_total") == 1
+    [(lo, hi)] = gaps(db)                              # the slow one's id: not visible yet, kept
+    assert lo == hi
+    assert value(db, "appointment_creation_success_total") == 1   # its transaction is open: the gap stays
+    assert gaps(db) == [(lo, hi)]
+    slow.commit()
+    assert value(db, "appointment_creation_success_total") == 2
+    assert gaps(db) == []
+    assert value(db, "appointment_creation_success_total") == 2
+
+
+def test_a_rolled_back_booking_leaves_a_gap_that_goes_once_its_transaction_ended(attached, connect):
+    db = attached
+    c = new_call(db, "aborted-1")
+    aborted = connect(autocommit=False)
+    aborted.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-never')", (c,))
+    db.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, 'cal-after')", (c,))
+    assert value(db, "appointment_creation_success_total") == 1
+    assert len(gaps(db)) == 1
+    aborted.rollback()
+    for _ in range(3):   # the fold after the one that saw no open transaction drops it
+        assert value(db, "appointment_creation_success_total") == 1
+    assert gaps(db) == []
+
+
+def test_concurrent_bookings_and_folds_count_every_appointment_once(attached, connect):
+    db = attached
+    c = new_call(db, "busy-1")
+    writers, per_writer = 4, 60
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            conn = connect(autocommit=False)
+            for i in range(per_writer):
+                conn.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, %s)", (c, f"w{n}-{i}"))
+                if i % 5 == 0:
+                    conn.execute("insert into appointments (call_id, calcom_v2_booking_id) values (%s, %s)",
+                                 (c, f"w{n}-{i}-b"))
+                if i % 7 == 3:
+                    conn.rollback()
+                else:
+                    conn.commit()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def fold(stop: threading.Event) -> None:
+        try:
+            conn = connect()
+            while not stop.is_set():
+                conn.execute("select booking_guard.fold_metrics(25)")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    stop = threading.Event()
+    folders = [threading.Thread(target=fold, args=(stop,)) for _ in range(2)]
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for t in folders + threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    for t in folders:
+        t.join()
+    assert errors == []
+    for _ in range(3):
+        while db.execute("select booking_guard.fold_metrics(25)").fetchone()[0] > 0:
+            pass
+    written = db.execute("select count(*) from appointments").fetchone()[0]
+    assert written > writers * per_writer / 2
+    assert value(db, "appointment_creation_success_total") == written
+    assert gaps(db) == []
+
+
+def test_open_inconsistencies_are_only_what_a_person_must_act_on(db):
+    """What the status page and booking_guard_open_inconsistencies count: not the corrected, the superseded,
+    the resolved, a failure rate or a stalled job."""
+    plant = "select booking_guard_internal.raise_alert(%s, %s, 'call', %s, 'planted', %s::jsonb, %s)"
+    wanted = db.execute(plant, ("phantom_booking", "critical", "1", "{}", False)).fetchone()[0]
+    db.execute(plant, ("missing_direction", "warning", "2", "{}", True))                            # auto-corrected
+    db.execute(plant, ("missing_appointment", "critical", "3", '{"superseded_by": "rollback"}', False))
+    db.execute(plant, ("recent_failures", "warning", "4", "{}", False))                             # a rate, no record
+    db.execute(plant, ("job_stalled", "critical", "5", "{}", False))                                # operations, not data
+    resolved = db.execute(plant, ("outcome_flag_mismatch", "warning", "6", "{}", False)).fetchone()[0]
+    db.execute("select booking_guard.resolve_alert(%s)", (resolved,))
+    assert db.execute("select id from booking_guard.open_inconsistencies").fetchall() == [(wanted,)]
+    assert db.execute("select count(*) from booking_guard.alerts where resolved_at is null").fetchone()[0] == 5

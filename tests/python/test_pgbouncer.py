@@ -166,7 +166,7 @@ def test_serve_books_verifies_exports_and_relays_through_pgbouncer(attached, pgb
             assert status == 200
             assert sample(text, "booking_guard_up") == 1, pgbouncer.log_text()
             assert get(service, "/")[0] == 200
-        assert sample(text, "appointment_creation_success_total") == 1
+        assert sample(text, "appointment_creation_success_total") == 2   # the raw-SQL booking and the recorded one
         assert sample(text, 'data_inconsistency_detected_total{type="missing_appointment"}') == 1
 
         status, body = health(service)

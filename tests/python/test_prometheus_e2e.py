@@ -155,10 +155,10 @@ def test_every_dashboard_query_runs_in_prometheus(exporter_and_prometheus):
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
     for expr in exprs:
-        query = expr.replace("$instance", ".*").replace("$__rate_interval", "1m")
+        query = expr.replace("$instance", ".*").replace("$database", ".*").replace("$__rate_interval", "1m")
         result = prometheus.get("/api/v1/query", query=query)
         assert result["status"] == "success", (expr, result)
-    # the panels follow the seed's dashboard, top to bottom
+    # the rows top to bottom: the overview, then what needs action, then the rest
     rows = [p["title"] for p in sorted(dashboard["panels"], key=lambda p: p["gridPos"]["y"]) if p["type"] == "row"]
-    assert rows[:5] == ["Overview", "Success vs Failure Trends", "Failure Breakdown and Circuit Breaker Status",
-                        "Data Consistency Alerts", "Validation Performance"]
+    assert rows[:6] == ["Overview", "Needs Action", "Success vs Failure Trends",
+                        "Failure Breakdown and Circuit Breaker Status", "Data Consistency Alerts", "Validation Performance"]

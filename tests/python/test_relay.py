@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from conftest import ROOT
@@ -127,10 +128,10 @@ def undelivered(db) -> int:
 
 
 def relay_is_waiting(db) -> bool:
-    # the relay has finished its first round and sits in LISTEN, waiting for a notification
+    # the relay has finished its first round (alerts, then review items) and sits in LISTEN
     return db.execute("""select exists (select from pg_stat_activity
                                          where datname = current_database() and application_name = 'booking-guard relay'
-                                           and state = 'idle' and query like '%%claim_alerts%%')""").fetchone()[0]
+                                           and state = 'idle' and query like '%%claim_reviews%%')""").fetchone()[0]
 
 
 def test_a_new_alert_is_posted_at_once_woken_by_notify(db, slack, relays):
@@ -227,3 +228,100 @@ def test_the_email_digest_lists_each_alert_of_its_period_once(db, smtp, relays):
     # The mailbox has the message before the relay records it as sent (digest_sent runs after SMTP).
     wait_for(lambda: sent() >= len(mailbox.messages), 10, "the relay to record the digest as sent")
     assert sent() == len(mailbox.messages)
+
+
+# -- urgent review items, concurrent relays, failing channels ---------------------------------
+
+def queue_items(db, n: int, reason: str, prefix: int) -> list[int]:
+    return [db.execute("select booking_guard.queue_for_review(%s, %s, '{\"error\": \"HTTP 503\"}')",
+                       (prefix + i, reason)).fetchone()[0] for i in range(n)]
+
+
+def reviewed_ids(slack: FakeSlack) -> list[int]:
+    with slack.lock:
+        return [int(i) for _, text in slack.accepted for i in re.findall(r"review #(\d+)", text)]
+
+
+def test_an_urgent_review_item_is_posted_once_with_its_runbook(db, slack, relays):
+    relays("--slack-webhook", slack.url, "--poll-interval", "60s", "--runbook-base", "http://docs.example/runbooks")
+    wait_for(lambda: relay_is_waiting(db), 15, "the relay to start listening")
+    [urgent] = queue_items(db, 1, "calcom_booking_failed", 100)
+    queue_items(db, 1, "service_not_found", 200)          # priority 4: the queue, not the pager
+    wait_for(lambda: reviewed_ids(slack) == [urgent], 5, "the urgent item to be posted (woken by NOTIFY)")
+    wait_for(lambda: db.execute("select delivered_at is not null from booking_guard.review_queue where id = %s",
+                                (urgent,)).fetchone()[0], 5, "the item to be marked delivered")
+    text = slack.accepted[0][1]
+    assert text.startswith(f"booking_guard: 1 new review item for a person in {db.info.dbname}\n")
+    assert "[P2] calcom_booking_failed — call 100: error HTTP 503" in text
+    assert "runbook: http://docs.example/runbooks/calcom_booking_failed.md" in text
+    assert db.execute("select count(*) from booking_guard.review_notifications").fetchone()[0] == 0
+
+
+def test_two_relays_and_a_failing_webhook_send_each_critical_alert_and_urgent_item_once(db, slack, relays):
+    slack.fail_next = 6
+    for name in ("one", "two"):
+        relays("--slack-webhook", slack.url, "--poll-interval", "0.3s", "--relay-batch", "4", "--relay-name", name)
+    alerts = raise_alerts(db, 30, "storm-free")
+    items = queue_items(db, 30, "appointment_validation_failed", 1000)
+
+    def done() -> bool:
+        return db.execute("""select (select count(*) from booking_guard.alerts where delivered_at is null)
+                                  + (select count(*) from booking_guard.review_notifications)""").fetchone()[0] == 0
+
+    wait_for(done, 60, "every alert and item to be delivered despite the failures")
+    assert sorted(slack.delivered_ids()) == alerts          # each exactly once
+    assert sorted(reviewed_ids(slack)) == items
+    assert slack.fail_next == 0                              # the failures happened, and were retried
+    assert db.execute("select count(*) from booking_guard.review_queue where delivered_at is null").fetchone()[0] == 0
+
+
+class FlakyMailbox(Mailbox):
+    """An SMTP server that refuses the first `refuse` messages (451: try again later)."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.refused = 0
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+        if self.refused < self.refuse:
+            self.refused += 1
+            return "451 4.3.0 try again later"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_two_relays_and_a_failing_mail_server_list_each_alert_and_item_in_one_digest(db, relays):
+    mailbox = FlakyMailbox(refuse=2)
+    port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        for name in ("one", "two"):
+            relays("--smtp-host", "127.0.0.1", "--smtp-port", str(port), "--smtp-to", "ops@example.com",
+                   "--digest-every", "2s", "--poll-interval", "0.3s", "--relay-name", name)
+        # a writer that began before a period ended and commits after: its alert must not be missed
+        late = psycopg.connect(dsn_of(db))
+        late.execute("select booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', 'late', 'late one')")
+        late_id = late.execute("select max(id) from booking_guard.alerts").fetchone()[0]
+        alerts = raise_alerts(db, 5, "digest-a")
+        items = queue_items(db, 3, "calcom_booking_failed", 500)
+        queue_items(db, 2, "customer_creation_failed", 600)   # priority 3: not in the digest
+        # the period of the open transaction waits for it, while later periods are created and queued behind it
+        wait_for(lambda: db.execute("""select count(*) from booking_guard.alert_digests where sent_at is null""").fetchone()[0]
+                 >= 2, 20, "periods waiting for the open transaction")
+        late.commit()
+        late.close()
+        alerts += raise_alerts(db, 5, "digest-b")
+        items += queue_items(db, 3, "retry_exhausted", 700)
+
+        def listed(pattern: str) -> list[int]:
+            return [int(i) for m in mailbox.messages for i in re.findall(pattern, m.get_payload(), re.M)]
+
+        wait_for(lambda: set(alerts + [late_id]) <= set(listed(r"^#(\d+) "))
+                 and set(items) <= set(listed(r"^review #(\d+) ")), 60, "digests listing every alert and item")
+        assert sorted(listed(r"^#(\d+) ")) == sorted(alerts + [late_id])      # each in exactly one digest
+        assert sorted(listed(r"^review #(\d+) ")) == sorted(items)
+        assert mailbox.refused == 2
+        assert any("calcom_booking_failed.md" in m.get_payload() for m in mailbox.messages)   # runbook links
+    finally:
+        controller.stop()

@@ -100,6 +100,16 @@ def targets_of(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(str(error))
 
 
+def add_runbook_option(parser: argparse.ArgumentParser) -> None:
+    from booking_guard.ops.runbooks import DEFAULT_BASE
+
+    parser.add_argument("--runbook-base", default=os.environ.get("BOOKING_GUARD_RUNBOOK_BASE", DEFAULT_BASE),
+                        metavar="URL",
+                        help="where the runbook pages (docs/runbooks/*.md) are served: the status page and the relay's"
+                             " messages link <URL><name>.md (default: $BOOKING_GUARD_RUNBOOK_BASE, else the project's"
+                             " pages on GitHub)")
+
+
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
     from booking_guard.ops.connection import POOLER_MODES
 
@@ -142,7 +152,7 @@ def relay_config(args: argparse.Namespace, dsn: str = ""):
                          smtp_port=args.smtp_port, smtp_from=args.smtp_from, smtp_to=recipients,
                          smtp_user=args.smtp_user, smtp_password=args.smtp_password, smtp_starttls=args.smtp_starttls,
                          digest_every=args.digest_every, poll_interval=args.poll_interval, lease=args.claim_lease,
-                         batch=args.relay_batch, pooler=args.pooler)
+                         batch=args.relay_batch, pooler=args.pooler, runbook_base=args.runbook_base)
     if args.relay_name:
         config.name = args.relay_name
     return config
@@ -159,6 +169,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-grace", type=duration, default=duration("60s"),
                         help="/healthz answers 503 when a target's verification loop or relay has had no successful run"
                              " for this long plus its interval (default 60s)")
+    add_runbook_option(parser)
     add_target_options(parser)
     add_relay_options(parser)
 
@@ -174,10 +185,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     return serve(ServeConfig(targets=targets, listen=args.listen, scrape_timeout=args.scrape_timeout,
                              verify_interval=args.verify_interval, verify=not args.no_verify,
-                             relay=relay, health_grace=args.health_grace))
+                             relay=relay, health_grace=args.health_grace, runbook_base=args.runbook_base))
 
 
 def _relay_arguments(parser: argparse.ArgumentParser) -> None:
+    add_runbook_option(parser)
     add_target_options(parser)
     add_relay_options(parser)
 

@@ -34,6 +34,7 @@ from booking_guard.ops.connection import connect, set_local_timeouts
 from booking_guard.ops.exporter import BoundedConnection, MetricsCollector, TargetScraper
 from booking_guard.ops.health import DEFAULT_GRACE, LoopHealth, first_line
 from booking_guard.ops.relay import Relay, RelayConfig
+from booking_guard.ops.runbooks import DEFAULT_BASE
 from booking_guard.ops.targets import Target, implicit_name, unique
 
 log = logging.getLogger("booking_guard.serve")
@@ -132,6 +133,8 @@ class ServeConfig:
     relay: RelayConfig | None = None
     health_grace: float = DEFAULT_GRACE     # see health.py
     targets: list[Target] | None = None
+    #: where the status page's runbook links point (runbooks.py)
+    runbook_base: str = DEFAULT_BASE
 
     def __post_init__(self) -> None:
         self.targets = unique(self.targets) if self.targets else [Target(implicit_name(self.dsn), self.dsn)]
@@ -223,7 +226,8 @@ class Service:
         target = self.by_name.get(target_name)
         if target is None:
             return 404, status_page.not_found(names)
-        return status_page.page(target.page_db, database=target.name, targets=names if len(names) > 1 else ())
+        return status_page.page(target.page_db, database=target.name, targets=names if len(names) > 1 else (),
+                                runbook_base=self.config.runbook_base)
 
     def _handler(self):
         service = self

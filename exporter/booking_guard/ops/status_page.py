@@ -3,10 +3,14 @@
 One page per target (`/?target=NAME`; `/` when serve has one target). With several targets `/`
 is a list of them with links, and each page names its database and links to the others.
 
-Overview (success rate and average latency over the last 24 hours, active circuit breakers,
-open inconsistencies in `.inconsistency-count`), failure breakdown, circuit breaker status,
-recent alerts and the review queue. It reads what metrics() reads (folded counters and small
-state tables), never the application tables, in one bounded database call.
+What an on-call needs, top to bottom: the overview (success rate and average latency over the last
+24 hours, each saying which bookings it covers; active circuit breakers; the open inconsistencies
+that need a person in `.inconsistency-count`; the review queue by priority), the inconsistencies
+that need action, bookings per hour, the failure breakdown, each circuit breaker with its state and
+when it last opened, the recent alerts, validation latency, and the review queue, most urgent first.
+Every alert type and review reason links its runbook page (runbooks.py). It reads what metrics()
+reads (folded counters and booking_guard's own tables), never the application's tables (the fold
+reads the appointment ids added since the last one), in one bounded database call.
 """
 
 import html
@@ -18,9 +22,11 @@ from urllib.parse import quote
 import psycopg
 
 from booking_guard.ops.exporter import BoundedConnection, Unavailable
+from booking_guard.ops.runbooks import DEFAULT_BASE, runbook_url
 
 RECENT_ALERTS = 20
 REVIEW_ITEMS = 20
+NEEDS_ACTION = 20
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Snapshot:
     alerts: list[tuple] = field(default_factory=list)
     review: list[tuple] = field(default_factory=list)
     review_counts: dict = field(default_factory=dict)
+    review_by_priority: list[tuple] = field(default_factory=list)
+    needs_action: list[tuple] = field(default_factory=list)
     hours: list[tuple] = field(default_factory=list)
     latency: list[tuple] = field(default_factory=list)
     read_at: datetime | None = None
@@ -45,23 +53,28 @@ def read(conn: psycopg.Connection) -> Snapshot:
              where w.bucket >= now() - interval '24 hours' group by w.name
         )
         select (select value from w where name = 'creation_success'),
-               (select value from w where name = 'creation_total'),
+               (select value from w where name = 'creation_failed'),
+               (select value from w where name = 'creation_recorded'),
+               (select value from w where name = 'creation_timed'),
                (select value from w where name = 'creation_seconds')
                  / nullif((select value from w where name = 'creation_timed'), 0),
                (select value from w where name = 'validation_success'),
                (select value from w where name = 'validation_total'),
-               (select count(*) from booking_guard.alerts a where a.resolved_at is null),
-               (select count(*) from booking_guard.alerts a where a.resolved_at is null and a.auto_corrected),
-               (select count(*) from booking_guard.alerts a where a.resolved_at is null and a.severity = 'critical'),
+               (select count(*) from booking_guard.open_inconsistencies),
+               (select count(*) from booking_guard.open_inconsistencies i where i.severity = 'critical'),
+               (select count(*) from booking_guard.alerts a
+                 where a.resolved_at is null and a.auto_corrected
+                   and booking_guard_internal.is_inconsistency(a.alert_type, a.details)),
                (select coalesce(sum(w.value), 0) from w where w.name = 'inconsistencies'),
                (select count(*) from booking_guard.due_verifications)""").fetchone()
-    keys = ("creation_success", "creation_total", "avg_latency", "validation_success", "validation_total",
-            "open_inconsistencies", "open_auto_corrected", "open_critical", "detected_24h", "due_verifications")
+    keys = ("creation_success", "creation_failed", "creation_recorded", "creation_timed", "avg_latency",
+            "validation_success", "validation_total", "open_inconsistencies", "open_critical", "open_auto_corrected",
+            "detected_24h", "due_verifications")
     snap.overview = dict(zip(keys, row, strict=True))
     snap.hours = conn.execute("""
         select h.hour,
                coalesce(sum(w.value) filter (where w.name = 'creation_success'), 0),
-               coalesce(sum(w.value) filter (where w.name = 'creation_total'), 0),
+               coalesce(sum(w.value) filter (where w.name = 'creation_failed'), 0),
                coalesce(sum(w.value) filter (where w.name = 'inconsistencies'), 0)
           from generate_series(date_trunc('hour', now()) - interval '23 hours', date_trunc('hour', now()),
                                interval '1 hour') as h(hour)
@@ -79,20 +92,33 @@ def read(conn: psycopg.Connection) -> Snapshot:
     snap.breakers = conn.execute("""
         select b.key, booking_guard.circuit_state(b.key), b.failure_count, b.opened_at, b.closed_at
           from booking_guard.circuit_breakers b
-         order by booking_guard.circuit_state(b.key) = 'closed', b.key""").fetchall()
+         order by booking_guard.circuit_state(b.key) = 'closed', b.opened_at desc nulls last, b.key""").fetchall()
     snap.overview["active_breakers"] = sum(1 for b in snap.breakers if b[1] != "closed")
+    snap.needs_action = conn.execute("""
+        select i.id, i.detected_at, i.severity, i.alert_type, i.entity_type, i.entity_id, i.description,
+               i.occurrences, i.acknowledged_by, i.review_id
+          from booking_guard.open_inconsistencies i
+         order by i.severity = 'critical' desc, i.detected_at desc, i.id desc
+         limit %s""", (NEEDS_ACTION,)).fetchall()
     snap.alerts = conn.execute("""
         select a.id, a.detected_at, a.severity, a.alert_type, a.entity_type, a.entity_id, a.description,
-               a.auto_corrected, a.occurrences, a.acknowledged_at is not null, a.resolved_at is not null
+               a.auto_corrected, a.occurrences, a.acknowledged_at is not null, a.resolved_at is not null, a.review_id
           from booking_guard.alerts a
          order by a.id desc
          limit %s""", (RECENT_ALERTS,)).fetchall()
     snap.review = conn.execute("""
-        select q.id, q.call_id, q.reason, q.priority, q.status, q.claimed_by, q.created_at
+        select q.id, q.call_id, q.reason, q.priority, q.status, q.claimed_by, q.created_at, q.subject, q.delivered_at
           from booking_guard.review_queue q
          where q.status <> 'resolved'
          order by q.priority, q.created_at, q.id
          limit %s""", (REVIEW_ITEMS,)).fetchall()
+    snap.review_by_priority = conn.execute("""
+        select q.priority, q.reason, count(*) filter (where q.status = 'pending'),
+               count(*) filter (where q.status = 'in_review'), min(q.created_at)
+          from booking_guard.review_queue q
+         where q.status <> 'resolved'
+         group by q.priority, q.reason
+         order by q.priority, q.reason""").fetchall()
     snap.review_counts = dict(conn.execute("""
         select q.status, count(*) from booking_guard.review_queue q where q.status <> 'resolved' group by q.status""").fetchall())
     return snap
@@ -139,6 +165,8 @@ th{color:#5d6678;font-weight:600}.state{font-weight:600;text-transform:uppercase
 .chart .col{flex:1;display:flex;flex-direction:column-reverse;min-width:6px}
 .chart .ok{background:#3c9a5f}.chart .fail{background:#d9534f}.legend{font-size:12px;color:#5d6678;margin-top:6px}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
+a.runbook{color:#2857a4}.prio{font-weight:600}.prio.p1{color:#b3261e}.prio.p2{color:#9a6700}
+p.covers{font-size:12px;color:#5d6678;margin:8px 0 0}
 nav{margin-top:6px;font-size:13px;color:#b8c0d0}nav a{color:#fff}
 """
 
@@ -164,7 +192,7 @@ def _head(now: datetime, title: str, database: str | None, targets: Sequence[str
 
 
 def render(snap: Snapshot | None, error: str | None = None, database: str | None = None,
-           targets: Sequence[str] = ()) -> str:
+           targets: Sequence[str] = (), runbook_base: str = DEFAULT_BASE) -> str:
     """The page of one target (`database`); `targets`, when there are several, for the links between them."""
     now = datetime.now(UTC)
     parts = _head(now, "Appointment booking health", database, targets)
@@ -176,50 +204,86 @@ def render(snap: Snapshot | None, error: str | None = None, database: str | None
     o = snap.overview
     open_count = int(o["open_inconsistencies"] or 0)
     latency = o["avg_latency"]
+    written, failed = int(o["creation_success"] or 0), int(o["creation_failed"] or 0)
+    recorded = min(written, int(o["creation_recorded"] or 0))
+    timed = int(o["creation_timed"] or 0)
+
+    def rb(name: str) -> str:
+        """The name, linked to its runbook page."""
+        return f"<a class=\"runbook\" href=\"{_e(runbook_url(name, runbook_base))}\">{_e(name)}</a>"
+
     parts.append("<main>")
     parts.append("<section class=\"wide\" id=\"overview\"><h2>Overview</h2><div class=\"tiles\">")
     tiles = [
-        ("Success rate (last 24 h)", _percent(o["creation_success"], o["creation_total"]),
-         f"{int(o['creation_total'] or 0)} bookings recorded", ""),
+        ("Success rate (last 24 h)", _percent(written, written + failed),
+         f"of {written + failed} bookings: {written} written, {failed} did not stand", "", "success-rate"),
         ("Average latency (last 24 h)", "no data" if latency is None else f"{latency * 1000:.0f} ms",
-         "per recorded booking", ""),
+         f"record_booking() calls only ({timed} timed)", "", "latency"),
         ("Validation success (last 24 h)", _percent(o["validation_success"], o["validation_total"]),
-         f"{int(o['validation_total'] or 0)} validations", ""),
-        ("Active circuit breakers", str(o["active_breakers"]), "open or half-open", "bad" if o["active_breakers"] else "ok"),
+         f"{int(o['validation_total'] or 0)} validations", "", "validation-rate"),
+        ("Active circuit breakers", str(o["active_breakers"]), "open or half-open", "bad" if o["active_breakers"] else "ok",
+         "active-breakers"),
     ]
-    for label, value, note, cls in tiles:
-        parts.append(f"<div class=\"tile\"><div class=\"label\">{_e(label)}</div>"
+    for label, value, note, cls, tile_id in tiles:
+        parts.append(f"<div class=\"tile\" id=\"{tile_id}\"><div class=\"label\">{_e(label)}</div>"
                      f"<div class=\"value {cls}\">{_e(value)}</div><div class=\"note\">{_e(note)}</div></div>")
     parts.append(
-        "<div class=\"tile\" id=\"inconsistencies\"><div class=\"label\">Data inconsistencies (open)</div>"
+        "<div class=\"tile\" id=\"inconsistencies\"><div class=\"label\">Open inconsistencies needing action</div>"
         f"<div class=\"value {'bad' if open_count else 'ok'}\"><span class=\"inconsistency-count\">{open_count}</span></div>"
-        f"<div class=\"note\">{int(o['open_auto_corrected'] or 0)} auto-corrected · {int(o['open_critical'] or 0)} critical · "
-        f"{int(o['detected_24h'] or 0)} detected in 24 h</div></div>")
+        f"<div class=\"note\">{int(o['open_critical'] or 0)} critical · {int(o['detected_24h'] or 0)} detected in 24 h · "
+        f"{int(o['open_auto_corrected'] or 0)} auto-corrected not counted</div></div>")
     queued = sum(snap.review_counts.values())
+    by_priority: dict[int, int] = {}
+    for priority, _reason, pending, in_review, _oldest in snap.review_by_priority:
+        by_priority[priority] = by_priority.get(priority, 0) + pending + in_review
+    split = " · ".join(f"P{p}: {n}" for p, n in sorted(by_priority.items())) or "empty"
     parts.append(
-        f"<div class=\"tile\"><div class=\"label\">Review queue</div><div class=\"value\">{queued}</div>"
-        f"<div class=\"note\">{int(snap.review_counts.get('pending', 0))} pending · "
-        f"{int(snap.review_counts.get('in_review', 0))} in review · "
-        f"{int(o['due_verifications'] or 0)} awaiting verification</div></div>")
-    parts.append("</div></section>")
-
-    parts.append("<section class=\"wide\" id=\"trends\"><h2>Success vs failure (last 24 h, per hour)</h2>")
-    if any(total for _, _, total, _ in snap.hours):
-        top = max(total for _, _, total, _ in snap.hours) or 1
-        parts.append("<div class=\"chart\">")
-        for hour, success, total, found in snap.hours:
-            failed = total - success
-            title = f"{hour:%H:00} UTC: {int(success)} booked, {int(failed)} failed, {int(found)} inconsistencies"
-            parts.append(f"<div class=\"col\" title=\"{_e(title)}\">"
-                         f"<div class=\"ok\" style=\"height:{100 * success / top:.1f}px\"></div>"
-                         f"<div class=\"fail\" style=\"height:{100 * failed / top:.1f}px\"></div></div>")
-        parts.append(f"</div><div class=\"legend\">{snap.hours[0][0]:%H:00} to {snap.hours[-1][0]:%H:00}"
-                     "<i style=\"background:#3c9a5f\"></i>recorded<i style=\"background:#d9534f\"></i>failed</div>")
-    else:
-        parts.append("<p class=\"empty\">No bookings recorded in the last 24 hours.</p>")
+        f"<div class=\"tile\" id=\"review-tile\"><div class=\"label\">Review queue</div><div class=\"value\">{queued}</div>"
+        f"<div class=\"note\">{_e(split)} · {int(o['due_verifications'] or 0)} awaiting verification</div></div>")
+    parts.append("</div>")
+    parts.append(
+        f"<p class=\"covers\" id=\"coverage\">The success rate counts every booking written, whatever wrote it: {written}"
+        f" appointment rows ({recorded} through record_booking(), {written - recorded} by plain SQL or the calendar webhook),"
+        f" and {failed} that did not stand (refused by record_booking(), or a call that claimed a booking with no"
+        " appointment and was rolled back). The latency covers record_booking() calls only: plain-SQL and webhook bookings"
+        " carry no duration. Inconsistencies needing action are open alerts of the rules and of failed bookings that were"
+        " not auto-corrected; auto-corrected ones stay open only until the monitor confirms the repair.</p>")
     parts.append("</section>")
 
-    parts.append("<section id=\"failures\"><h2>Failure breakdown</h2>")
+    parts.append("<section class=\"wide\" id=\"needs-action\"><h2>Inconsistencies that need action</h2>")
+    if snap.needs_action:
+        parts.append("<table><tr><th>#</th><th>detected</th><th>severity</th><th>type (runbook)</th><th>entity</th>"
+                     "<th>description</th><th>seen</th><th>acknowledged by</th><th>review item</th></tr>")
+        for (alert_id, detected_at, severity, rule, entity_type, entity_id, description, occurrences, acked_by,
+             review_id) in snap.needs_action:
+            parts.append(f"<tr><td>{alert_id}</td><td>{_e(_ago(detected_at, now))}</td>"
+                         f"<td class=\"sev {_e(severity)}\">{_e(severity)}</td><td>{rb(rule)}</td>"
+                         f"<td>{_e(entity_type)} {_e(entity_id)}</td><td>{_e(description)}</td><td>{occurrences}×</td>"
+                         f"<td>{_e(acked_by)}</td><td>{'#' + str(review_id) if review_id else ''}</td></tr>")
+        parts.append("</table>")
+        if open_count > len(snap.needs_action):
+            parts.append(f"<p class=\"empty\">{open_count - len(snap.needs_action)} more: "
+                         "select * from booking_guard.open_inconsistencies;</p>")
+    else:
+        parts.append("<p class=\"empty\">Nothing needs action: every open inconsistency was corrected.</p>")
+    parts.append("</section>")
+
+    parts.append("<section class=\"wide\" id=\"trends\"><h2>Bookings written vs did not stand (last 24 h, per hour)</h2>")
+    if any(success + fail for _, success, fail, _ in snap.hours):
+        top = max(success + fail for _, success, fail, _ in snap.hours) or 1
+        parts.append("<div class=\"chart\">")
+        for hour, success, fail, found in snap.hours:
+            title = f"{hour:%H:00} UTC: {int(success)} written, {int(fail)} did not stand, {int(found)} inconsistencies"
+            parts.append(f"<div class=\"col\" title=\"{_e(title)}\">"
+                         f"<div class=\"ok\" style=\"height:{100 * success / top:.1f}px\"></div>"
+                         f"<div class=\"fail\" style=\"height:{100 * fail / top:.1f}px\"></div></div>")
+        parts.append(f"</div><div class=\"legend\">{snap.hours[0][0]:%H:00} to {snap.hours[-1][0]:%H:00}"
+                     "<i style=\"background:#3c9a5f\"></i>written<i style=\"background:#d9534f\"></i>did not stand</div>")
+    else:
+        parts.append("<p class=\"empty\">No bookings in the last 24 hours.</p>")
+    parts.append("</section>")
+
+    parts.append("<section class=\"wide\" id=\"failures\"><h2>Failure breakdown</h2>")
     if snap.failures:
         top = max(v for _, v in snap.failures) or 1
         parts.append("<table><tr><th>reason</th><th>failures</th><th></th></tr>")
@@ -231,28 +295,31 @@ def render(snap: Snapshot | None, error: str | None = None, database: str | None
         parts.append("<p class=\"empty\">No failed bookings recorded.</p>")
     parts.append("</section>")
 
-    parts.append("<section id=\"circuit-breakers\"><h2>Circuit breaker status</h2>")
+    parts.append("<section class=\"wide\" id=\"circuit-breakers\"><h2>Circuit breaker status</h2>")
     if snap.breakers:
-        parts.append("<table><tr><th>key</th><th>state</th><th>failures</th><th>last opened</th></tr>")
-        for key, state, failures, opened_at, _closed_at in snap.breakers:
+        parts.append("<table><tr><th>key</th><th>state</th><th>failures</th><th>last opened</th><th>last closed</th></tr>")
+        for key, state, failures, opened_at, closed_at in snap.breakers:
+            opened = _ago(opened_at, now) + (f" ({opened_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)" if opened_at else "")
             parts.append(f"<tr><td>{_e(key)}</td><td class=\"state {_e(state)}\">{_e(state)}</td>"
-                         f"<td>{_e(failures)}</td><td>{_e(_ago(opened_at, now))}</td></tr>")
-        parts.append("</table>")
+                         f"<td>{_e(failures)}</td><td class=\"opened\">{_e(opened)}</td>"
+                         f"<td>{_e(_ago(closed_at, now))}</td></tr>")
+        parts.append(f"</table><p class=\"empty\">What an open breaker means: {rb('circuit_breaker_open')}</p>")
     else:
         parts.append("<p class=\"empty\">No circuit breaker has been used yet.</p>")
     parts.append("</section>")
 
     parts.append("<section class=\"wide\" id=\"alerts\"><h2>Data consistency alerts (recent)</h2>")
     if snap.alerts:
-        parts.append("<table><tr><th>#</th><th>detected</th><th>severity</th><th>rule</th><th>entity</th>"
-                     "<th>description</th><th>auto-corrected</th><th>seen</th><th>status</th></tr>")
+        parts.append("<table><tr><th>#</th><th>detected</th><th>severity</th><th>type (runbook)</th><th>entity</th>"
+                     "<th>description</th><th>auto-corrected</th><th>seen</th><th>status</th><th>review item</th></tr>")
         for (alert_id, detected_at, severity, rule, entity_type, entity_id, description, corrected, occurrences,
-             acknowledged, resolved) in snap.alerts:
+             acknowledged, resolved, review_id) in snap.alerts:
             status = "resolved" if resolved else "acknowledged" if acknowledged else "open"
             parts.append(f"<tr><td>{alert_id}</td><td>{_e(_ago(detected_at, now))}</td>"
-                         f"<td class=\"sev {_e(severity)}\">{_e(severity)}</td><td>{_e(rule)}</td>"
+                         f"<td class=\"sev {_e(severity)}\">{_e(severity)}</td><td>{rb(rule)}</td>"
                          f"<td>{_e(entity_type)} {_e(entity_id)}</td><td>{_e(description)}</td>"
-                         f"<td>{'yes' if corrected else 'no'}</td><td>{occurrences}×</td><td>{status}</td></tr>")
+                         f"<td>{'yes' if corrected else 'no'}</td><td>{occurrences}×</td><td>{status}</td>"
+                         f"<td>{'#' + str(review_id) if review_id else ''}</td></tr>")
         parts.append("</table>")
     else:
         parts.append("<p class=\"empty\">No alerts.</p>")
@@ -271,24 +338,36 @@ def render(snap: Snapshot | None, error: str | None = None, database: str | None
         parts.append("<p class=\"empty\">No validation has run yet.</p>")
     parts.append("</section>")
 
-    parts.append("<section class=\"wide\" id=\"review-queue\"><h2>Manual review queue</h2>")
-    if snap.review:
-        parts.append("<table><tr><th>#</th><th>call</th><th>reason</th><th>priority</th><th>status</th>"
-                     "<th>claimed by</th><th>queued</th></tr>")
-        for item_id, call_id, reason, priority, status, claimed_by, created_at in snap.review:
-            parts.append(f"<tr><td>{item_id}</td><td>{_e(call_id)}</td><td>{_e(reason)}</td><td>{priority}</td>"
-                         f"<td>{_e(status)}</td><td>{_e(claimed_by)}</td><td>{_e(_ago(created_at, now))}</td></tr>")
+    parts.append("<section class=\"wide\" id=\"review-queue\"><h2>Manual review queue (most urgent first)</h2>")
+    if snap.review_by_priority:
+        parts.append("<table id=\"review-by-priority\"><tr><th>priority</th><th>reason (runbook)</th><th>pending</th>"
+                     "<th>in review</th><th>oldest</th></tr>")
+        for priority, reason, pending, in_review, oldest in snap.review_by_priority:
+            parts.append(f"<tr><td class=\"prio p{priority}\">P{priority}</td><td>{rb(reason)}</td><td>{pending}</td>"
+                         f"<td>{in_review}</td><td>{_e(_ago(oldest, now))}</td></tr>")
+        parts.append("</table><h2 style=\"margin-top:14px\">Items</h2>")
+        parts.append("<table id=\"review-items\"><tr><th>#</th><th>priority</th><th>reason (runbook)</th><th>call</th>"
+                     "<th>about</th><th>status</th><th>claimed by</th><th>queued</th><th>notified</th></tr>")
+        for item_id, call_id, reason, priority, status, claimed_by, created_at, subject, delivered_at in snap.review:
+            parts.append(f"<tr><td>{item_id}</td><td class=\"prio p{priority}\">P{priority}</td><td>{rb(reason)}</td>"
+                         f"<td>{_e(call_id)}</td><td>{_e(subject)}</td><td>{_e(status)}</td><td>{_e(claimed_by)}</td>"
+                         f"<td>{_e(_ago(created_at, now))}</td><td>{_e(_ago(delivered_at, now) if delivered_at else '')}</td>"
+                         "</tr>")
         parts.append("</table>")
+        if queued > len(snap.review):
+            parts.append(f"<p class=\"empty\">{queued - len(snap.review)} more: select * from booking_guard.review_queue"
+                         " where status &lt;&gt; 'resolved' order by priority, created_at;</p>")
     else:
         parts.append("<p class=\"empty\">Nothing waits for a person.</p>")
     parts.append("</section></main></body></html>")
     return "".join(parts)
 
 
-def page(db: BoundedConnection, database: str | None = None, targets: Sequence[str] = ()) -> tuple[int, str]:
+def page(db: BoundedConnection, database: str | None = None, targets: Sequence[str] = (),
+         runbook_base: str = DEFAULT_BASE) -> tuple[int, str]:
     """(HTTP status, HTML) of the status page; 503 with an explanation when the database is unavailable."""
     try:
-        return 200, render(db.call(read), database=database, targets=targets)
+        return 200, render(db.call(read), database=database, targets=targets, runbook_base=runbook_base)
     except Unavailable as error:
         return 503, render(None, str(error), database=database, targets=targets)
 

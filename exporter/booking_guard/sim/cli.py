@@ -40,10 +40,31 @@ def _sim_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
                      calcom_failure_rate=args.calcom_failure_rate, outages=outages, seed=args.seed)
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--serve", action="store_true",
+                        help="after the story, keep serving the database (status page, /metrics, verify_due()) until"
+                             " Ctrl-C, and print the URLs and the psql line")
+    parser.add_argument("--listen", default="127.0.0.1:9188",
+                        help="HOST:PORT of the status page and /metrics with --serve (default 127.0.0.1:9188)")
+
+
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import signal
+    import threading
+
+    from booking_guard.ops.serve import parse_listen
     from booking_guard.sim.demo import run
 
-    return run(dsn_of(args))
+    if not args.serve:
+        return run(dsn_of(args))
+    try:
+        parse_listen(args.listen)
+    except ValueError as error:
+        parser.error(str(error))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return run(dsn_of(args), listen=args.listen, stop=stop)
 
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -60,11 +81,12 @@ def _soak(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 COMMANDS = (
     Command("demo", "load the reference schema, attach booking_guard, run a faulty workload and tell what it made of it",
-            ("booking-guard demo --dsn postgresql://postgres@/scratch",),
-            lambda parser: None, _demo,
+            ("booking-guard demo --dsn postgresql://postgres@/scratch",
+             "booking-guard demo --serve --listen 127.0.0.1:9188 --dsn postgresql://postgres@/scratch"),
+            _demo_arguments, _demo,
             "Use a throwaway database: the demo creates the reference tables and the extension, attaches\n"
-            "booking_guard and shortens two settings. Exit 1 when its verdict fails (anything missed, lost or\n"
-            "flagged without cause)."),
+            "booking_guard and shortens two settings. With --serve it then serves that database until Ctrl-C.\n"
+            "Exit 1 when its verdict fails (anything missed, lost or flagged without cause)."),
     Command("simulate", "run the workload simulator (phone agents, a fake Cal.com, injected faults)",
             ("booking-guard simulate --calls 1000 --workers 4 --fault-rate 0.2 --dsn postgresql://postgres@/scratch",),
             _sim_arguments("simulate"), _simulate,

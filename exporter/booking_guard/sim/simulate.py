@@ -18,8 +18,8 @@ extension) right after the transaction that injected it committed:
     double_booking        two workers booked the same call (two Cal.com bookings, record_booking each)
     retry_double_booked   a retry recorded the same Cal.com booking twice (raw SQL, or record_booking)
 
-Beside the workers run what a deployment runs: verify_due() every `verify_every` seconds (as
-`booking-guard serve` does) and run_monitor() every `monitor_every` seconds (pg_cron runs it
+Beside the workers run what a deployment runs: verify_due() and fold_metrics() every `verify_every`
+seconds (as `booking-guard serve` does) and run_monitor() every `monitor_every` seconds (pg_cron runs it
 every minute; the simulator may run it more often), and a LISTEN on booking_guard_alert that
 collects every alert id notified, so the soak can check that no alert was lost.
 """
@@ -502,16 +502,19 @@ def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None
         conn.add_notice_handler(lambda notice: None)
         run_id = prepare(conn, config)
     started = time.monotonic()
-    stop = threading.Event()
+    stop = threading.Event()            # the listener: until everything is settled
+    stop_drivers = threading.Event()    # verify_due, run_monitor, fold_metrics: until the workers are done
     driver_errors: list[str] = []
     with FakeCalcom(latency=config.calcom_latency, failure_rate=config.calcom_failure_rate, seed=config.seed,
                     max_lifetime=7200) as calcom:
         shared = _Shared(config, calcom, progress)
         listener = _Listener(dsn, stop)
-        drivers = [_Driver(dsn, "verify_due", "select * from booking_guard.verify_due()", config.verify_every, stop,
-                           driver_errors),
+        drivers = [_Driver(dsn, "verify_due", "select * from booking_guard.verify_due()", config.verify_every,
+                           stop_drivers, driver_errors),
                    _Driver(dsn, "run_monitor", f"select booking_guard.run_monitor('{config.monitor_window}')",
-                           config.monitor_every, stop, driver_errors)]
+                           config.monitor_every, stop_drivers, driver_errors),
+                   _Driver(dsn, "fold_metrics", "select booking_guard.fold_metrics()", config.verify_every, stop_drivers,
+                           driver_errors)]
         workers = [Worker(i, dsn, run_id, shared) for i in range(config.workers)]
         threads = [threading.Thread(target=w.run, name=f"worker-{w.number}") for w in workers]
         for t in [listener, *drivers, *threads]:
@@ -519,10 +522,14 @@ def run(dsn: str, config: SimConfig, progress: Callable[[int, int], None] | None
         for t in threads:
             t.join()
         seconds = time.monotonic() - started
+        # the drivers stop before the settling runs the same jobs (a verify_due() and a run_monitor() at
+        # once can deadlock on one call: the driver runs it again next period, the settling would fail)
+        stop_drivers.set()
+        for t in drivers:
+            t.join(30)
         settled = settle(dsn, config.grace)
         stop.set()
-        for t in [*drivers, listener]:
-            t.join(30)
+        listener.join(30)
         ledger = dict(calcom.ledger)
         counts = dict(calcom.counts)
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -194,3 +194,105 @@ comment on table booking_guard.circuit_permits is
     'Outstanding half-open trial permits per key and their leases; every transition of a key deletes its permits, so a result of an older permit is late and ignored.';
 comment on table booking_guard.circuit_transitions is
     'Every state change of every breaker (never a same-state row), for open counts, recovery times and the dashboard; reason starts with a code (failure_threshold, failure_rate, slow_call_rate, half_open_failure, trial_rates, call_timeout, cooldown_elapsed, forced_until_passed, success_threshold, reset, forced_open).';
+
+-- ---- What the on-call sees: review items for findings, alerts and items closed together,
+-- ---- notifications of urgent items, every booking counted ------------------------------------
+
+-- A review item may be about something other than a call: a calendar booking held twice
+-- (booking:<id>), an orphaned appointment (appointment:<id>), an exhausted retry (retry:<id>).
+-- One open item per call, reason and subject; items about a call alone have no subject.
+alter table booking_guard.review_queue
+    add column subject text check (subject ~ '^[a-z_]+:\S' and length(subject) <= 300);
+drop index booking_guard.review_queue_one_open_per_call_reason;
+create unique index review_queue_one_open_per_subject
+    on booking_guard.review_queue (coalesce(call_id, -1), reason, coalesce(subject, '')) where status <> 'resolved';
+comment on column booking_guard.review_queue.subject is
+    'What the item is about when it is not the call alone: booking:<calcom id>, appointment:<id>, retry:<id>.';
+
+-- The alert a review item answers: resolving the item resolves its alerts, and resolving an alert
+-- that was not auto-corrected resolves its item once no other alert of it is open.
+alter table booking_guard.alerts add column review_id bigint;
+create index alerts_review_id_idx on booking_guard.alerts (review_id) where review_id is not null;
+comment on column booking_guard.alerts.review_id is
+    'The review item that answers this alert (booking_guard.review_queue.id), if any.';
+
+-- Urgent review items reach the alert relay's channels: an outbox row per item to send to the
+-- webhook (claimed, sent, deleted), review_queue.delivered_at once sent.
+insert into booking_guard.settings (name, kind, integer_value, min_value, max_value, description) values
+    ('review_notify_priority', 'integer', 2, 0, 100,
+     'A new review item of this priority or a more urgent one (a lower number) is sent to the alert relay''s webhook and listed in its e-mail digest; 0 sends none.');
+alter table booking_guard.review_queue add column delivered_at timestamptz;
+comment on column booking_guard.review_queue.delivered_at is
+    'When the alert relay''s webhook accepted the item (urgent items only, see the setting review_notify_priority).';
+create table booking_guard.review_notifications (
+    review_id        bigint primary key references booking_guard.review_queue (id) on delete cascade,
+    claimed_by       text,
+    claimed_role     name,
+    claimed_until    timestamptz,
+    attempts         integer not null default 0,
+    next_attempt_at  timestamptz not null default now(),
+    last_error       text
+);
+comment on table booking_guard.review_notifications is
+    'Urgent review items not sent to the webhook yet: who holds the claim and until when, attempts, when the next may start, the last error.';
+alter table booking_guard.alert_digests add column review_items integer;
+comment on column booking_guard.alert_digests.review_items is
+    'How many urgent review items the digest listed.';
+
+-- Priorities of the findings no rule may decide (docs/review-queue.md explains the scale).
+insert into booking_guard.review_priorities (reason, priority) values
+    ('duplicate_booking', 2), ('orphaned_appointment', 3), ('ambiguous_orphan', 3)
+on conflict (reason) do nothing;
+
+-- Every booking counted: appointment_creation_success_total counts the appointment rows, whatever
+-- wrote them, from a mark on their ids (ids of rows not visible yet are kept as gaps until every
+-- transaction that could still commit them has ended).
+alter table booking_guard.metric_fold_state add column booking_mark bigint;
+comment on column booking_guard.metric_fold_state.booking_mark is
+    'fold_metrics(): the appointments with an id up to this one are counted (or in metric_booking_gaps); null until attached.';
+create table booking_guard.metric_booking_gaps (
+    lo        bigint primary key,
+    hi        bigint not null check (hi >= lo),
+    noted_at  timestamptz not null
+);
+comment on table booking_guard.metric_booking_gaps is
+    'Appointment ids below the booking mark not seen yet (a transaction still writing, rolled back, or an unused id), counted if they appear before every transaction open at noted_at has ended.';
+-- an update of an attached database counts from now on (a fresh install starts at attach())
+do $mark$
+declare
+    t  regclass := (select a.appointments_table from booking_guard.attached_tables a);
+    m  bigint;
+begin
+    if t is not null then
+        execute format('select coalesce(max(id), 0) from %s', t) into m;
+        update booking_guard.metric_fold_state set booking_mark = m;
+    end if;
+end
+$mark$;
+
+update booking_guard.metric_definitions
+   set help = 'Bookings written, by any path (record_booking(), plain SQL, the calendar webhook): the appointment rows, counted once each as they appear.'
+ where name = 'appointment_creation_success_total';
+update booking_guard.metric_definitions
+   set help = 'Bookings that did not stand, by reason: refused by record_booking() (the validation reason), calls rolled back for want of an appointment (appointment_not_found), rollbacks the application reported.'
+ where name = 'appointment_creation_failure_total';
+update booking_guard.metric_definitions
+   set help = 'Duration of booking_guard.record_booking() calls, successful or not (plain-SQL and webhook bookings carry no duration).'
+ where name = 'appointment_creation_duration_seconds';
+insert into booking_guard.metric_definitions (name, type, help, buckets) values
+    ('booking_guard_open_inconsistencies', 'gauge',
+     'Open inconsistencies that need a person, by type and severity: unresolved alerts of the detection rules and of failed booking validations, not auto-corrected.', null),
+    ('booking_guard_alert_last_detected_timestamp_seconds', 'gauge',
+     'When the last alert of each type was raised (Unix time).', null),
+    ('booking_guard_review_queue_open_items', 'gauge',
+     'Open review items (pending and in review), by priority and reason.', null),
+    ('circuit_breaker_last_opened_timestamp_seconds', 'gauge',
+     'When each circuit breaker last opened (Unix time); absent for a breaker that never opened.', null);
+alter table booking_guard.metric_fold_state add column booking_settle_before timestamptz;
+comment on column booking_guard.metric_fold_state.booking_settle_before is
+    'fold_metrics(): the gaps noted before this time may be dropped by the next fold (when the oldest transaction then open began).';
+-- the metrics count new appointments by id: attach() makes sure an index leads with it
+insert into booking_guard.required_indexes (table_role, column_name, why) values
+    ('appointments', 'id', 'counting new appointments by id for the booking metrics');
+-- the outbox is the only mark of an urgent item not sent yet: dumped and restored with the items
+select pg_catalog.pg_extension_config_dump('booking_guard.review_notifications', '');
