@@ -213,7 +213,7 @@ begin
         values ('creation_success', date_bin('5 minutes', now(), timestamptz '2000-01-01 00:00+00'), n_rows)
         on conflict (name, bucket) do update set value = w.value + excluded.value;
     end if;
-    v_to := pg_snapshot_xmin(pg_current_snapshot());
+    v_to := booking_guard_internal.fold_horizon();
     -- At most max_events events per run, and only whole transactions: stop before the xid of
     -- the first event past the limit (or just after one transaction bigger than the limit).
     v_cut := (select e.xid from booking_guard.events e
@@ -366,7 +366,7 @@ end
 $$;
 
 comment on function booking_guard_internal.fold_counters(integer, bigint, timestamptz, bigint[], bigint[]) is
-    'fold_metrics() as booking_guard_owner: counts the appointment rows the caller saw (when the mark it read is still the mark), then adds the events of finished transactions not folded yet (xid in [horizon, snapshot xmin)), at most max_events per run, each exactly once; returns how many rows and events were folded. A concurrent run returns 0 at once.';
+    'fold_metrics() as booking_guard_owner: counts the appointment rows the caller saw (when the mark it read is still the mark), then adds the events of finished transactions not folded yet (xid in [horizon, fold_horizon()): before the oldest transaction that may still write in this database), at most max_events per run, each exactly once; returns how many rows and events were folded. A concurrent run returns 0 at once.';
 
 -- Whether the caller may read the ids of the attached appointments (not attached: no).
 create function booking_guard_internal.booking_ids_readable()
@@ -392,6 +392,34 @@ comment on function booking_guard_internal.booking_ids_readable() is
 -- Runs with the caller's rights: booking_guard_owner, which writes the counters, never reads the
 -- application's tables, so the caller (booking_guard_monitor and the roles that include it; attach()
 -- granted it the appointment ids) reads the new appointment ids and fold_counters() counts them.
+-- Where a fold stops: the oldest transaction that may still write events of this database. The
+-- snapshot's xmin is the oldest open transaction of the whole cluster, so one long transaction in
+-- another database (a dump, a migration, an idle session) would hold every fold back, and the
+-- counters would stand still. A transaction writes in one database only: an open one that
+-- pg_stat_activity or pg_prepared_xacts shows in another database cannot write these events and
+-- is passed over. Whatever is not known to be elsewhere (finished since the snapshot, a backend
+-- whose row this role may not read, one without a database) holds the horizon as the xmin would.
+create function booking_guard_internal.fold_horizon()
+returns xid8
+language sql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(
+               (select min(x.full_xid)
+                  from pg_snapshot_xip(s.snap) as x(full_xid)
+                 where not exists (select from pg_stat_activity a
+                                    where a.backend_xid = (x.full_xid::text::numeric % 4294967296)::text::xid
+                                      and a.datname <> current_database())
+                   and not exists (select from pg_prepared_xacts p
+                                    where p.transaction = (x.full_xid::text::numeric % 4294967296)::text::xid
+                                      and p.database <> current_database())),
+               pg_snapshot_xmax(s.snap))
+      from (select pg_current_snapshot() as snap) s;
+$$;
+comment on function booking_guard_internal.fold_horizon() is
+    'Internal (fold_metrics): the oldest xid that may still write events of this database: the snapshot''s oldest open transaction, passing over those open in another database; the snapshot''s xmax when none is open.';
+
 create function booking_guard.fold_metrics(max_events integer default 100000)
 returns bigint
 language plpgsql

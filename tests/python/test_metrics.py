@@ -124,6 +124,26 @@ def test_each_event_is_folded_exactly_once_whatever_the_commit_order(db, connect
     assert value(db, "data_inconsistency_manual_review_total") == 2
 
 
+def test_a_transaction_open_in_another_database_does_not_hold_the_fold_back(db, connect):
+    info = db.info
+    elsewhere = psycopg.connect(host=info.host, port=info.port, user=info.user, dbname="postgres",
+                                password=info.password or None)
+    try:
+        # an old transaction of the cluster, in another database: it cannot write these events
+        elsewhere.execute("select pg_current_xact_id()")
+        db.execute("select booking_guard_internal.log_event('review', 'r', 'call', '1')")
+        assert value(db, "data_inconsistency_manual_review_total") == 1
+        # one open here still holds it: its events may yet commit
+        here = connect(autocommit=False)
+        here.execute("select pg_current_xact_id()")
+        db.execute("select booking_guard_internal.log_event('review', 'r', 'call', '2')")
+        assert value(db, "data_inconsistency_manual_review_total") == 1
+        here.commit()
+        assert value(db, "data_inconsistency_manual_review_total") == 2
+    finally:
+        elsewhere.close()
+
+
 def test_concurrent_writers_and_folds_count_every_event_once(db, connect):
     writers, per_writer = 4, 150
     errors: list[BaseException] = []
