@@ -17,7 +17,7 @@ Exactness: the same 32-process race on a half-open breaker that admits one trial
 under both policies). Each admitted call stays in progress until every process has tried, so a second
 admission is a real over-admission. Counted over several rounds.
 
-Target (issue 5): booking_guard >= 0.5 x pybreaker+redis while exact.
+Target: booking_guard >= 0.5 x pybreaker+redis while exact.
 
 Each cell is measured --repeat times, booking_guard under each policy and pybreaker in turn, and the
 medians are printed, both policies against the same pybreaker figure (the machine may be shared;
@@ -111,7 +111,7 @@ class RedisServer:
 
 
 def pybreaker_for(r: redis.Redis, key: str) -> pybreaker.CircuitBreaker:
-    # the seed's policy: 3 failures, 30 s cooldown, 2 successes to close
+    # the default policy: 3 failures, 30 s cooldown, 2 successes to close
     storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, r, namespace=key)
     return pybreaker.CircuitBreaker(fail_max=3, reset_timeout=30, success_threshold=2, state_storage=storage)
 

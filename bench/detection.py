@@ -11,7 +11,7 @@ Measured: detect('1 hour') (minimum and median of rounds x repeat runs, the size
 alternation so that a busy machine slows them alike), whether any plan of detection scans the
 application tables sequentially (auto_explain of the nested statements), run_monitor() (first
 run: alerts and correct-mode repairs; then steady state), and reconcile() over the whole tables
-(first run repairs the planted rows; the second finds nothing). Targets (issue 6): detect over
+(first run repairs the planted rows; the second finds nothing). Targets: detect over
 the last hour <= 50 ms at 1,000,000 calls; reconcile >= 50,000 rows scanned per second.
 
 usage: bench/detection.py [--sizes 100000,1000000] [--rounds 5] [--repeat 5]

@@ -6,7 +6,7 @@
 
 -- Seeded configuration tables (settings, rules, ...) are dumped by pg_dump and restored with COPY
 -- after CREATE EXTENSION has seeded them again. A restored row would then collide with its freshly
--- seeded twin; this trigger lets the restored (user's) row replace the seed.
+-- seeded twin; this trigger lets the restored (user's) row replace the seeded one.
 create function booking_guard_internal.replace_seeded_row()
 returns trigger
 language plpgsql

@@ -1,4 +1,4 @@
--- KPIs: the seed's seven success targets, measured over a window.
+-- KPIs: booking_guard's seven success targets, measured over a window.
 --
 -- A KPI without data in the window says so (value null, ok null, samples 0): never a made-up 100 %.
 
@@ -25,7 +25,7 @@ begin
     cutoff := now() - since;
 
     -- 1. data consistency rate: calls with an outcome whose flags agree with each other and with
-    --    their appointments (the seed's query, plus the appointment rows as the truth)
+    --    their appointments (the appointment rows are the truth)
     select count(*),
            count(*) filter (where (c.appointment_made is true) = c.has_one
                               and (c.session_outcome = 'appointment_booked') = (c.appointment_made is true))

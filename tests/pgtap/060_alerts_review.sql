@@ -113,7 +113,7 @@ select results_eq($$select reason, priority from booking_guard.review_priorities
                                       'service_not_found', 'something_else') order by priority$$,
                   $$values ('appointment_validation_failed', 1), ('calcom_booking_failed', 2),
                            ('customer_creation_failed', 3), ('service_not_found', 4)$$,
-                  'review_priorities holds the seed''s mapping');
+                  'review_priorities holds the default mapping');
 create temp table queued as
 select r.n, r.reason, booking_guard.queue_for_review(100 + r.n, r.reason) as id
   from unnest(array['service_not_found', 'appointment_validation_failed', 'something_else',
@@ -123,7 +123,7 @@ select results_eq($$select r.reason, q.priority, q.status, q.call_id
                   $$values ('service_not_found', 4, 'pending', 101::bigint), ('appointment_validation_failed', 1, 'pending', 102),
                            ('something_else', 5, 'pending', 103), ('customer_creation_failed', 3, 'pending', 104),
                            ('calcom_booking_failed', 2, 'pending', 105)$$,
-                  'queue_for_review: the seed''s priorities, 5 for any other reason');
+                  'queue_for_review: the default priorities, 5 for any other reason');
 
 -- ---- one open item per call and reason ------------------------------------------------------------
 

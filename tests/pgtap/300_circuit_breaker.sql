@@ -61,7 +61,7 @@ select function_returns('booking_guard', 'circuit_acquire', array['text'], 'bigi
 select results_eq($$select key_pattern, failure_threshold, cooldown, success_threshold, half_open_max_calls, call_timeout
                      from booking_guard.circuit_policies$$,
                   $$values ('%', 3, interval '30 seconds', 2, 1, interval '10 seconds')$$,
-                  'the default policy row % carries the seed''s values');
+                  'the default policy row % carries the default values');
 select ok((select extconfig @> array['booking_guard.circuit_policies'::regclass, 'booking_guard.circuit_breakers'::regclass,
                                      'booking_guard.circuit_transitions'::regclass, 'booking_guard.circuit_seq'::regclass]::oid[]
              from pg_extension where extname = 'booking_guard'),
@@ -285,7 +285,7 @@ insert into booking_guard.circuit_policies (key_pattern, failure_threshold) valu
 select is((select failure_threshold from booking_guard.circuit_policies where key_pattern = '%'), 4,
           'policy: inserting % again replaces the seeded row (what pg_restore does)');
 delete from booking_guard.circuit_policies where key_pattern = '%';
-select is((booking_guard_internal.circuit_policy('anything')).failure_threshold, 3, 'policy: without a % row the seed''s values apply');
+select is((booking_guard_internal.circuit_policy('anything')).failure_threshold, 3, 'policy: without a % row the default values apply');
 
 -- ---- bad input: BG005, nothing written
 select throws_ok($$select booking_guard.circuit_acquire(null)$$, 'BG005', 'invalid circuit breaker key', 'null key: BG005');

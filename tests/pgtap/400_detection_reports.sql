@@ -70,7 +70,7 @@ select booking_guard.set_rule('missing_direction', 'correct');
 select is((select (booking_guard.reconcile() ->> 'directions')::int), 1, 'correct: reconcile sets the direction');
 select is_empty($$select * from booking_guard.inconsistencies$$, 'nothing left');
 select matches(booking_guard.daily_report(), '^DATA CONSISTENCY REPORT - \d{4}-\d\d-\d\d\n=+\n\nSUMMARY\n-------\nTotal Calls: 1\n',
-               'the report starts as the seed''s');
+               'the report starts with the default layout');
 
 -- the roles can do their job
 set local role booking_guard_monitor;

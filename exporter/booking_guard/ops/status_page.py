@@ -1,4 +1,4 @@
-"""The status page: the seed's health dashboard, rendered on the server (no JavaScript).
+"""The status page: the health dashboard, rendered on the server (no JavaScript).
 
 One page per target (`/?target=NAME`; `/` when serve has one target). With several targets `/`
 is a list of them with links, and each page names its database and links to the others.

@@ -13,9 +13,9 @@ def _sim_arguments(name: str):
         parser.add_argument("--workers", type=int, default=16 if name == "soak" else 4)
         parser.add_argument("--fault-rate", type=float, default=0.1, help="share of booking calls given a fault")
         parser.add_argument("--grace", type=duration, default=duration("1s"),
-                            help="verification_grace for the run (default 1s; the seed's is 5s)")
+                            help="verification_grace for the run (default 1s; the extension's default is 5s)")
         parser.add_argument("--cooldown", type=duration, default=duration("2s"),
-                            help="breaker cooldown for appointment_booking:%% (default 2s; the seed's is 30s)")
+                            help="breaker cooldown for appointment_booking:%% (default 2s; the policy's default is 30s)")
         parser.add_argument("--monitor-every", type=duration, default=duration("1s"),
                             help="how often run_monitor() runs (pg_cron: every minute; default 1s)")
         parser.add_argument("--calcom-latency", type=duration, default=duration("2ms"))

@@ -16,8 +16,8 @@ the status page, /metrics and the verification loop, until Ctrl-C (or SIGTERM), 
 URLs, the psql line and the commands that work on it. Without it the lines it prints work after
 the demo has ended (the sandbox of `make demo` is gone by then).
 
-To finish in well under a minute the run shortens two seed values, and says so: the
-verification grace (1 s instead of 5 s) and the breaker cooldown (2 s instead of 30 s).
+To finish in well under a minute the run shortens two defaults, and says so: the verification
+grace (1 s instead of 5 s) and the breaker cooldown (2 s instead of 30 s).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from booking_guard.sim.simulate import FAULT_KINDS, SimConfig
 from booking_guard.sim.simulate import run as simulate
 from booking_guard.sim.soak import progress_bar, verdict
 
-#: What each injected fault is, in one line (the seed's failure modes).
+#: What each injected fault is, in one line (the failure modes of an unguarded booking system).
 FAULT_STORY = {
     "calcom_failure": "Cal.com answered 503, or the breaker refused to call it while it was down",
     "local_insert_failed": "Cal.com booked, the appointment insert failed, the app still said booked",
@@ -181,10 +181,10 @@ def run(dsn: str, config: SimConfig = DEMO_CONFIG, listen: str | None = None,
         print(heading("1. The workload"))
         print(f"{config.calls} calls by {config.workers} phone-agent workers, each with its own connection; bookings go to a"
               f" fake Cal.com on 127.0.0.1 ({config.calcom_latency * 1000:.0f} ms, {config.calcom_failure_rate:.0%} failures)"
-              f" under the circuit breaker, then through booking_guard.record_booking() or, like the seed's application, by"
+              f" under the circuit breaker, then through booking_guard.record_booking() or, like an application without booking_guard, by"
               f" raw SQL. {config.fault_rate:.0%} of the bookings get a fault injected; Cal.com goes down for"
-              f" {config.outages[0][1]:g} s a third of the way in. verification_grace is {config.grace:g} s (seed: 5 s),"
-              f" the breaker cooldown {config.cooldown:g} s (seed: 30 s); verify_due() runs every second, as"
+              f" {config.outages[0][1]:g} s a third of the way in. verification_grace is {config.grace:g} s (default: 5 s),"
+              f" the breaker cooldown {config.cooldown:g} s (default: 30 s); verify_due() runs every second, as"
               f" `booking-guard serve` does, and run_monitor() every {config.monitor_every:g} s (pg_cron: every minute).")
     result, settled = simulate(dsn, config, progress_bar())
 
@@ -224,7 +224,7 @@ def run(dsn: str, config: SimConfig = DEMO_CONFIG, listen: str | None = None,
             " where run_id = %s and (kind = 'appointment_deleted' or (kind in ('double_booking', 'retry_double_booked')"
             " and path = 'record_booking')) group by 1, 2, 3 order by 1, 2, 3", (run_id,))), end="")
         print("The raw-SQL retry that booked twice cannot be refused (the reference schema has no unique key on the"
-              " booking id, like the seed's): duplicate_booking reports it below.")
+              " booking id): duplicate_booking reports it below.")
         print("A deleted appointment is not an inconsistency: the call's flags are derived from the appointments left"
               " (appointment_cancelled) in the same transaction.")
 

@@ -1,9 +1,9 @@
 """The workload simulator: phone-agent workers booking appointments, with injected faults.
 
-N worker threads, each with its own connection, place calls the way the seed's application
+N worker threads, each with its own connection, place calls the way an unguarded application
 does: a call row, a booking in Cal.com (a real local HTTP server, booking_guard.sim.fake_calcom)
 under the circuit breaker (booking_guard.app.circuit), then the appointment and the call's
-flags, either through booking_guard.record_booking() or by raw SQL as the seed's own
+flags, either through booking_guard.record_booking() or by raw SQL as an unguarded application's own
 createLocalRecord + trackBooking do. A share of the calls gets a fault injected, and every
 injected fault is written to `sim.faults` (ground truth, in the simulated database, not in the
 extension) right after the transaction that injected it committed:
@@ -101,7 +101,7 @@ class SimConfig:
     fault_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     #: share of calls that try to book at all (the others end as information calls)
     booking_share: float = 0.6
-    #: share of clean bookings written by raw SQL (the seed's createLocalRecord + trackBooking)
+    #: share of clean bookings written by raw SQL (the application's createLocalRecord + trackBooking)
     raw_sql_share: float = 0.3
     calcom_latency: float = 0.002
     #: seconds a worker waits between two calls (0: as fast as it can; the demo paces itself with it)
@@ -109,9 +109,9 @@ class SimConfig:
     calcom_failure_rate: float = 0.005
     #: Cal.com outages: (fraction of the calls placed when it starts, seconds it lasts)
     outages: list[tuple[float, float]] = field(default_factory=list)
-    #: verification_grace for the run (the seed's 5 s makes a demo wait; say what you use)
+    #: verification_grace for the run (the default 5 s makes a demo wait; say what you use)
     grace: float = 1.0
-    #: breaker cooldown for appointment_booking:% during the run (the seed's 30 s, shortened)
+    #: breaker cooldown for appointment_booking:% during the run (the default 30 s, shortened)
     cooldown: float = 2.0
     verify_every: float = 1.0
     monitor_every: float = 1.0
@@ -287,7 +287,7 @@ class Worker:
             getattr(self, f"inject_{kind}")(call_id, uid, appointment, service, details)
 
     def book_in_calcom(self, call_id: int, service: int, details: dict) -> str | None:
-        """The Cal.com booking under the breaker; on failure the call goes to the review queue, as the seed's
+        """The Cal.com booking under the breaker; on failure the call goes to the review queue, as an unguarded application's
         queueManualBooking does, and the failure is ground truth."""
         key = f"appointment_booking:service:{service}"
         try:
@@ -326,7 +326,7 @@ class Worker:
 
     @staticmethod
     def raw_booking(conn: psycopg.Connection, call_id: int, uid: str, appointment: dict) -> int:
-        """The seed's createLocalRecord then trackBooking, as plain SQL; the appointment's id."""
+        """The application's createLocalRecord then trackBooking, as plain SQL; the appointment's id."""
         appointment_id = conn.execute(
             "insert into appointments (call_id, calcom_v2_booking_id, company_id, service_id, starts_at, status)"
             " values (%s, %s, %s, %s, %s, %s) returning id",
@@ -351,7 +351,7 @@ class Worker:
             pass
         else:
             raise RuntimeError("the failing appointment insert did not fail")
-        # ... and trackBooking says booked anyway (the seed's phantom booking: the flag is left false)
+        # ... and trackBooking says booked anyway (a phantom booking: the flag is left false)
         self.conn.execute("update calls set session_outcome = 'appointment_booked', booking_id = %s,"
                           " booking_details = %s, updated_at = now() where id = %s", (uid, Jsonb(details), call_id))
         self.fault("local_insert_failed", "raw_sql", call_id, booking_id=uid)
@@ -427,7 +427,7 @@ class Worker:
             self.fault("retry_double_booked", "record_booking", call_id, appointment_id=retry.appointment_id,
                        booking_id=uid, outcome="created" if retry.created else "idempotent")
         else:
-            # the seed's createLocalRecord retried after a timeout that had in fact committed
+            # the application's createLocalRecord retried after a timeout that had in fact committed
             with self.conn.transaction():
                 self.raw_booking(self.conn, call_id, uid, appointment)
                 self.ledger(call_id, uid, "raw_sql")
