@@ -46,114 +46,148 @@ $$;
 comment on function booking_guard_internal.within_grace(bigint, timestamptz) is
     'True while a call (last changed at since) is still within its verification grace, or waits on the due list.';
 
--- The call rules, checked for the given calls (by primary key). Every *_findings function takes its
--- ids as a semi-join on unnest(): "= any (array)" on a parameter compares each row with the whole
--- array, which is quadratic when the monitor checks a large window.
-create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null)
+-- The call rules, checked for the given calls (by primary key), or for every call of a key range
+-- (reconcile's batches). Every *_findings function takes its ids as a semi-join on unnest(): "= any
+-- (array)" on a parameter compares each row with the whole array, which is quadratic when the
+-- monitor checks a large window. A key range is read as one: one range scan of the calls and one of
+-- their appointments, where probing each id would cost an index descent per call and per
+-- appointment list. Each branch of the row source is gated by its own parameter (a one-time filter):
+-- only one runs.
+create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null,
+                                                    after_id bigint default null, last_id bigint default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if only_rule is not null
-       and not exists (select from booking_guard.rules r where r.name = only_rule and r.predicate is null) then
-        return query select * from booking_guard_internal.declared_findings('call', call_ids, only_rule);
-        return;
+    if only_rule is null
+       or exists (select from booking_guard.rules r where r.name = only_rule and r.predicate is null) then
+        return query
+        with c as materialized (
+            select g.id, g.retell_call_id, g.company_id::text as company_id, g.direction, g.session_outcome,
+                   g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
+                   g.created_at::timestamptz as created_at,
+                   greatest(g.created_at, g.updated_at)::timestamptz as since,
+                   ap.n as appointments, ap.booking_ids
+              from booking_guard_internal.guarded_calls g
+             cross join lateral (
+                   select count(*) as n,
+                          coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
+                                       filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
+                     from booking_guard_internal.guarded_appointments a
+                    where a.call_id = g.id) ap
+             where call_ids is not null
+               and g.id in (select unnest(call_ids))
+            union all
+            select g.id, g.retell_call_id, g.company_id::text, g.direction, g.session_outcome,
+                   g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
+                   g.created_at::timestamptz, greatest(g.created_at, g.updated_at)::timestamptz,
+                   coalesce(ap.n, 0), coalesce(ap.booking_ids, '{}')
+              from booking_guard_internal.guarded_calls g
+              left join (select a.call_id, count(*) as n,
+                                coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
+                                             filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
+                           from booking_guard_internal.guarded_appointments a
+                          where a.call_id > after_id and a.call_id <= last_id
+                          group by a.call_id) ap on ap.call_id = g.id
+             where call_ids is null
+               and g.id > after_id and g.id <= last_id
+        )
+        select r.name, r.severity, 'call'::text, c.id::text,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'retell_call_id', c.retell_call_id, 'company_id', c.company_id,
+                   'created_at', c.created_at, 'since', c.since,
+                   'session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
+                   'appointment_link_status', c.appointment_link_status, 'appointments', c.appointments,
+                   'booking_id', case when k.rule = 'booking_id_mismatch' then c.booking_id end,
+                   'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(c.booking_ids) end,
+                   'customer_id', case when k.rule = 'customer_link' then c.customer_id end,
+                   'customer_link_status', case when k.rule = 'customer_link'
+                                                then coalesce(c.customer_link_status, 'null') end))
+          from c
+         cross join lateral (values
+             ('phantom_booking',
+              c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
+             ('missing_appointment',
+              (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
+              and not booking_guard_internal.within_grace(c.id, c.since)),
+             ('missing_direction',
+              c.direction is null),
+             ('outcome_flag_mismatch',
+              c.appointment_made is true and c.session_outcome is not null and c.session_outcome <> 'appointment_booked'),
+             ('unlinked_appointment',
+              c.appointments > 0 and c.appointment_made is not true),
+             ('booking_id_mismatch',
+              c.booking_id is not null and cardinality(c.booking_ids) > 0 and not c.booking_id = any (c.booking_ids)),
+             ('customer_link',
+              c.customer_id is not null and c.customer_link_status is distinct from 'linked')
+         ) as k (rule, holds)
+          join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
+         where k.holds
+           and (only_rule is null or k.rule = only_rule);
     end if;
-    return query
-    with c as materialized (
-        select g.id, g.retell_call_id, g.company_id::text as company_id, g.direction, g.session_outcome,
-               g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
-               g.created_at::timestamptz as created_at,
-               greatest(g.created_at, g.updated_at)::timestamptz as since,
-               ap.n as appointments, ap.booking_ids
-          from booking_guard_internal.guarded_calls g
-         cross join lateral (
-               select count(*) as n,
-                      coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
-                                   filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
-                 from booking_guard_internal.guarded_appointments a
-                where a.call_id = g.id) ap
-         where g.id in (select unnest(call_ids))
-    )
-    select r.name, r.severity, 'call'::text, c.id::text,
-           jsonb_strip_nulls(jsonb_build_object(
-               'retell_call_id', c.retell_call_id, 'company_id', c.company_id,
-               'created_at', c.created_at, 'since', c.since,
-               'session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
-               'appointment_link_status', c.appointment_link_status, 'appointments', c.appointments,
-               'booking_id', case when k.rule = 'booking_id_mismatch' then c.booking_id end,
-               'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(c.booking_ids) end,
-               'customer_id', case when k.rule = 'customer_link' then c.customer_id end,
-               'customer_link_status', case when k.rule = 'customer_link'
-                                            then coalesce(c.customer_link_status, 'null') end))
-      from c
-     cross join lateral (values
-         ('phantom_booking',
-          c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
-         ('missing_appointment',
-          (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
-          and not booking_guard_internal.within_grace(c.id, c.since)),
-         ('missing_direction',
-          c.direction is null),
-         ('outcome_flag_mismatch',
-          c.appointment_made is true and c.session_outcome is not null and c.session_outcome <> 'appointment_booked'),
-         ('unlinked_appointment',
-          c.appointments > 0 and c.appointment_made is not true),
-         ('booking_id_mismatch',
-          c.booking_id is not null and cardinality(c.booking_ids) > 0 and not c.booking_id = any (c.booking_ids)),
-         ('customer_link',
-          c.customer_id is not null and c.customer_link_status is distinct from 'linked')
-     ) as k (rule, holds)
-      join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
-     where k.holds
-       and (only_rule is null or k.rule = only_rule);
-    if only_rule is null then
-        return query select * from booking_guard_internal.declared_findings('call', call_ids, null);
+    if exists (select from booking_guard.rules r
+                where r.predicate is not null and r.entity_type = 'call' and r.mode <> 'off'
+                  and (only_rule is null or r.name = only_rule)) then
+        return query
+        select * from booking_guard_internal.declared_findings('call',
+            coalesce(call_ids, array(select g.id::bigint from booking_guard_internal.guarded_calls g
+                                      where g.id > after_id and g.id <= last_id)), only_rule);
     end if;
 end
 $$;
 
-comment on function booking_guard_internal.call_findings(bigint[], text) is
-    'The rules on calls for the given calls: the built-in ones (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) and the declared ones; only_rule: that rule alone; rules that are off are skipped.';
+comment on function booking_guard_internal.call_findings(bigint[], text, bigint, bigint) is
+    'The rules on calls for the given calls (or, call_ids null, for the calls after_id < id <= last_id): the built-in ones (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) and the declared ones; only_rule: that rule alone; rules that are off are skipped.';
 
--- orphaned_appointment, and the declared rules on appointments, for the given appointments.
-create function booking_guard_internal.appointment_findings(appointment_ids bigint[], only_rule text default null)
+-- orphaned_appointment, and the declared rules on appointments, for the given appointments (or, as
+-- call_findings(), for every appointment of a key range).
+create function booking_guard_internal.appointment_findings(appointment_ids bigint[], only_rule text default null,
+                                                           after_id bigint default null, last_id bigint default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if only_rule is not null and only_rule <> 'orphaned_appointment' then
-        return query select * from booking_guard_internal.declared_findings('appointment', appointment_ids, only_rule);
-        return;
+    if only_rule is null or only_rule = 'orphaned_appointment' then
+        return query
+        with a as (
+            select x.* from booking_guard_internal.guarded_appointments x
+             where appointment_ids is not null and x.id in (select unnest(appointment_ids))
+            union all
+            select x.* from booking_guard_internal.guarded_appointments x
+             where appointment_ids is null and x.id > after_id and x.id <= last_id
+        )
+        select r.name, r.severity, 'appointment'::text, a.id::text,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
+                   'source', a.source, 'created_at', a.created_at::timestamptz,
+                   'since', greatest(a.created_at, a.updated_at)::timestamptz,
+                   'matching_calls', (select count(*) from booking_guard_internal.guarded_calls m
+                                       where m.booking_id = a.calcom_v2_booking_id)))
+          from a
+          join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
+         where a.source = 'retell_webhook'
+           -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
+           -- as a hashed subplan over the whole calls table)
+           and (a.call_id is null
+                or (select true from booking_guard_internal.guarded_calls c where c.id = a.call_id) is null);
     end if;
-    return query
-    select r.name, r.severity, 'appointment'::text, a.id::text,
-           jsonb_strip_nulls(jsonb_build_object(
-               'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
-               'source', a.source, 'created_at', a.created_at::timestamptz,
-               'since', greatest(a.created_at, a.updated_at)::timestamptz,
-               'matching_calls', (select count(*) from booking_guard_internal.guarded_calls m
-                                   where m.booking_id = a.calcom_v2_booking_id)))
-      from booking_guard_internal.guarded_appointments a
-      join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
-     where a.id in (select unnest(appointment_ids))
-       and a.source = 'retell_webhook'
-       -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
-       -- as a hashed subplan over the whole calls table)
-       and (a.call_id is null
-            or (select true from booking_guard_internal.guarded_calls c where c.id = a.call_id) is null);
-    if only_rule is null then
-        return query select * from booking_guard_internal.declared_findings('appointment', appointment_ids, null);
+    if exists (select from booking_guard.rules r
+                where r.predicate is not null and r.entity_type = 'appointment' and r.mode <> 'off'
+                  and (only_rule is null or r.name = only_rule)) then
+        return query
+        select * from booking_guard_internal.declared_findings('appointment',
+            coalesce(appointment_ids, array(select x.id::bigint from booking_guard_internal.guarded_appointments x
+                                             where x.id > after_id and x.id <= last_id)), only_rule);
     end if;
 end
 $$;
 
-comment on function booking_guard_internal.appointment_findings(bigint[], text) is
-    'The rules on appointments for the given appointments: orphaned_appointment (source retell_webhook, call_id null or pointing at no call) and the declared ones; only_rule: that rule alone.';
+comment on function booking_guard_internal.appointment_findings(bigint[], text, bigint, bigint) is
+    'The rules on appointments for the given appointments (or, appointment_ids null, for the appointments after_id < id <= last_id): orphaned_appointment (source retell_webhook, call_id null or pointing at no call) and the declared ones; only_rule: that rule alone.';
 
 -- duplicate_booking for the given calendar booking ids.
 create function booking_guard_internal.booking_findings(booking_ids text[])

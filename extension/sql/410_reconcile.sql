@@ -30,25 +30,25 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    ids     bigint[];
+    n       bigint;
     fs      booking_guard.finding[];
     f       booking_guard.finding;
     result  record;
 begin
+    -- the batch is a key range: (after, last_id]
     if entity = 'call' then
-        ids := array(select g.id::bigint from booking_guard_internal.guarded_calls g
-                      where g.id > after order by g.id limit batch_size);
+        select max(b.id), count(*) into last_id, n
+          from (select g.id from booking_guard_internal.guarded_calls g where g.id > after order by g.id limit batch_size) b;
     else
-        ids := array(select a.id::bigint from booking_guard_internal.guarded_appointments a
-                      where a.id > after order by a.id limit batch_size);
+        select max(b.id), count(*) into last_id, n
+          from (select a.id from booking_guard_internal.guarded_appointments a where a.id > after order by a.id limit batch_size) b;
     end if;
-    last_id := ids[cardinality(ids)];
-    counts := jsonb_build_object(entity || 's_scanned', cardinality(ids));
-    if cardinality(ids) = 0 then
+    counts := jsonb_build_object(entity || 's_scanned', n);
+    if n = 0 then
         return;
     end if;
-    fs := case entity when 'call' then array(select x from booking_guard_internal.call_findings(ids) x)
-                      else array(select x from booking_guard_internal.appointment_findings(ids) x) end;
+    fs := case entity when 'call' then array(select x from booking_guard_internal.call_findings(null, null, after, last_id) x)
+                      else array(select x from booking_guard_internal.appointment_findings(null, null, after, last_id) x) end;
     for f in
         select x.* from unnest(fs) x join booking_guard.rules r on r.name = x.rule
          where r.repair_kind is not null
