@@ -8,12 +8,16 @@ steady-state run must cost the same whatever N: it looks at the rows created sin
 (its watermark), not at the hour. Beside it, the function run_monitor('1 hour'), which looks at
 the whole window every time, as 0.1.0's job did.
 
-usage: bench/monitor_steady.py [--sizes 10000,100000,1000000] [--rounds 5] [--new 1000]
+With --declared N, each size then declares N rules of its own (a predicate on the calls, run as a
+role that may read them) and measures the same rounds again: what declared rules add to the monitor.
+
+usage: bench/monitor_steady.py [--sizes 10000,100000,1000000] [--rounds 5] [--new 1000] [--declared 0]
 """
 
 import argparse
 import statistics
 import time
+import uuid
 
 import psycopg
 from _common import emit, figure, machine, scratch_database
@@ -39,6 +43,23 @@ def arrive(conn: psycopg.Connection, new: int, batch: int) -> None:
     conn.execute("select booking_guard.set_rule('missing_direction', 'correct')")
 
 
+def declare(conn: psycopg.Connection, role: str, n: int) -> None:
+    """N declared rules on the calls, each an indexed-column comparison, run as `role`."""
+    conn.execute(f"grant select on calls, appointments to {role}")
+    for i in range(n):
+        conn.execute("select booking_guard.declare_rule(%s, 'call', %s, 'info', 'observe', 'a bench rule', %s)",
+                     (f"bench_rule_{i}", f"c.session_outcome = 'bench_{i}' and c.direction = 'outbound'", role))
+
+
+def rounds(conn: psycopg.Connection, n_rounds: int, new: int, first_batch: int) -> tuple[list[float], list[float]]:
+    steady, window = [], []
+    for r in range(n_rounds):
+        arrive(conn, new, first_batch + r)
+        steady.append(timed(conn, "call booking_guard.run_job('run_monitor')"))
+        window.append(timed(conn, "select booking_guard.run_monitor('1 hour')"))
+    return steady, window
+
+
 def timed(conn: psycopg.Connection, query: str) -> float:
     started = time.perf_counter()
     conn.execute(query)
@@ -50,21 +71,31 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new", type=int, default=1000)
+    parser.add_argument("--declared", type=int, default=0)
     args = parser.parse_args()
     results = []
+    role = f"bg_bench_rules_{uuid.uuid4().hex[:8]}"
     for n in (int(x) for x in args.sizes.split(",")):
         with scratch_database(f"bg_bench_monitor_{n}") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("set client_min_messages = warning")
             populate(conn, n)
             first = timed(conn, "call booking_guard.run_job('run_monitor')")
-            steady, window = [], []
-            for r in range(args.rounds):
-                arrive(conn, args.new, r)
-                steady.append(timed(conn, "call booking_guard.run_job('run_monitor')"))
-                window.append(timed(conn, "select booking_guard.run_monitor('1 hour')"))
-            repaired = conn.execute("select count(*) from calls where direction is null").fetchone()[0]
-            results.append({"n": n, "first": first, "steady": statistics.median(steady), "steady_min": min(steady),
-                            "window": statistics.median(window), "left_unrepaired": repaired})
+            steady, window = rounds(conn, args.rounds, args.new, 0)
+            result = {"n": n, "first": first, "steady": statistics.median(steady), "steady_min": min(steady),
+                      "window": statistics.median(window)}
+            if args.declared:
+                conn.execute(f"create role {role} nologin")
+                try:
+                    declare(conn, role, args.declared)
+                    steady, window = rounds(conn, args.rounds, args.new, args.rounds)
+                    result |= {"steady_declared": statistics.median(steady), "steady_declared_min": min(steady),
+                               "window_declared": statistics.median(window)}
+                    conn.execute("select booking_guard.drop_rule(name) from booking_guard.rules where predicate is not null")
+                    conn.execute(f"revoke all on calls, appointments from {role}")
+                finally:
+                    conn.execute(f"drop role {role}")
+            result["left_unrepaired"] = conn.execute("select count(*) from calls where direction is null").fetchone()[0]
+            results.append(result)
     print(f"machine: {machine()}")
     print(f"{'calls/hour':>11} {'first run':>10} {'steady median':>14} {'steady min':>11} {'whole window':>13}")
     for r in results:
@@ -72,8 +103,17 @@ def main() -> None:
               f"{r['window']:>11.1f}ms")
     print(f"each steady run after {args.new:,} new calls; medians of {args.rounds} rounds; "
           f"calls left with no direction: {[r['left_unrepaired'] for r in results]}")
+    if args.declared:
+        print(f"with {args.declared} declared rules:")
+        for r in results:
+            print(f"{r['n']:>11,} {'':>10} {r['steady_declared']:>12.1f}ms {r['steady_declared_min']:>9.1f}ms "
+                  f"{r['window_declared']:>11.1f}ms")
     base = results[0]
-    emit("monitor_steady", [
+    declared = [
+        figure(f"scheduled run_monitor, steady state, {r['n']:,} calls an hour, {args.declared} declared rules",
+               r["steady_declared"], "ms", "same without declared rules", r["steady"])
+        for r in results if args.declared]
+    emit("monitor_steady", declared + [
         figure(f"scheduled run_monitor, steady state, {r['n']:,} calls an hour", r["steady"], "ms",
                f"same at {base['n']:,} calls an hour", base["steady"], "flat (ratio near 1)")
         for r in results[1:]] + [
