@@ -93,39 +93,45 @@ begin
                           group by a.call_id) ap on ap.call_id = g.id
              where call_ids is null
                and g.id > after_id and g.id <= last_id
+        ),
+        -- each call with the rules that hold on it: a set-returning function in the select list,
+        -- evaluated once per call (a lateral VALUES list would build its expressions again per call)
+        k as (
+            select c.*, unnest(array_remove(array[
+                case when c.session_outcome = 'appointment_booked' and c.appointment_made is not true
+                     then 'phantom_booking' end,
+                case when (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
+                          and not booking_guard_internal.within_grace(c.id, c.since)
+                     then 'missing_appointment' end,
+                case when c.direction is null
+                     then 'missing_direction' end,
+                case when c.appointment_made is true and c.session_outcome is not null
+                          and c.session_outcome <> 'appointment_booked'
+                     then 'outcome_flag_mismatch' end,
+                case when c.appointments > 0 and c.appointment_made is not true
+                     then 'unlinked_appointment' end,
+                case when c.booking_id is not null and cardinality(c.booking_ids) > 0
+                          and not c.booking_id = any (c.booking_ids)
+                     then 'booking_id_mismatch' end,
+                case when c.customer_id is not null and c.customer_link_status is distinct from 'linked'
+                     then 'customer_link' end
+            ], null)) as rule
+              from c
         )
-        select r.name, r.severity, 'call'::text, c.id::text,
+        select r.name, r.severity, 'call'::text, k.id::text,
                jsonb_strip_nulls(jsonb_build_object(
-                   'retell_call_id', c.retell_call_id, 'company_id', c.company_id,
-                   'created_at', c.created_at, 'since', c.since,
-                   'session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
-                   'appointment_link_status', c.appointment_link_status, 'appointments', c.appointments,
-                   'booking_id', case when k.rule = 'booking_id_mismatch' then c.booking_id end,
-                   'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(c.booking_ids) end,
-                   'customer_id', case when k.rule = 'customer_link' then c.customer_id end,
+                   'retell_call_id', k.retell_call_id, 'company_id', k.company_id,
+                   'created_at', k.created_at, 'since', k.since,
+                   'session_outcome', k.session_outcome, 'appointment_made', k.appointment_made,
+                   'appointment_link_status', k.appointment_link_status, 'appointments', k.appointments,
+                   'booking_id', case when k.rule = 'booking_id_mismatch' then k.booking_id end,
+                   'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(k.booking_ids) end,
+                   'customer_id', case when k.rule = 'customer_link' then k.customer_id end,
                    'customer_link_status', case when k.rule = 'customer_link'
-                                                then coalesce(c.customer_link_status, 'null') end))
-          from c
-         cross join lateral (values
-             ('phantom_booking',
-              c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
-             ('missing_appointment',
-              (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
-              and not booking_guard_internal.within_grace(c.id, c.since)),
-             ('missing_direction',
-              c.direction is null),
-             ('outcome_flag_mismatch',
-              c.appointment_made is true and c.session_outcome is not null and c.session_outcome <> 'appointment_booked'),
-             ('unlinked_appointment',
-              c.appointments > 0 and c.appointment_made is not true),
-             ('booking_id_mismatch',
-              c.booking_id is not null and cardinality(c.booking_ids) > 0 and not c.booking_id = any (c.booking_ids)),
-             ('customer_link',
-              c.customer_id is not null and c.customer_link_status is distinct from 'linked')
-         ) as k (rule, holds)
+                                                then coalesce(k.customer_link_status, 'null') end))
+          from k
           join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
-         where k.holds
-           and (only_rule is null or k.rule = only_rule);
+         where only_rule is null or k.rule = only_rule;
     end if;
     if exists (select from booking_guard.rules r
                 where r.predicate is not null and r.entity_type = 'call' and r.mode <> 'off'
