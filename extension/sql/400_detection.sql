@@ -100,8 +100,10 @@ begin
             select c.*, unnest(array_remove(array[
                 case when c.session_outcome = 'appointment_booked' and c.appointment_made is not true
                      then 'phantom_booking' end,
-                case when (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
-                          and not booking_guard_internal.within_grace(c.id, c.since)
+                -- "is not distinct from": a null link status would make the claim null, not false, and
+                -- within_grace() (two queries) would then run for every call without an appointment
+                case when (c.appointment_made is true or c.appointment_link_status is not distinct from 'linked')
+                          and c.appointments = 0 and not booking_guard_internal.within_grace(c.id, c.since)
                      then 'missing_appointment' end,
                 case when c.direction is null
                      then 'missing_direction' end,

@@ -145,7 +145,7 @@ def test_a_rule_on_appointments(db, declarer):
     ("true from public.calls", "the predicate is not one expression"),
     ("c.direction = 'x' as flag", "the predicate is not one expression"),
     ("c.no_such_column = 1", "column c.no_such_column does not exist"),
-    ("c.id", "argument of AND must be type boolean"),
+    ("c.id", "must be type boolean"),
     ("a.id = 1", 'missing FROM-clause entry for table "a"'),
     ("calls.id = 1", 'missing FROM-clause entry for table "calls"'),
 ])
