@@ -67,6 +67,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/timeout.h"
 #include "utils/plancache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -1182,6 +1183,7 @@ rules_changed(PG_FUNCTION_ARGS)
 
 #define OWNER_ROLE "booking_guard_owner"
 #define DECLARED_SQL_MAX 4000
+#define DECLARED_TIMEOUT_DEFAULT_MS 5000	/* the setting declared_rule_timeout's default */
 
 static void
 become_role(AsWorker *as, Oid role)
@@ -1526,6 +1528,7 @@ typedef struct DeclaredRule
 	char	   *repair;			/* null: none */
 	Oid			run_as;
 	Oid			table;
+	int			timeout_ms;		/* the setting declared_rule_timeout */
 } DeclaredRule;
 
 static SPIPlanPtr declared_plan;
@@ -1539,6 +1542,7 @@ declared_rule(const char *rule_name)
 	HeapTuple	row;
 	TupleDesc	desc;
 	bool		isnull;
+	bool		timeout_isnull;
 	AsWorker	as;
 	MemoryContext upper = CurrentMemoryContext;
 
@@ -1549,7 +1553,9 @@ declared_rule(const char *rule_name)
 			 "select r.entity_type operator(pg_catalog.=) 'call', r.predicate, r.repair_statement,"
 			 "       r.run_as::pg_catalog.oid,"
 			 "       case when r.entity_type operator(pg_catalog.=) 'call' then a.calls_table"
-			 "            else a.appointments_table end::pg_catalog.oid"
+			 "            else a.appointments_table end::pg_catalog.oid,"
+			 "       (select (pg_catalog.date_part('epoch', s.interval_value) operator(pg_catalog.*) 1000)::pg_catalog.int4"
+			 "          from booking_guard.settings s where s.name operator(pg_catalog.=) 'declared_rule_timeout')"
 			 "  from booking_guard.rules r left join booking_guard.attached_tables a on true"
 			 " where r.name operator(pg_catalog.=) $1 and r.predicate is not null",
 			 1, argtypes, &arg, true, 1, "reading a declared rule");
@@ -1563,6 +1569,9 @@ declared_rule(const char *rule_name)
 	desc = SPI_tuptable->tupdesc;
 	rule.is_call = DatumGetBool(SPI_getbinval(row, desc, 1, &isnull));
 	rule.run_as = DatumGetObjectId(SPI_getbinval(row, desc, 4, &isnull));
+	rule.timeout_ms = DatumGetInt32(SPI_getbinval(row, desc, 6, &timeout_isnull));
+	if (timeout_isnull || rule.timeout_ms <= 0)
+		rule.timeout_ms = DECLARED_TIMEOUT_DEFAULT_MS;
 	rule.table = DatumGetObjectId(SPI_getbinval(row, desc, 5, &isnull));
 	if (isnull)
 		ereport(ERROR,
@@ -1582,6 +1591,73 @@ declared_rule(const char *rule_name)
 	if (rule.repair != NULL)
 		check_one_statement(rule.repair);
 	return rule;
+}
+
+/*
+ * A declared rule's SQL runs for at most the setting declared_rule_timeout (each predicate on one
+ * batch, each repair on one finding): a rule that loops or waits would otherwise hold the monitor,
+ * reconcile and their batch's locks for as long as it likes. Its own timer, not statement_timeout:
+ * that one is armed when a client's statement starts and cannot be shortened inside one. When it
+ * fires the rule's SQL is cancelled and BG005 says which rule; declared_findings() turns that into
+ * a warning like any other error of the rule's SQL, and the monitor goes on with the other rules.
+ */
+static TimeoutId declared_timeout = MAX_TIMEOUTS;	/* MAX_TIMEOUTS: not registered yet */
+static volatile sig_atomic_t declared_timed_out = false;
+
+static void
+declared_timeout_handler(void)
+{
+	/* what a client's cancel request does: the next CHECK_FOR_INTERRUPTS() raises the error */
+	declared_timed_out = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+/* Runs a rule's SQL (a prepared plan, or a statement with one argument) under the rule's timer. */
+static int
+execute_bounded(const char *rule_name, const char *part, int timeout_ms, SPIPlanPtr plan, const char *sql,
+				Oid *argtypes, Datum *args, bool read_only)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			rc = 0;
+
+	if (declared_timeout == MAX_TIMEOUTS)
+		declared_timeout = RegisterTimeout(USER_TIMEOUT, declared_timeout_handler);
+	declared_timed_out = false;
+	enable_timeout_after(declared_timeout, timeout_ms);
+	PG_TRY();
+	{
+		rc = plan != NULL ? SPI_execute_plan(plan, args, NULL, read_only, 0)
+			: SPI_execute_with_args(sql, 1, argtypes, args, NULL, read_only, 0);
+	}
+	PG_CATCH();
+	{
+		disable_timeout(declared_timeout, false);
+		if (declared_timed_out)
+		{
+			declared_timed_out = false;
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+			ereport(ERROR,
+					(errcode(ERRCODE_BG_BAD_INPUT),
+					 errmsg("the %s of rule \"%s\" ran longer than %d ms and was cancelled", part, rule_name, timeout_ms),
+					 errdetail("A declared rule's SQL runs for at most the setting declared_rule_timeout each time."),
+					 errhint("Make the rule cheaper (it runs on a batch of ids, each looked up by key), raise the setting "
+							 "(select booking_guard.set_setting('declared_rule_timeout', '10 seconds');), or turn the rule "
+							 "off: select booking_guard.set_rule('%s', 'off');", rule_name)));
+		}
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	disable_timeout(declared_timeout, false);
+	if (declared_timed_out)
+	{
+		/* fired as the SQL ended: it finished in time, the pending cancel was ours */
+		declared_timed_out = false;
+		QueryCancelPending = false;
+	}
+	return rc;
 }
 
 /*
@@ -1611,7 +1687,7 @@ declared_matches(PG_FUNCTION_ARGS)
 	plan = SPI_prepare(predicate_query(rule.is_call, rule.predicate, rule.table), 1, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "booking_guard: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	rc = SPI_execute_plan(plan, &ids, NULL, true, 0);
+	rc = execute_bounded(rule_name, "predicate", rule.timeout_ms, plan, NULL, argtypes, &ids, true);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "booking_guard: the predicate of rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
 	end_role(&as);
@@ -1654,7 +1730,7 @@ declared_repair(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	become_role(&as, rule.run_as);
-	rc = SPI_execute_with_args(rule.repair, 1, argtypes, &id, NULL, false, 0);
+	rc = execute_bounded(rule_name, "repair", rule.timeout_ms, NULL, rule.repair, argtypes, &id, false);
 	if (rc < 0)
 		elog(ERROR, "booking_guard: the repair of rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
 	processed = SPI_processed;

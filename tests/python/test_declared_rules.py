@@ -50,6 +50,7 @@ def refused(conn, sqlstate: str, *args, **kwargs) -> psycopg.Error:
     with pytest.raises(psycopg.Error) as caught:
         declare(conn, *args, **kwargs)
     assert caught.value.diag.sqlstate == sqlstate, caught.value.diag.message_primary
+    assert caught.value.diag.message_detail
     assert caught.value.diag.message_hint
     return caught.value
 
@@ -272,6 +273,24 @@ def test_a_table_run_as_cannot_read_is_refused_or_finds_nothing(db, declarer):
     seen = warnings_of(db)
     assert db.execute("select count(*) from booking_guard.detect('1 hour') where rule = 'secretly'").fetchone() == (0,)
     assert any("permission denied for table secret" in w for w in seen), seen
+
+
+def test_a_predicate_that_runs_too_long_is_cancelled_and_the_others_still_run(db, declarer):
+    reader, admin = declarer
+    db.execute("create function public.slow() returns boolean language plpgsql"
+               " as 'begin perform pg_catalog.pg_sleep(600); return true; end'")
+    db.execute("select booking_guard.set_setting('declared_rule_timeout', '0.2 seconds')")
+    c = company(db)
+    call(db, c, session_outcome="transferred", booking_id="cal-s")
+    declare(admin, reader, name="sleeper", predicate="public.slow()")
+    declare(admin, reader)
+    seen = warnings_of(db)
+    found = db.execute("select rule from booking_guard.detect('1 hour') order by 1").fetchall()
+    assert found == [("transferred_with_booking",)]
+    assert len([w for w in seen if "declared rule sleeper was not checked" in w
+                and "ran longer than 200 ms and was cancelled" in w and "BG005" in w]) == 1, seen
+    # the cancel was the rule's alone: the session goes on
+    assert db.execute("select 1").fetchone() == (1,)
 
 
 def test_a_role_given_more_after_the_declaration_stops_the_rule(db, declarer):

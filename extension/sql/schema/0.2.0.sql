@@ -32,7 +32,9 @@ insert into booking_guard.settings (name, kind, interval_value, min_value, max_v
     ('monitor_overlap', 'interval', '10 seconds', 0, 86400,
      'The scheduled run_monitor looks at rows created since its last run (or since the oldest transaction then writing began), less this much.'),
     ('monitor_recheck_interval', 'interval', '10 minutes', 0, 86400,
-     'The scheduled run_monitor re-checks an open alert it did not see again at most this often.');
+     'The scheduled run_monitor re-checks an open alert it did not see again at most this often.'),
+    ('declared_rule_timeout', 'interval', '5 seconds', 0.1, 600,
+     'The longest a declared rule''s predicate may run on one batch, or its repair on one finding; beyond it the rule finds or repairs nothing that time and a warning says so.');
 
 -- Retention: how long each growing table keeps its rows; the purge job removes the rest.
 insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
