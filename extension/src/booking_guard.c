@@ -1527,6 +1527,7 @@ typedef struct DeclaredRule
 	char	   *predicate;
 	char	   *repair;			/* null: none */
 	Oid			run_as;
+	char	   *declared_by;	/* the role that declared it, by name */
 	Oid			table;
 	int			timeout_ms;		/* the setting declared_rule_timeout */
 } DeclaredRule;
@@ -1555,7 +1556,8 @@ declared_rule(const char *rule_name)
 			 "       case when r.entity_type operator(pg_catalog.=) 'call' then a.calls_table"
 			 "            else a.appointments_table end::pg_catalog.oid,"
 			 "       (select (pg_catalog.date_part('epoch', s.interval_value) operator(pg_catalog.*) 1000)::pg_catalog.int4"
-			 "          from booking_guard.settings s where s.name operator(pg_catalog.=) 'declared_rule_timeout')"
+			 "          from booking_guard.settings s where s.name operator(pg_catalog.=) 'declared_rule_timeout'),"
+			 "       r.declared_by::pg_catalog.text"
 			 "  from booking_guard.rules r left join booking_guard.attached_tables a on true"
 			 " where r.name operator(pg_catalog.=) $1 and r.predicate is not null",
 			 1, argtypes, &arg, true, 1, "reading a declared rule");
@@ -1583,10 +1585,27 @@ declared_rule(const char *rule_name)
 	rule.repair = SPI_getvalue(row, desc, 3);
 	if (rule.repair != NULL)
 		rule.repair = MemoryContextStrdup(upper, rule.repair);
+	rule.declared_by = MemoryContextStrdup(upper, SPI_getvalue(row, desc, 7));
 	SPI_finish();
 	end_worker(&as);
 	/* checked again each time: the role may have been given more since, the row may come from a restore */
 	check_run_as(rule.run_as, rule_name);
+	/* and the declarer must still be a member of run_as: one whose membership was revoked (or who
+	 * was dropped) could otherwise go on running SQL as run_as through a function the predicate
+	 * calls and the declarer can still replace */
+	{
+		Oid			declarer = get_role_oid(rule.declared_by, true);
+
+		if (!OidIsValid(declarer) || !is_member_of_role(declarer, rule.run_as))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("rule \"%s\" may no longer run as %s: its declarer %s is not a member of it",
+							rule_name, GetUserNameFromId(rule.run_as, false), rule.declared_by),
+					 errdetail("A declared rule runs only as a role its declarer could become: checked when it is declared "
+							   "and every time it runs."),
+					 errhint("Declare the rule again as a member of the role, or drop it: select booking_guard.drop_rule('%s');",
+							 rule_name)));
+	}
 	check_one_expression(rule.predicate);
 	if (rule.repair != NULL)
 		check_one_statement(rule.repair);

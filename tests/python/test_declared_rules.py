@@ -315,6 +315,22 @@ def test_a_role_given_more_after_the_declaration_stops_the_rule(db, declarer):
                       " where rule = 'transferred_with_booking'").fetchone() == (1,)
 
 
+def test_a_declarer_no_longer_a_member_of_run_as_stops_the_rule(db, declarer):
+    reader, admin = declarer
+    admin_name = admin.execute("select current_user").fetchone()[0]
+    c = company(db)
+    call(db, c, session_outcome="transferred", booking_id="cal-m")
+    declare(admin, reader)
+    count = "select count(*) from booking_guard.detect('1 hour') where rule = 'transferred_with_booking'"
+    assert db.execute(count).fetchone() == (1,)
+    seen = warnings_of(db)
+    db.execute(f"revoke {reader} from {admin_name}")
+    assert db.execute(count).fetchone() == (0,)
+    assert any(f"its declarer {admin_name} is not a member of it" in w for w in seen), seen
+    db.execute(f"grant {reader} to {admin_name}")
+    assert db.execute(count).fetchone() == (1,)
+
+
 def test_a_repair_statement_runs_as_run_as_in_correct_mode(db, attached, login_role):
     fixer, _ = login_role(grants=READS + ("grant update (session_outcome) on calls to {role}",))
     _, admin = login_role("booking_guard_admin", fixer)
