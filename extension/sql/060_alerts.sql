@@ -102,6 +102,30 @@ $$;
 comment on function booking_guard_internal.raise_alert(text, text, text, text, text, jsonb, boolean) is
     'Raises an alert, or bumps the open one with the same fingerprint (type + entity); a new alert sends NOTIFY booking_guard_alert with its id. Past alert_storm_threshold new alerts of a type per minute, the rest count as occurrences of one alert_storm alert. Bad input is BG005.';
 
+-- An alert of a rule, with the rule's severity (its row in booking_guard.rules says it, once).
+create function booking_guard_internal.rule_alert(rule_name text, entity_type text, entity_id text, description text,
+                                                  details jsonb default '{}', auto_corrected boolean default false)
+returns bigint
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_severity  text := (select r.severity from booking_guard.rules r where r.name = rule_alert.rule_name);
+begin
+    if v_severity is null then
+        raise exception 'unknown rule "%"', coalesce(left(rule_alert.rule_name, 100), 'null')
+            using errcode = 'BG004',
+                  detail = 'An alert of a rule takes its severity from the rule''s row in booking_guard.rules.',
+                  hint = 'select name, severity from booking_guard.rules;';
+    end if;
+    return booking_guard_internal.raise_alert(rule_alert.rule_name, v_severity, rule_alert.entity_type, rule_alert.entity_id,
+                                              rule_alert.description, rule_alert.details, rule_alert.auto_corrected);
+end
+$$;
+
+comment on function booking_guard_internal.rule_alert(text, text, text, text, jsonb, boolean) is
+    'Raises (or bumps) the alert of a rule on an entity, with the severity of the rule''s row; BG004 for an unknown rule.';
+
 -- The row of an alert, or BG004 when there is none (shared by acknowledge and resolve).
 create function booking_guard_internal.alert_for_update(alert_id bigint)
 returns booking_guard.alerts

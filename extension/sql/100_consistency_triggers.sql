@@ -63,12 +63,12 @@ begin
             perform booking_guard_internal.reject('missing_direction', call_key, 'direction is null');
         elsif mode = 'correct' then
             new.direction := (select s.text_value from booking_guard.settings s where s.name = 'default_direction');
-            perform booking_guard_internal.raise_alert('missing_direction', 'warning', 'call', call_key,
+            perform booking_guard_internal.rule_alert('missing_direction', 'call', call_key,
                 format('Call %s had no direction: set to %s', new.retell_call_id, new.direction),
                 jsonb_build_object('before', jsonb_build_object('direction', null),
                                    'after', jsonb_build_object('direction', new.direction)), true);
         elsif mode = 'observe' then
-            perform booking_guard_internal.raise_alert('missing_direction', 'warning', 'call', call_key,
+            perform booking_guard_internal.rule_alert('missing_direction', 'call', call_key,
                 format('Call %s has no direction', new.retell_call_id), '{}', false);
         end if;
     end if;
@@ -87,7 +87,7 @@ begin
                         format('customer_id %s is set but customer_link_status is %s', new.customer_id,
                                new.customer_link_status));
                 end if;
-                perform booking_guard_internal.raise_alert('customer_link', 'info', 'call', call_key,
+                perform booking_guard_internal.rule_alert('customer_link', 'call', call_key,
                     format('Call %s has a customer but link status %s: set to linked', new.retell_call_id,
                            new.customer_link_status),
                     jsonb_build_object('before', jsonb_build_object('customer_link_status', new.customer_link_status),
@@ -100,7 +100,7 @@ begin
             new.customer_link_method := coalesce(new.customer_link_method, 'phone_match');
             new.customer_link_confidence := coalesce(new.customer_link_confidence, 100.00);
         elsif mode = 'observe' and new.customer_link_status is distinct from 'linked' then
-            perform booking_guard_internal.raise_alert('customer_link', 'info', 'call', call_key,
+            perform booking_guard_internal.rule_alert('customer_link', 'call', call_key,
                 format('Call %s has a customer but link status %s', new.retell_call_id,
                        coalesce(new.customer_link_status, 'null')), '{}', false);
         end if;
@@ -116,12 +116,12 @@ begin
                 'session_outcome is appointment_booked but appointment_made is false');
         elsif mode = 'correct' then
             new.appointment_made := true;
-            perform booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', call_key,
+            perform booking_guard_internal.rule_alert('phantom_booking', 'call', call_key,
                 format('Call %s said appointment_booked with appointment_made false: flag set, appointment to be verified',
                        new.retell_call_id),
                 jsonb_build_object('before', was, 'after', was || jsonb_build_object('appointment_made', true)), true);
         elsif mode = 'observe' then
-            perform booking_guard_internal.raise_alert('phantom_booking', 'critical', 'call', call_key,
+            perform booking_guard_internal.rule_alert('phantom_booking', 'call', call_key,
                 format('Call %s says appointment_booked but appointment_made is false', new.retell_call_id),
                 jsonb_build_object('state', was), false);
         end if;
@@ -137,13 +137,13 @@ begin
                 format('appointment_made is true but session_outcome is %s', new.session_outcome));
         elsif mode = 'correct' then
             new.session_outcome := 'appointment_booked';
-            perform booking_guard_internal.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
+            perform booking_guard_internal.rule_alert('outcome_flag_mismatch', 'call', call_key,
                 format('Call %s had appointment_made true with outcome %s: outcome set to appointment_booked',
                        new.retell_call_id, was ->> 'session_outcome'),
                 jsonb_build_object('before', was, 'after', was || jsonb_build_object('session_outcome', 'appointment_booked')),
                 true);
         elsif mode = 'observe' then
-            perform booking_guard_internal.raise_alert('outcome_flag_mismatch', 'critical', 'call', call_key,
+            perform booking_guard_internal.rule_alert('outcome_flag_mismatch', 'call', call_key,
                 format('Call %s has appointment_made true but outcome %s', new.retell_call_id, new.session_outcome),
                 jsonb_build_object('state', was), false);
         end if;

@@ -192,7 +192,7 @@ begin
         end if;
         delete from booking_guard.due_verifications d where d.call_id = judge_call.call_id;
         if mode = 'observe' then
-            perform booking_guard_internal.raise_alert('missing_appointment', 'critical', 'call', judge_call.call_id::text,
+            perform booking_guard_internal.rule_alert('missing_appointment', 'call', judge_call.call_id::text,
                 format('Call %s claims a booking but no appointment is linked to it', c.retell_call_id),
                 jsonb_build_object('session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
                                    'appointment_link_status', c.appointment_link_status), false);
@@ -221,7 +221,7 @@ begin
                    c.retell_call_id, coalesce(c.appointment_made::text, 'null')));
     elsif mode = 'correct' then
         perform booking_guard_internal.sync_call_flags(judge_call.call_id);
-        perform booking_guard_internal.raise_alert('unlinked_appointment', 'critical', 'call', judge_call.call_id::text,
+        perform booking_guard_internal.rule_alert('unlinked_appointment', 'call', judge_call.call_id::text,
             format('Call %s has a linked appointment but said it had none: flags set from the appointment', c.retell_call_id),
             jsonb_build_object('before', jsonb_build_object('session_outcome', c.session_outcome,
                                                             'appointment_made', c.appointment_made,
@@ -231,7 +231,7 @@ begin
             true);
         return 'corrected';
     elsif mode = 'observe' then
-        perform booking_guard_internal.raise_alert('unlinked_appointment', 'critical', 'call', judge_call.call_id::text,
+        perform booking_guard_internal.rule_alert('unlinked_appointment', 'call', judge_call.call_id::text,
             format('Call %s has a linked appointment but appointment_made is %s', c.retell_call_id,
                    coalesce(c.appointment_made::text, 'null')), '{}', false);
         return 'alerted';

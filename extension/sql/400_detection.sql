@@ -1,5 +1,11 @@
 -- Detection: what is wrong right now, rule by rule.
 --
+-- Every rule is a row of booking_guard.rules: its entity, severity, modes, label, alert text and
+-- repair are read from there. The built-in rules' conditions are the SQL below, each in one spot of
+-- the function of what it reads (call_findings(), appointment_findings(), booking_findings(),
+-- failure_findings()); a rule an administrator declared carries its own predicate, run as its role
+-- (declared_findings()).
+--
 -- detect(since) returns one finding per (rule, entity) whose condition holds now, for every rule
 -- that is not off, among the candidates of the window (candidate_calls() and friends below): the
 -- calls and appointments created within it, the calls those appointments point at, and the calls
@@ -40,99 +46,156 @@ $$;
 comment on function booking_guard_internal.within_grace(bigint, timestamptz) is
     'True while a call (last changed at since) is still within its verification grace, or waits on the due list.';
 
--- The call rules, checked for the given calls (by primary key). Every *_findings function takes its
--- ids as a semi-join on unnest(): "= any (array)" on a parameter compares each row with the whole
--- array, which is quadratic when the monitor checks a large window.
-create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null)
+-- The call rules, checked for the given calls (by primary key), or for every call of a key range
+-- (reconcile's batches). Every *_findings function takes its ids as a semi-join on unnest(): "= any
+-- (array)" on a parameter compares each row with the whole array, which is quadratic when the
+-- monitor checks a large window. A key range is read as one: one range scan of the calls and one of
+-- their appointments, where probing each id would cost an index descent per call and per
+-- appointment list. Each branch of the row source is gated by its own parameter (a one-time filter):
+-- only one runs.
+create function booking_guard_internal.call_findings(call_ids bigint[], only_rule text default null,
+                                                    after_id bigint default null, last_id bigint default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    return query
-    with c as materialized (
-        select g.id, g.retell_call_id, g.company_id::text as company_id, g.direction, g.session_outcome,
-               g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
-               g.created_at::timestamptz as created_at,
-               greatest(g.created_at, g.updated_at)::timestamptz as since,
-               ap.n as appointments, ap.booking_ids
-          from booking_guard_internal.guarded_calls g
-         cross join lateral (
-               select count(*) as n,
-                      coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
-                                   filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
-                 from booking_guard_internal.guarded_appointments a
-                where a.call_id = g.id) ap
-         where g.id in (select unnest(call_ids))
-    )
-    select r.name, r.severity, 'call'::text, c.id::text,
-           jsonb_strip_nulls(jsonb_build_object(
-               'retell_call_id', c.retell_call_id, 'company_id', c.company_id,
-               'created_at', c.created_at, 'since', c.since,
-               'session_outcome', c.session_outcome, 'appointment_made', c.appointment_made,
-               'appointment_link_status', c.appointment_link_status, 'appointments', c.appointments,
-               'booking_id', case when k.rule = 'booking_id_mismatch' then c.booking_id end,
-               'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(c.booking_ids) end,
-               'customer_id', case when k.rule = 'customer_link' then c.customer_id end,
-               'customer_link_status', case when k.rule = 'customer_link'
-                                            then coalesce(c.customer_link_status, 'null') end))
-      from c
-     cross join lateral (values
-         ('phantom_booking',
-          c.session_outcome = 'appointment_booked' and c.appointment_made is not true),
-         ('missing_appointment',
-          (c.appointment_made is true or c.appointment_link_status = 'linked') and c.appointments = 0
-          and not booking_guard_internal.within_grace(c.id, c.since)),
-         ('missing_direction',
-          c.direction is null),
-         ('outcome_flag_mismatch',
-          c.appointment_made is true and c.session_outcome is not null and c.session_outcome <> 'appointment_booked'),
-         ('unlinked_appointment',
-          c.appointments > 0 and c.appointment_made is not true),
-         ('booking_id_mismatch',
-          c.booking_id is not null and cardinality(c.booking_ids) > 0 and not c.booking_id = any (c.booking_ids)),
-         ('customer_link',
-          c.customer_id is not null and c.customer_link_status is distinct from 'linked')
-     ) as k (rule, holds)
-      join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
-     where k.holds
-       and (only_rule is null or k.rule = only_rule);
+    if only_rule is null
+       or exists (select from booking_guard.rules r where r.name = only_rule and r.predicate is null) then
+        return query
+        with c as materialized (
+            select g.id, g.retell_call_id, g.company_id::text as company_id, g.direction, g.session_outcome,
+                   g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
+                   g.created_at::timestamptz as created_at,
+                   greatest(g.created_at, g.updated_at)::timestamptz as since,
+                   ap.n as appointments, ap.booking_ids
+              from booking_guard_internal.guarded_calls g
+             cross join lateral (
+                   select count(*) as n,
+                          coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
+                                       filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
+                     from booking_guard_internal.guarded_appointments a
+                    where a.call_id = g.id) ap
+             where call_ids is not null
+               and g.id in (select unnest(call_ids))
+            union all
+            select g.id, g.retell_call_id, g.company_id::text, g.direction, g.session_outcome,
+                   g.appointment_made, g.appointment_link_status, g.booking_id, g.customer_id, g.customer_link_status,
+                   g.created_at::timestamptz, greatest(g.created_at, g.updated_at)::timestamptz,
+                   coalesce(ap.n, 0), coalesce(ap.booking_ids, '{}')
+              from booking_guard_internal.guarded_calls g
+              left join (select a.call_id, count(*) as n,
+                                coalesce(array_agg(a.calcom_v2_booking_id::text order by a.id)
+                                             filter (where a.calcom_v2_booking_id is not null), '{}') as booking_ids
+                           from booking_guard_internal.guarded_appointments a
+                          where a.call_id > after_id and a.call_id <= last_id
+                          group by a.call_id) ap on ap.call_id = g.id
+             where call_ids is null
+               and g.id > after_id and g.id <= last_id
+        ),
+        -- each call with the rules that hold on it: a set-returning function in the select list,
+        -- evaluated once per call (a lateral VALUES list would build its expressions again per call)
+        k as (
+            select c.*, unnest(array_remove(array[
+                case when c.session_outcome = 'appointment_booked' and c.appointment_made is not true
+                     then 'phantom_booking' end,
+                -- "is not distinct from": a null link status would make the claim null, not false, and
+                -- within_grace() (two queries) would then run for every call without an appointment
+                case when (c.appointment_made is true or c.appointment_link_status is not distinct from 'linked')
+                          and c.appointments = 0 and not booking_guard_internal.within_grace(c.id, c.since)
+                     then 'missing_appointment' end,
+                case when c.direction is null
+                     then 'missing_direction' end,
+                case when c.appointment_made is true and c.session_outcome is not null
+                          and c.session_outcome <> 'appointment_booked'
+                     then 'outcome_flag_mismatch' end,
+                case when c.appointments > 0 and c.appointment_made is not true
+                     then 'unlinked_appointment' end,
+                case when c.booking_id is not null and cardinality(c.booking_ids) > 0
+                          and not c.booking_id = any (c.booking_ids)
+                     then 'booking_id_mismatch' end,
+                case when c.customer_id is not null and c.customer_link_status is distinct from 'linked'
+                     then 'customer_link' end
+            ], null)) as rule
+              from c
+        )
+        select r.name, r.severity, 'call'::text, k.id::text,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'retell_call_id', k.retell_call_id, 'company_id', k.company_id,
+                   'created_at', k.created_at, 'since', k.since,
+                   'session_outcome', k.session_outcome, 'appointment_made', k.appointment_made,
+                   'appointment_link_status', k.appointment_link_status, 'appointments', k.appointments,
+                   'booking_id', case when k.rule = 'booking_id_mismatch' then k.booking_id end,
+                   'appointment_booking_ids', case when k.rule = 'booking_id_mismatch' then to_jsonb(k.booking_ids) end,
+                   'customer_id', case when k.rule = 'customer_link' then k.customer_id end,
+                   'customer_link_status', case when k.rule = 'customer_link'
+                                                then coalesce(k.customer_link_status, 'null') end))
+          from k
+          join booking_guard.rules r on r.name = k.rule and r.mode <> 'off'
+         where only_rule is null or k.rule = only_rule;
+    end if;
+    if exists (select from booking_guard.rules r
+                where r.predicate is not null and r.entity_type = 'call' and r.mode <> 'off'
+                  and (only_rule is null or r.name = only_rule)) then
+        return query
+        select * from booking_guard_internal.declared_findings('call',
+            coalesce(call_ids, array(select g.id::bigint from booking_guard_internal.guarded_calls g
+                                      where g.id > after_id and g.id <= last_id)), only_rule);
+    end if;
 end
 $$;
 
-comment on function booking_guard_internal.call_findings(bigint[], text) is
-    'The call rules (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) for the given calls; rules that are off are skipped.';
+comment on function booking_guard_internal.call_findings(bigint[], text, bigint, bigint) is
+    'The rules on calls for the given calls (or, call_ids null, for the calls after_id < id <= last_id): the built-in ones (phantom_booking, missing_appointment, missing_direction, outcome_flag_mismatch, unlinked_appointment, booking_id_mismatch, customer_link) and the declared ones; only_rule: that rule alone; rules that are off are skipped.';
 
--- orphaned_appointment for the given appointments.
-create function booking_guard_internal.appointment_findings(appointment_ids bigint[])
+-- orphaned_appointment, and the declared rules on appointments, for the given appointments (or, as
+-- call_findings(), for every appointment of a key range).
+create function booking_guard_internal.appointment_findings(appointment_ids bigint[], only_rule text default null,
+                                                           after_id bigint default null, last_id bigint default null)
 returns setof booking_guard.finding
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    return query
-    select r.name, r.severity, 'appointment'::text, a.id::text,
-           jsonb_strip_nulls(jsonb_build_object(
-               'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
-               'source', a.source, 'created_at', a.created_at::timestamptz,
-               'since', greatest(a.created_at, a.updated_at)::timestamptz,
-               'matching_calls', (select count(*) from booking_guard_internal.guarded_calls m
-                                   where m.booking_id = a.calcom_v2_booking_id)))
-      from booking_guard_internal.guarded_appointments a
-      join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
-     where a.id in (select unnest(appointment_ids))
-       and a.source = 'retell_webhook'
-       -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
-       -- as a hashed subplan over the whole calls table)
-       and (a.call_id is null
-            or (select true from booking_guard_internal.guarded_calls c where c.id = a.call_id) is null);
+    if only_rule is null or only_rule = 'orphaned_appointment' then
+        return query
+        with a as (
+            select x.* from booking_guard_internal.guarded_appointments x
+             where appointment_ids is not null and x.id in (select unnest(appointment_ids))
+            union all
+            select x.* from booking_guard_internal.guarded_appointments x
+             where appointment_ids is null and x.id > after_id and x.id <= last_id
+        )
+        select r.name, r.severity, 'appointment'::text, a.id::text,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'calcom_v2_booking_id', a.calcom_v2_booking_id, 'customer_id', a.customer_id, 'call_id', a.call_id,
+                   'source', a.source, 'created_at', a.created_at::timestamptz,
+                   'since', greatest(a.created_at, a.updated_at)::timestamptz,
+                   'matching_calls', (select count(*) from booking_guard_internal.guarded_calls m
+                                       where m.booking_id = a.calcom_v2_booking_id)))
+          from a
+          join booking_guard.rules r on r.name = 'orphaned_appointment' and r.mode <> 'off'
+         where a.source = 'retell_webhook'
+           -- a scalar subquery, probed per row by primary key (NOT EXISTS under an OR is planned
+           -- as a hashed subplan over the whole calls table)
+           and (a.call_id is null
+                or (select true from booking_guard_internal.guarded_calls c where c.id = a.call_id) is null);
+    end if;
+    if exists (select from booking_guard.rules r
+                where r.predicate is not null and r.entity_type = 'appointment' and r.mode <> 'off'
+                  and (only_rule is null or r.name = only_rule)) then
+        return query
+        select * from booking_guard_internal.declared_findings('appointment',
+            coalesce(appointment_ids, array(select x.id::bigint from booking_guard_internal.guarded_appointments x
+                                             where x.id > after_id and x.id <= last_id)), only_rule);
+    end if;
 end
 $$;
 
-comment on function booking_guard_internal.appointment_findings(bigint[]) is
-    'The rule orphaned_appointment (source retell_webhook, call_id null or pointing at no call) for the given appointments.';
+comment on function booking_guard_internal.appointment_findings(bigint[], text, bigint, bigint) is
+    'The rules on appointments for the given appointments (or, appointment_ids null, for the appointments after_id < id <= last_id): orphaned_appointment (source retell_webhook, call_id null or pointing at no call) and the declared ones; only_rule: that rule alone.';
 
 -- duplicate_booking for the given calendar booking ids.
 create function booking_guard_internal.booking_findings(booking_ids text[])
@@ -189,6 +252,62 @@ $$;
 
 comment on function booking_guard_internal.failure_findings(timestamptz, text[]) is
     'The rule recent_failures: validation events with success false since the cutoff, one finding per call.';
+
+-- The rules an administrator declared (declare_rule()) on calls or appointments, for the given ids:
+-- each predicate runs as the rule's role (declared_matches(), C). A rule whose SQL fails (a privilege
+-- revoked since, a division by zero) finds nothing this time and says so in a warning: one broken
+-- rule does not stop detection, the monitor or reconcile.
+create function booking_guard_internal.declared_findings(entity text, ids bigint[], only_rule text default null)
+returns setof booking_guard.finding
+language plpgsql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    r        record;
+    matched  bigint[];
+begin
+    for r in
+        select x.name, x.severity, x.run_as
+          from booking_guard.rules x
+         where x.predicate is not null and x.entity_type = entity and x.mode <> 'off'
+           and (only_rule is null or x.name = only_rule)
+         order by x.name
+    loop
+        begin
+            matched := booking_guard_internal.declared_matches(r.name, ids);
+        exception when others then
+            raise warning 'declared rule % was not checked: %', r.name, sqlerrm
+                using detail = format('Its predicate runs as %s; SQLSTATE %s.', r.run_as, sqlstate),
+                      hint = 'Fix the rule (declare it again) or turn it off: select booking_guard.set_rule(''' || r.name
+                             || ''', ''off'');';
+            continue;
+        end;
+        if entity = 'call' then
+            return query
+            select r.name, r.severity, 'call'::text, g.id::text,
+                   jsonb_strip_nulls(jsonb_build_object(
+                       'retell_call_id', g.retell_call_id, 'company_id', g.company_id::text,
+                       'created_at', g.created_at::timestamptz,
+                       'since', greatest(g.created_at, g.updated_at)::timestamptz))
+              from booking_guard_internal.guarded_calls g
+             where g.id in (select unnest(matched));
+        else
+            return query
+            select r.name, r.severity, 'appointment'::text, a.id::text,
+                   jsonb_strip_nulls(jsonb_build_object(
+                       'calcom_v2_booking_id', a.calcom_v2_booking_id, 'call_id', a.call_id, 'source', a.source,
+                       'created_at', a.created_at::timestamptz,
+                       'since', greatest(a.created_at, a.updated_at)::timestamptz))
+              from booking_guard_internal.guarded_appointments a
+             where a.id in (select unnest(matched));
+        end if;
+    end loop;
+end
+$$;
+
+comment on function booking_guard_internal.declared_findings(text, bigint[], text) is
+    'The declared rules on calls or appointments (entity) that are not off, for the given ids, each predicate run as its rule''s role; a rule whose SQL fails finds nothing and raises a warning. only_rule: that rule alone.';
 
 -- The window check shared by detect() and detect_rule().
 create function booking_guard_internal.check_window(since interval)
@@ -267,25 +386,26 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     cutoff  timestamptz;
-    kind    text;
+    source  text;
 begin
     perform booking_guard_internal.attached();
     cutoff := booking_guard_internal.check_window(since);
-    kind := (select d.entity_type from booking_guard.detection_rules d where d.rule = only_rule);
+    source := (select r.source from booking_guard.rules r where r.name = only_rule);
 
-    if only_rule is null or (kind = 'call' and only_rule <> 'recent_failures') then
+    if only_rule is null or source = 'calls' then
         return query
         select * from booking_guard_internal.call_findings(booking_guard_internal.candidate_calls(cutoff), only_rule);
     end if;
-    if only_rule is null or only_rule = 'orphaned_appointment' then
+    if only_rule is null or source = 'appointments' then
         return query
-        select * from booking_guard_internal.appointment_findings(booking_guard_internal.candidate_appointments(cutoff));
+        select * from booking_guard_internal.appointment_findings(booking_guard_internal.candidate_appointments(cutoff),
+                                                                  only_rule);
     end if;
-    if only_rule is null or only_rule = 'duplicate_booking' then
+    if only_rule is null or source = 'bookings' then
         return query
         select * from booking_guard_internal.booking_findings(booking_guard_internal.candidate_bookings(cutoff));
     end if;
-    if only_rule is null or only_rule = 'recent_failures' then
+    if only_rule is null or source = 'validation_events' then
         return query select * from booking_guard_internal.failure_findings(cutoff);
     end if;
 end
@@ -316,12 +436,11 @@ stable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if not exists (select from booking_guard.detection_rules d where d.rule = rule_name) then
-        raise exception 'unknown detection rule "%"', coalesce(rule_name, 'null')
+    if not exists (select from booking_guard.rules r where r.name = rule_name) then
+        raise exception 'unknown rule "%"', coalesce(left(rule_name, 100), 'null')
             using errcode = 'BG004',
-                  detail = format('Detection rules: %s.',
-                                  (select string_agg(d.rule, ', ' order by d.rule) from booking_guard.detection_rules d)),
-                  hint = 'select rule, view_name from booking_guard.detection_rules;';
+                  detail = format('Rules: %s.', (select string_agg(r.name, ', ' order by r.name) from booking_guard.rules r)),
+                  hint = 'select name, entity_type, mode, description from booking_guard.rules;';
     end if;
     return query
     select f.* from booking_guard_internal.findings(since, rule_name) f
@@ -332,19 +451,20 @@ $$;
 comment on function booking_guard.detect_rule(text, interval) is
     'The findings of one rule over the window (what its view shows for the last hour); BG004 for an unknown rule.';
 
--- One view per rule, and all of them: the last hour.
+-- One view per built-in rule (<rule>_findings), and all of them: the last hour. A declared rule has
+-- no view of its own (it comes and goes with the data, a view is part of the extension): its
+-- findings are detect_rule('<rule>').
 do $views$
 declare
-    d  record;
+    r  record;
 begin
-    for d in select * from booking_guard.detection_rules order by rule loop
+    for r in select x.name, x.description from booking_guard.rules x where x.predicate is null order by x.name loop
         execute format('create view booking_guard.%I as
                         select f.entity_type, f.entity_id, f.severity, (f.details ->> ''since'')::timestamptz as since,
                                f.details
-                          from booking_guard.detect_rule(%L, ''1 hour'') f', d.view_name, d.rule);
-        execute format('comment on view booking_guard.%I is %L', d.view_name,
-                       format('Rule %s, last hour: %s', d.rule,
-                              (select r.description from booking_guard.rules r where r.name = d.rule)));
+                          from booking_guard.detect_rule(%L, ''1 hour'') f', r.name || '_findings', r.name);
+        execute format('comment on view booking_guard.%I is %L', r.name || '_findings',
+                       format('Rule %s, last hour: %s', r.name, r.description));
     end loop;
 end
 $views$;
@@ -407,97 +527,136 @@ begin
             return false;
         end;
     end if;
-    if finding_holds.rule = 'recent_failures' then
-        return exists (select from booking_guard_internal.failure_findings(now() - since, array[finding_holds.entity_id]));
-    elsif finding_holds.entity_type = 'call' then
-        return exists (select from booking_guard_internal.call_findings(array[id], finding_holds.rule));
-    elsif finding_holds.entity_type = 'appointment' then
-        return exists (select from booking_guard_internal.appointment_findings(array[id]));
-    elsif finding_holds.entity_type = 'booking' then
-        return exists (select from booking_guard_internal.booking_findings(array[finding_holds.entity_id]));
-    end if;
-    return false;
+    case (select r.source from booking_guard.rules r where r.name = finding_holds.rule)
+        when 'validation_events' then
+            return exists (select from booking_guard_internal.failure_findings(now() - since, array[finding_holds.entity_id]));
+        when 'calls' then
+            return exists (select from booking_guard_internal.call_findings(array[id], finding_holds.rule));
+        when 'appointments' then
+            return exists (select from booking_guard_internal.appointment_findings(array[id], finding_holds.rule));
+        when 'bookings' then
+            return exists (select from booking_guard_internal.booking_findings(array[finding_holds.entity_id]));
+        else
+            return false;   -- a rule dropped since
+    end case;
 end
 $$;
 
 comment on function booking_guard_internal.finding_holds(text, text, text, interval) is
-    'Whether one rule still finds its inconsistency on one entity (by key, whatever its age); false for a rule that is off.';
+    'Whether one rule still finds its inconsistency on one entity (by key, whatever its age); false for a rule that is off or gone.';
 
--- What a rule in correct mode repairs, for one finding. Returns the repair done, or null.
-create function booking_guard_internal.repair_finding(f booking_guard.finding)
-returns text
+-- What a rule in correct mode repairs, for one finding: the repair its row names (repair_kind), each
+-- written once here and shared by the monitor and reconcile. done says what was repaired (null:
+-- nothing); counter names the count reconcile() adds it to.
+create function booking_guard_internal.repair_finding(f booking_guard.finding, out done text, out counter text)
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_id     bigint;
     company  text := f.details ->> 'company_id';
+    kind     text := (select r.repair_kind from booking_guard.rules r where r.name = f.rule);
     matches  bigint[];
-    verdict  text;
+    n        bigint;
 begin
     if f.entity_type in ('call', 'appointment') then
         v_id := f.entity_id::bigint;
     end if;
-    case f.rule
-        when 'missing_direction' then
+    case kind
+        when 'default_direction' then
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
-                return null;
+                return;
             end if;
             update booking_guard_internal.guarded_calls g
                set direction = (select s.text_value from booking_guard.settings s where s.name = 'default_direction'),
                    updated_at = now()
              where g.id = v_id and g.direction is null;
-            return case when found then 'direction set' end;
+            if found then
+                done := 'direction set';
+                counter := 'directions';
+            end if;
         when 'customer_link' then
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
-                return null;
+                return;
             end if;
             update booking_guard_internal.guarded_calls g
                set customer_link_status = 'linked', customer_linked_at = coalesce(g.customer_linked_at, now()),
                    customer_link_method = coalesce(g.customer_link_method, 'reconcile'), updated_at = now()
              where g.id = v_id and g.customer_id is not null
                and g.customer_link_status is distinct from 'linked';
-            return case when found then 'customer linked' end;
-        when 'phantom_booking', 'outcome_flag_mismatch', 'unlinked_appointment', 'missing_appointment' then
+            if found then
+                done := 'customer linked';
+                counter := 'customer_links';
+            end if;
+        when 'call_flags' then
             if (f.details ->> 'appointments')::bigint > 0 then
-                if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
-                    return null;
+                if booking_guard.rule_mode(f.rule, company) in ('correct', 'enforce')
+                   and booking_guard_internal.sync_call_flags(v_id) then
+                    done := 'flags set from the appointments';
+                    counter := 'flags';
                 end if;
-                return case when booking_guard_internal.sync_call_flags(v_id) then 'flags set from the appointments' end;
+                return;
             end if;
             -- no appointment behind the claim: the missing_appointment verdict (rollback and review)
             if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce')
                or booking_guard.rule_mode('missing_appointment', company) not in ('correct', 'enforce')
                or booking_guard_internal.within_grace(v_id, (f.details ->> 'since')::timestamptz) then
-                return null;
+                return;
             end if;
-            verdict := booking_guard_internal.judge_call(v_id, true);
-            return case when verdict = 'rolled_back' then 'rolled back to creation_failed and queued for review' end;
-        when 'orphaned_appointment' then
+            if booking_guard_internal.judge_call(v_id, true) = 'rolled_back' then
+                done := 'rolled back to creation_failed and queued for review';
+                counter := 'rolled_back';
+            end if;
+        when 'orphan_link' then
             select array_agg(c.id order by c.id) into matches
               from booking_guard_internal.guarded_calls c
              where c.booking_id = f.details ->> 'calcom_v2_booking_id';
             if cardinality(matches) = 1 then
                 if booking_guard.rule_mode(f.rule,
-                       (select c.company_id::text from booking_guard_internal.guarded_calls c where c.id = matches[1])) not in ('correct', 'enforce') then
-                    return null;
+                       (select c.company_id::text from booking_guard_internal.guarded_calls c where c.id = matches[1]))
+                   not in ('correct', 'enforce') then
+                    return;
                 end if;
                 update booking_guard_internal.guarded_appointments a
                    set call_id = matches[1], updated_at = now()
                  where a.id = v_id;
-                return format('linked to call %s', matches[1]);
-            elsif cardinality(matches) > 1 and booking_guard.rule_mode(f.rule, null) in ('correct', 'enforce') then
-                perform booking_guard_internal.queue_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches);
+                done := format('linked to call %s', matches[1]);
+                counter := 'orphans';
+            elsif cardinality(matches) > 1 then
+                if booking_guard.rule_mode(f.rule, null) in ('correct', 'enforce')
+                   and booking_guard_internal.queue_orphan(v_id, f.details ->> 'calcom_v2_booking_id', matches) then
+                    counter := 'orphans_ambiguous';
+                end if;
+            else
+                counter := 'orphans_unmatched';
             end if;
-            return null;
+        when 'statement' then
+            -- a declared rule's repair statement, run as its role; one that fails leaves the finding
+            -- alerted and says so in a warning
+            if booking_guard.rule_mode(f.rule, company) not in ('correct', 'enforce') then
+                return;
+            end if;
+            begin
+                n := booking_guard_internal.declared_repair(f.rule, v_id);
+            exception when others then
+                raise warning 'the repair of declared rule % failed on % %: %', f.rule, f.entity_type, f.entity_id, sqlerrm
+                    using detail = format('SQLSTATE %s. The finding stays alerted.', sqlstate),
+                          hint = 'Fix the rule (declare it again) or set it to observe: select booking_guard.set_rule('''
+                                 || f.rule || ''', ''observe'');';
+                return;
+            end;
+            if n > 0 then
+                done := format('repair statement ran (%s rows)', n);
+                counter := 'declared_repairs';
+            end if;
         else
-            return null;
+            null;   -- the rule only alerts
     end case;
 end
 $$;
 
 comment on function booking_guard_internal.repair_finding(booking_guard.finding) is
-    'Applies the repair of a finding''s rule when its mode (for the entity''s company) is correct or enforce; returns what was done, or null.';
+    'Applies the repair of a finding''s rule (its repair_kind) when its mode (for the entity''s company) is correct or enforce; returns what was done (or null) and the reconcile count it adds to.';
 
 -- An orphan is never guessed: one whose booking id several calls hold (ambiguous_orphan), or none
 -- (orphaned_appointment), goes to a person. One open item per appointment (subject
@@ -570,30 +729,28 @@ comment on function booking_guard_internal.queue_finding(booking_guard.finding, 
 
 create function booking_guard_internal.finding_description(f booking_guard.finding)
 returns text
-language sql
-immutable
+language plpgsql
+stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select format('%s: %s %s%s', f.rule, f.entity_type, f.entity_id,
+declare
+    text_of  text := (select r.alert_text from booking_guard.rules r where r.name = f.rule);
+    k        text;
+begin
+    -- the rule's alert text, its {key} replaced by that fact of the finding
+    for k in select distinct m[1] from regexp_matches(coalesce(text_of, ''), '\{([a-z_][a-z0-9_]*)\}', 'g') m loop
+        if f.details ? k then
+            text_of := replace(text_of, '{' || k || '}', f.details ->> k);
+        end if;
+    end loop;
+    return format('%s: %s %s%s', f.rule, f.entity_type, f.entity_id,
                   case when f.details ? 'retell_call_id' then format(' (%s)', f.details ->> 'retell_call_id') else '' end)
-           || case f.rule
-                  when 'phantom_booking' then ' says appointment_booked but appointment_made is false'
-                  when 'missing_appointment' then ' claims a booking but no appointment is linked'
-                  when 'missing_direction' then ' has no direction'
-                  when 'orphaned_appointment' then ' is linked to no call'
-                  when 'outcome_flag_mismatch' then format(' has appointment_made true but outcome %s', f.details ->> 'session_outcome')
-                  when 'unlinked_appointment' then ' has a linked appointment but appointment_made is false'
-                  when 'booking_id_mismatch' then format(' has booking_id %s, its appointments %s', f.details ->> 'booking_id',
-                                                         f.details ->> 'appointment_booking_ids')
-                  when 'duplicate_booking' then format(' is held by %s appointments', f.details ->> 'appointments')
-                  when 'customer_link' then format(' has a customer but link status %s', f.details ->> 'customer_link_status')
-                  when 'recent_failures' then format(' failed validation %s time(s)', f.details ->> 'failures')
-                  else ''
-              end
+           || coalesce(' ' || text_of, '');
+end
 $$;
 
 comment on function booking_guard_internal.finding_description(booking_guard.finding) is
-    'A one-line description of a finding, for its alert.';
+    'A one-line description of a finding, for its alert: rule, entity and the rule''s alert text with the finding''s facts.';
 
 -- run_monitor: detection turned into alerts, with repairs where a rule is in correct mode.
 --
@@ -607,15 +764,15 @@ comment on function booking_guard_internal.finding_description(booking_guard.fin
 -- every open alert.
 
 -- Whether the row a finding would repair exists but another transaction holds it; when not, it is
--- locked here for the rest of this batch. A finding with no repair (recent_failures, duplicate and
--- mismatched booking ids) or about a row that does not exist locks nothing.
+-- locked here for the rest of this batch. A finding of a rule with no repair (its repair_kind null)
+-- or about a row that does not exist locks nothing.
 create function booking_guard_internal.held_by_another(f booking_guard.finding)
 returns boolean
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if f.rule in ('recent_failures', 'duplicate_booking', 'booking_id_mismatch') then
+    if (select r.repair_kind from booking_guard.rules r where r.name = f.rule) is null then
         return false;
     elsif f.entity_type = 'call' then
         perform from booking_guard_internal.guarded_calls g where g.id = f.entity_id::bigint for no key update skip locked;
@@ -658,7 +815,7 @@ begin
             counts := jsonb_set(counts, '{skipped_locked}', to_jsonb(coalesce((counts ->> 'skipped_locked')::bigint, 0) + 1));
             continue;
         end if;
-        repaired := booking_guard_internal.repair_finding(f);
+        select r.done into repaired from booking_guard_internal.repair_finding(f) r;
         if repaired is null and booking_guard.rule_mode(f.rule, f.details ->> 'company_id') in ('correct', 'enforce')
            and not booking_guard_internal.finding_holds(f.rule, f.entity_type, f.entity_id, since) then
             -- repaired with another finding of the same entity in this run (a phantom's flags set
@@ -747,6 +904,7 @@ declare
     a        record;
     n        integer := 0;
     recheck  interval;
+    last_key text;
 begin
     perform booking_guard_internal.attached();
     if phase = 'plan' then
@@ -770,10 +928,15 @@ begin
     cutoff := (state ->> 'cutoff')::timestamptz;
 
     if phase in ('call', 'appointment', 'booking') then
+        -- The batch is the queue's first `batch` entities of the phase, taken as one key range: a
+        -- semi-join of the queue with itself is planned from the statistics of a table that is
+        -- emptied every run, and estimated at one row it became a nested loop, quadratic in the
+        -- window (minutes at 100,000 calls).
+        last_key := (select x.entity_id from booking_guard_internal.monitor_queue x
+                      where x.kind = phase order by x.entity_id offset batch - 1 limit 1);
         with taken as (
             delete from booking_guard_internal.monitor_queue q
-             where (q.kind, q.entity_id) in (select x.kind, x.entity_id from booking_guard_internal.monitor_queue x
-                                               where x.kind = phase order by x.entity_id limit batch)
+             where q.kind = phase and (last_key is null or q.entity_id <= last_key)
             returning q.entity_id
         )
         select array_agg(t.entity_id) into slice from taken t;
@@ -804,7 +967,7 @@ begin
             select x.id, x.alert_type, x.entity_type, x.entity_id
               from booking_guard.alerts x
              where x.resolved_at is null and x.id > (state ->> 'after')::bigint
-               and x.alert_type in (select d.rule from booking_guard.detection_rules d)
+               and x.alert_type in (select r.name from booking_guard.rules r)
                and x.last_seen_at < (state ->> 'seen_from')::timestamptz
                and x.last_seen_at <= now() - recheck
              order by x.id

@@ -4,9 +4,11 @@ language sql
 stable
 set search_path = pg_catalog, pg_temp
 as $$
+    -- a rule that reads the validation events (recent_failures) re-reports failed validations,
+    -- which count already as their appointment_validation_failed alerts
     select (alert_type = 'appointment_validation_failed'
-            or exists (select from booking_guard.detection_rules d
-                        where d.rule = alert_type and d.rule <> 'recent_failures'))
+            or exists (select from booking_guard.rules r
+                        where r.name = alert_type and r.source <> 'validation_events'))
            and not coalesce(details ? 'superseded_by', false)
 $$;
 
@@ -89,11 +91,11 @@ begin
       into breakdown
       from (select x.alert_type,
                    coalesce(d.label, 'Failed Booking Validations (' || x.alert_type || ')') as label,
-                   coalesce((select count(*) from booking_guard.detection_rules e where e.rule < x.alert_type), 99) as ord,
+                   (select count(*) from booking_guard.rules e where e.name < x.alert_type) as ord,
                    count(*) as n, count(*) filter (where x.auto_corrected) as corrected,
                    count(*) filter (where x.resolved_at is null) as open
               from booking_guard_internal.day_alerts(t0, t1) x
-              left join booking_guard.detection_rules d on d.rule = x.alert_type
+              left join booking_guard.rules d on d.name = x.alert_type
              group by x.alert_type, d.label) b;
 
     select coalesce(jsonb_agg(t.issue order by t.n desc, t.alert_type, t.reason), '[]')
@@ -109,7 +111,7 @@ begin
                        'action', coalesce(d.action, 'Check the booking path (calendar booked, local record failed); '
                                                     'rebook from the review queue')) as issue
               from booking_guard_internal.day_alerts(t0, t1) x
-              left join booking_guard.detection_rules d on d.rule = x.alert_type
+              left join booking_guard.rules d on d.name = x.alert_type
              group by x.alert_type, x.details ->> 'reason', d.label, d.action
              order by count(*) desc, x.alert_type, x.details ->> 'reason'
              limit 3) t;

@@ -167,8 +167,7 @@ begin
     if job = 'reconcile' and state ? 'run_id' then
         result := jsonb_set(result, '{totals}', coalesce(state -> 'totals', '{"calls_scanned": 0, "appointments_scanned": 0}') || jsonb_build_object(
             'run_id', (state ->> 'run_id')::bigint,
-            'fixed', (select coalesce(sum((state -> 'totals' ->> k)::bigint), 0)
-                        from unnest(array['directions', 'customer_links', 'flags', 'rolled_back', 'orphans', 'due_fixed']) k),
+            'fixed', coalesce((state -> 'totals' ->> 'fixed')::bigint, 0),
             'duration_ms', result -> 'duration_ms',
             'rows_per_second', round((coalesce((state -> 'totals' ->> 'calls_scanned')::bigint, 0)
                                       + coalesce((state -> 'totals' ->> 'appointments_scanned')::bigint, 0))
@@ -590,7 +589,7 @@ as $$
     values
         ('what is wrong now (last hour)', 'select * from booking_guard.inconsistencies;'),
         ('what is wrong over a longer window', 'select * from booking_guard.detect(''1 day'');'),
-        ('one rule', 'select * from booking_guard.phantom_booking_findings;   -- one view per rule: booking_guard.detection_rules'),
+        ('one rule', 'select * from booking_guard.phantom_booking_findings;   -- one view per built-in rule; any rule: booking_guard.detect_rule(''phantom_booking'')'),
         ('one call', 'select * from booking_guard.check_call(42);'),
         ('open alerts, since when', 'select id, alert_type, entity_id, detected_at, occurrences, auto_corrected from booking_guard.alerts where resolved_at is null order by detected_at;'),
         ('acknowledge an alert', 'select booking_guard.acknowledge_alert(17);'),

@@ -1,6 +1,6 @@
 /*
  * booking_guard's C module: the booking path's triggers, the switch to booking_guard_worker,
- * the job runner and the steps of record_booking().
+ * the job runner, the steps of record_booking() and the executor of declared rules.
  *
  * Why C:
  *   - The triggers fire on every booking. Written in PL/pgSQL they cost more than the booking
@@ -17,9 +17,12 @@
  *     local user id change (no SET ROLE back), as a security-restricted operation (no temporary
  *     objects, no cursors left behind) and in a GUC nest level that is undone afterwards, so that
  *     code run as the worker cannot leave a setting behind for the caller.
+ *   - Rules users declare. A declared rule's SQL runs as the role its declarer chose, switched to
+ *     the same way (see "rules users declare" below): a SECURITY DEFINER function cannot switch
+ *     to another role.
  *   - record_booking() is one C function: it has to cost what an application doing the same
  *     itself costs, and PL/pgSQL's own work per statement and expression was most of the
- *     difference (docs/performance.md). It inserts a jsonb object into the attached appointments
+ *     difference (bench/record_booking.py measures both). It inserts a jsonb object into the attached appointments
  *     table with a plan kept here, keyed by table and set of keys: no session-level name the
  *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
  *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
@@ -49,6 +52,7 @@
 #include "commands/trigger.h"
 #include "common/hashfn.h"
 #include "common/md5.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
@@ -58,8 +62,10 @@
 #include "nodes/parsenodes.h"
 #include "nodes/value.h"
 #include "parser/parse_func.h"
+#include "parser/parser.h"
 #include "storage/proc.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
@@ -69,6 +75,8 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/timeout.h"
+#include "utils/plancache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -84,6 +92,9 @@ PG_FUNCTION_INFO_V1(appointments_sync);
 PG_FUNCTION_INFO_V1(appointments_truth_check);
 PG_FUNCTION_INFO_V1(rule_mode);
 PG_FUNCTION_INFO_V1(rules_changed);
+PG_FUNCTION_INFO_V1(store_declared_rule);
+PG_FUNCTION_INFO_V1(declared_matches);
+PG_FUNCTION_INFO_V1(declared_repair);
 PG_FUNCTION_INFO_V1(run_job);
 PG_FUNCTION_INFO_V1(run_job_steps);
 PG_FUNCTION_INFO_V1(record_booking);
@@ -1166,6 +1177,605 @@ rules_changed(PG_FUNCTION_ARGS)
 	rules_loaded = false;
 	CacheInvalidateRelcacheByRelid(RelationGetRelid(td->tg_relation));
 	return PointerGetDatum(NULL);
+}
+
+/* ---- rules users declare: their SQL runs as the role the administrator chose ---- */
+
+/*
+ * A declared rule's predicate (one boolean expression over a call, alias c, or an appointment,
+ * alias a) and its repair statement ($1: the entity's id) are SQL that someone other than the
+ * extension's installer wrote. They run as the rule's run_as role, switched to the way this module
+ * switches to the worker (a local user id change, a security-restricted operation, a GUC nest level
+ * undone afterwards), never as the caller, the worker or booking_guard_owner:
+ *   - the declarer must be a member of run_as, so declaring a rule gives nobody rights they did not
+ *     already have;
+ *   - run_as may be neither a superuser nor a role holding the rights of booking_guard_owner or
+ *     booking_guard_worker: checked when the rule is declared and again every time its SQL runs (a
+ *     role can be given more after the declaration);
+ *   - the SQL runs with search_path pg_catalog, pg_temp: whatever is not in pg_catalog is written
+ *     schema-qualified, and nobody's schema can slip a function or an operator in front of it;
+ *   - the predicate must parse as one expression, so that pasted into the query below it can
+ *     neither close the WHERE clause's parenthesis nor add a clause or a statement; the repair must
+ *     be one SELECT, INSERT, UPDATE or DELETE.
+ * Only SQL stored in booking_guard.rules runs: no function here takes SQL from its caller except
+ * store_declared_rule(), which checks it as above, and only stores it.
+ */
+
+#define OWNER_ROLE "booking_guard_owner"
+#define DECLARED_SQL_MAX 4000
+#define DECLARED_TIMEOUT_DEFAULT_MS 5000	/* the setting declared_rule_timeout's default */
+
+static void
+become_role(AsWorker *as, Oid role)
+{
+	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
+	SetUserIdAndSecContext(role, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	as->nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+}
+
+static void
+end_role(AsWorker *as)
+{
+	end_worker(as);
+}
+
+static char *
+text_arg(FunctionCallInfo fcinfo, int n, const char *what)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("a declared rule needs its %s", what),
+				 errdetail("%s: null", what),
+				 errhint("See booking_guard.declare_rule().")));
+	return text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+/* run_as may run a declared rule's SQL: an existing role, not a superuser, without the rights of
+ * booking_guard_owner or booking_guard_worker. */
+static void
+check_run_as(Oid run_as, const char *rule_name)
+{
+	const char *const own[] = {OWNER_ROLE, WORKER_ROLE};
+	char	   *name = GetUserNameFromId(run_as, true);
+
+	if (name == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_NOT_FOUND),
+				 errmsg("the role of rule \"%s\" does not exist", rule_name),
+				 errdetail("The rule runs as role %u, which has been dropped.", run_as),
+				 errhint("Declare the rule again with an existing role, or drop it: select booking_guard.drop_rule('%s');",
+						 rule_name)));
+	if (superuser_arg(run_as))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("rule \"%s\" may not run as %s: it is a superuser", rule_name, name),
+				 errdetail("A declared rule's SQL runs with the rights of its role, and a superuser's have no limit."),
+				 errhint("Make a role with just the rights the rule needs (SELECT on the attached tables, say) and declare the rule with it.")));
+	for (int i = 0; i < lengthof(own); i++)
+	{
+		Oid			own_role = get_role_oid(own[i], true);
+
+		if (OidIsValid(own_role) && is_member_of_role_nosuper(run_as, own_role))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("rule \"%s\" may not run as %s: it holds the rights of %s", rule_name, name, own[i]),
+					 errdetail("booking_guard's own roles write its tables and the application's; a declared rule runs with less."),
+					 errhint("Make a role with just the rights the rule needs and declare the rule with it.")));
+	}
+}
+
+/* "select <predicate>" must be one bare target: then the predicate is one expression whose
+ * parentheses balance, and it stays inside the parentheses it is pasted into. */
+static void
+check_one_expression(const char *predicate)
+{
+	List	   *raw = raw_parser(psprintf("select\n%s\n", predicate), RAW_PARSE_DEFAULT);
+	SelectStmt *s = NULL;
+
+	if (list_length(raw) == 1 && IsA(linitial_node(RawStmt, raw)->stmt, SelectStmt))
+		s = (SelectStmt *) linitial_node(RawStmt, raw)->stmt;
+	if (s == NULL || s->op != SETOP_NONE || list_length(s->targetList) != 1
+		|| ((ResTarget *) linitial(s->targetList))->name != NULL
+		|| s->distinctClause != NIL || s->intoClause != NULL || s->fromClause != NIL || s->whereClause != NULL
+		|| s->groupClause != NIL || s->havingClause != NULL || s->windowClause != NIL || s->valuesLists != NIL
+		|| s->sortClause != NIL || s->limitOffset != NULL || s->limitCount != NULL || s->lockingClause != NIL
+		|| s->withClause != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYNTAX_ERROR),
+				 errmsg("the predicate is not one expression"),
+				 errdetail("A predicate is one boolean expression over the row, without FROM, WHERE, a second column or a ';'.")));
+}
+
+/* The repair is one SELECT, INSERT, UPDATE or DELETE (no SELECT INTO: it would create a table). */
+static void
+check_one_statement(const char *statement)
+{
+	List	   *raw = raw_parser(statement, RAW_PARSE_DEFAULT);
+	Node	   *stmt = list_length(raw) == 1 ? linitial_node(RawStmt, raw)->stmt : NULL;
+
+	if (stmt == NULL
+		|| !(IsA(stmt, UpdateStmt) || IsA(stmt, InsertStmt) || IsA(stmt, DeleteStmt)
+			 || (IsA(stmt, SelectStmt) && ((SelectStmt *) stmt)->intoClause == NULL)))
+		ereport(ERROR,
+				(errcode(ERRCODE_SYNTAX_ERROR),
+				 errmsg("the repair is not one SELECT, INSERT, UPDATE or DELETE statement"),
+				 errdetail("A repair is one statement, run once per finding with $1 the entity's id.")));
+}
+
+/* The query a predicate runs in: the given ids of the entity's attached table, each looked up by
+ * its key (a lateral lookup the planner cannot turn into a join: a hash semi-join would read the
+ * whole table for a batch of a thousand ids; never "= any (array)", which compares each row with
+ * the whole array), restricted by the predicate. */
+static char *
+predicate_query(bool is_call, const char *predicate, Oid table)
+{
+	const char *alias = is_call ? "c" : "a";
+	char	   *name = get_rel_name(table);
+
+	if (name == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("the attached %s table no longer exists", is_call ? "calls" : "appointments"),
+				 errdetail("booking_guard.attached_tables names relation %u.", table),
+				 errhint("select booking_guard.detach(); then attach the tables again.")));
+	return psprintf("select %s.id::pg_catalog.int8\n"
+					"  from (select distinct pg_catalog.unnest($1::pg_catalog.int8[]) as id) as booking_guard_ids\n"
+					" cross join lateral (select * from %s as x\n"
+					"                      where x.id operator(pg_catalog.=) booking_guard_ids.id offset 0) as %s\n"
+					" where (\n%s\n)",
+					alias, quote_qualified_identifier(get_namespace_name(get_rel_namespace(table)), name),
+					alias, predicate);
+}
+
+/* Parses and plans a rule's SQL as the current role (the rule's) and checks that role's
+ * privileges on every table it reads or writes, without running it. */
+static void
+plan_and_check(const char *query, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(query, nargs, argtypes);
+	CachedPlan *cplan;
+	ListCell   *lc;
+
+	if (plan == NULL)
+		elog(ERROR, "booking_guard: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (list_length(SPI_plan_get_plan_sources(plan)) != 1)
+		ereport(ERROR, (errcode(ERRCODE_SYNTAX_ERROR), errmsg("more than one statement")));
+	cplan = SPI_plan_get_cached_plan(plan);
+	foreach(lc, cplan->stmt_list)
+	{
+		PlannedStmt *ps = lfirst_node(PlannedStmt, lc);
+
+		(void) ExecCheckRTPerms(ps->rtable, true);
+	}
+	ReleaseCachedPlan(cplan, NULL);
+	SPI_freeplan(plan);
+}
+
+typedef void (*RawCheck) (const char *sql);
+
+/* One part of a rule being declared (its predicate or its repair), checked as run_as in a
+ * subtransaction: any error, the parser's first, becomes BG005 carrying its message. */
+static void
+validate_part(const char *rule_name, const char *part, Oid run_as, RawCheck raw_check, const char *sql,
+			  const char *query, int nargs, Oid *argtypes)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		AsWorker	as;
+
+		raw_check(sql);
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "booking_guard: SPI_connect failed");
+		become_role(&as, run_as);
+		plan_and_check(query, nargs, argtypes);
+		end_role(&as);
+		SPI_finish();
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("invalid %s for rule \"%s\": %s", part, rule_name, e->message),
+				 errdetail("%s%sChecked as role %s, with search_path pg_catalog, pg_temp, in:\n%s",
+						   e->detail ? e->detail : "", e->detail ? "\n" : "",
+						   GetUserNameFromId(run_as, false), query),
+				 e->hint ? errhint("%s", e->hint)
+				 : errhint("The predicate is one boolean expression over c (a call) or a (an appointment); the repair one "
+						   "statement with $1 the id. Schema-qualify every name outside pg_catalog; the role needs "
+						   "the privileges the SQL uses.")));
+	}
+	PG_END_TRY();
+}
+
+/* The attached tables, read as the worker; BG003 when nothing is attached. */
+static void
+attached_tables(Oid *calls, Oid *appointments)
+{
+	AsWorker	as;
+	bool		isnull;
+
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	if (SPI_execute("select a.calls_table::pg_catalog.oid, a.appointments_table::pg_catalog.oid"
+					"  from booking_guard.attached_tables a", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "booking_guard: reading booking_guard.attached_tables failed");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard is not attached"),
+				 errdetail("A declared rule's predicate reads the attached calls or appointments table."),
+				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
+	*calls = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	*appointments = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	SPI_finish();
+	end_worker(&as);
+}
+
+/*
+ * booking_guard_internal.store_declared_rule(rule_name, entity, predicate, repair_statement, run_as,
+ * severity, mode, description, label): checks a rule (the declarer's membership in run_as, run_as,
+ * the SQL as run_as) and stores it as booking_guard_owner. declare_rule() calls it after checking
+ * the rest of its input; a bad value that gets here directly is refused by the table's constraints.
+ */
+Datum
+store_declared_rule(PG_FUNCTION_ARGS)
+{
+	char	   *rule_name = text_arg(fcinfo, 0, "name");
+	char	   *entity = text_arg(fcinfo, 1, "entity");
+	char	   *predicate = text_arg(fcinfo, 2, "predicate");
+	char	   *repair = PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	Oid			run_as;
+	Oid			declarer = GetUserId();
+	Oid			calls, appointments;
+	bool		is_call;
+	Oid			array_type[1] = {INT8ARRAYOID};
+	Oid			id_type[1] = {INT8OID};
+	Oid			insert_types[11] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, OIDOID,
+								TEXTOID, TEXTOID};
+	Datum		values[11];
+	char		nulls[11] = "           ";
+	AsWorker	as;
+	int			rc;
+
+	if (PG_ARGISNULL(4))
+		(void) text_arg(fcinfo, 4, "run_as role");
+	run_as = PG_GETARG_OID(4);
+	for (int i = 5; i <= 8; i++)
+		(void) text_arg(fcinfo, i, i == 5 ? "severity" : i == 6 ? "mode" : i == 7 ? "description" : "label");
+
+	if (!is_member_of_role(declarer, run_as))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to declare rule \"%s\" to run as %s", rule_name,
+						GetUserNameFromId(run_as, false)),
+				 errdetail("Role %s is not a member of %s: the rule's SQL would run with rights %s does not have.",
+						   GetUserNameFromId(declarer, false), GetUserNameFromId(run_as, false),
+						   GetUserNameFromId(declarer, false)),
+				 errhint("Declare the rule to run as a role you are a member of.")));
+	check_run_as(run_as, rule_name);
+	if (strcmp(entity, "call") != 0 && strcmp(entity, "appointment") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("invalid entity for rule \"%s\": \"%s\"", rule_name, entity),
+				 errdetail("A declared rule looks at calls or at appointments."),
+				 errhint("Give entity 'call' (the predicate reads c) or 'appointment' (it reads a).")));
+	if (strlen(predicate) > DECLARED_SQL_MAX || (repair != NULL && strlen(repair) > DECLARED_SQL_MAX))
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("the SQL of rule \"%s\" is too long", rule_name),
+				 errdetail("A predicate and a repair statement are at most %d characters each.", DECLARED_SQL_MAX),
+				 errhint("Put a long condition in a function of your own and call it from the predicate.")));
+	is_call = strcmp(entity, "call") == 0;
+	attached_tables(&calls, &appointments);
+
+	validate_part(rule_name, "predicate", run_as, check_one_expression, predicate,
+				  predicate_query(is_call, predicate, is_call ? calls : appointments), 1, array_type);
+	if (repair != NULL)
+		validate_part(rule_name, "repair statement", run_as, check_one_statement, repair, repair, 1, id_type);
+
+	/* stored as booking_guard_owner: the declarer has no right to write booking_guard.rules itself */
+	values[0] = CStringGetTextDatum(rule_name);
+	values[1] = CStringGetTextDatum(entity);
+	values[2] = CStringGetTextDatum(predicate);
+	values[3] = repair ? CStringGetTextDatum(repair) : (Datum) 0;
+	nulls[3] = repair ? ' ' : 'n';
+	for (int i = 5; i <= 8; i++)
+		values[i - 1] = PG_GETARG_DATUM(i);		/* severity, mode, description, label */
+	values[8] = ObjectIdGetDatum(run_as);
+	values[9] = CStringGetTextDatum(GetUserNameFromId(declarer, false));
+	values[10] = CStringGetTextDatum(GetUserNameFromId(GetSessionUserId(), false));
+	become_role(&as, get_role_oid(OWNER_ROLE, false));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	rc = SPI_execute_with_args(
+		"insert into booking_guard.rules (name, entity_type, source, predicate, repair_statement, repair_kind, repair,"
+		"                                 severity, mode, default_mode, description, alert_text, action, label,"
+		"                                 run_as, declared_by, declared_at, updated_at, updated_by)"
+		" select $1, $2, $2 operator(pg_catalog.||) 's', $3, $4,"
+		"        case when $4 is not null then 'statement' end,"
+		"        case when $4 is not null"
+		"             then 'runs the rule''s repair statement as ' operator(pg_catalog.||) $9::pg_catalog.regrole::pg_catalog.text end,"
+		"        $5, $6, $6, $7, $7, $7, $8, $9::pg_catalog.regrole, $10::pg_catalog.name,"
+		"        pg_catalog.now(), pg_catalog.now(), $11::pg_catalog.name"
+		"  where not exists (select from booking_guard.rules r where r.name operator(pg_catalog.=) $1 and r.predicate is null)",
+		11, insert_types, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "booking_guard: storing rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_BAD_INPUT),
+				 errmsg("rule \"%s\" is built in", rule_name),
+				 errdetail("A declared rule cannot take the name of a built-in one."),
+				 errhint("Choose another name.")));
+	rc = SPI_execute_with_args(
+		"select booking_guard_internal.log_event('rule', $1, null, null,"
+		"           pg_catalog.jsonb_build_object('declared', true, 'run_as', $9::pg_catalog.regrole::pg_catalog.text,"
+		"                                         'by', $10::pg_catalog.text, 'mode', $6::pg_catalog.text))",
+		11, insert_types, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "booking_guard: logging rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
+	SPI_finish();
+	end_role(&as);
+	PG_RETURN_VOID();
+}
+
+/* What a declared rule runs, read as the worker: its entity, predicate, repair statement, role
+ * and the attached table of its entity. BG004 when no declared rule has this name. */
+typedef struct DeclaredRule
+{
+	bool		is_call;
+	char	   *predicate;
+	char	   *repair;			/* null: none */
+	Oid			run_as;
+	char	   *declared_by;	/* the role that declared it, by name */
+	Oid			table;
+	int			timeout_ms;		/* the setting declared_rule_timeout */
+} DeclaredRule;
+
+static SPIPlanPtr declared_plan;
+
+static DeclaredRule
+declared_rule(const char *rule_name)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		arg = CStringGetTextDatum(rule_name);
+	DeclaredRule rule;
+	HeapTuple	row;
+	TupleDesc	desc;
+	bool		isnull;
+	bool		timeout_isnull;
+	AsWorker	as;
+	MemoryContext upper = CurrentMemoryContext;
+
+	become_worker(&as);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	run_kept(&declared_plan,
+			 "select r.entity_type operator(pg_catalog.=) 'call', r.predicate, r.repair_statement,"
+			 "       r.run_as::pg_catalog.oid,"
+			 "       case when r.entity_type operator(pg_catalog.=) 'call' then a.calls_table"
+			 "            else a.appointments_table end::pg_catalog.oid,"
+			 "       (select (pg_catalog.date_part('epoch', s.interval_value) operator(pg_catalog.*) 1000)::pg_catalog.int4"
+			 "          from booking_guard.settings s where s.name operator(pg_catalog.=) 'declared_rule_timeout'),"
+			 "       r.declared_by::pg_catalog.text"
+			 "  from booking_guard.rules r left join booking_guard.attached_tables a on true"
+			 " where r.name operator(pg_catalog.=) $1 and r.predicate is not null",
+			 1, argtypes, &arg, true, 1, "reading a declared rule");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_NOT_FOUND),
+				 errmsg("no declared rule \"%s\"", rule_name),
+				 errdetail("booking_guard.rules has no declared rule (one with a predicate) of this name."),
+				 errhint("select name, entity_type, run_as from booking_guard.rules where predicate is not null;")));
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	rule.is_call = DatumGetBool(SPI_getbinval(row, desc, 1, &isnull));
+	rule.run_as = DatumGetObjectId(SPI_getbinval(row, desc, 4, &isnull));
+	rule.timeout_ms = DatumGetInt32(SPI_getbinval(row, desc, 6, &timeout_isnull));
+	if (timeout_isnull || rule.timeout_ms <= 0)
+		rule.timeout_ms = DECLARED_TIMEOUT_DEFAULT_MS;
+	rule.table = DatumGetObjectId(SPI_getbinval(row, desc, 5, &isnull));
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_BG_ATTACHMENT),
+				 errmsg("booking_guard is not attached"),
+				 errdetail("Rule \"%s\" reads the attached %s table.", rule_name, rule.is_call ? "calls" : "appointments"),
+				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
+	rule.predicate = MemoryContextStrdup(upper, SPI_getvalue(row, desc, 2));
+	rule.repair = SPI_getvalue(row, desc, 3);
+	if (rule.repair != NULL)
+		rule.repair = MemoryContextStrdup(upper, rule.repair);
+	rule.declared_by = MemoryContextStrdup(upper, SPI_getvalue(row, desc, 7));
+	SPI_finish();
+	end_worker(&as);
+	/* checked again each time: the role may have been given more since, the row may come from a restore */
+	check_run_as(rule.run_as, rule_name);
+	/* and the declarer must still be a member of run_as: one whose membership was revoked (or who
+	 * was dropped) could otherwise go on running SQL as run_as through a function the predicate
+	 * calls and the declarer can still replace */
+	{
+		Oid			declarer = get_role_oid(rule.declared_by, true);
+
+		if (!OidIsValid(declarer) || !is_member_of_role(declarer, rule.run_as))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("rule \"%s\" may no longer run as %s: its declarer %s is not a member of it",
+							rule_name, GetUserNameFromId(rule.run_as, false), rule.declared_by),
+					 errdetail("A declared rule runs only as a role its declarer could become: checked when it is declared "
+							   "and every time it runs."),
+					 errhint("Declare the rule again as a member of the role, or drop it: select booking_guard.drop_rule('%s');",
+							 rule_name)));
+	}
+	check_one_expression(rule.predicate);
+	if (rule.repair != NULL)
+		check_one_statement(rule.repair);
+	return rule;
+}
+
+/*
+ * A declared rule's SQL runs for at most the setting declared_rule_timeout (each predicate on one
+ * batch, each repair on one finding): a rule that loops or waits would otherwise hold the monitor,
+ * reconcile and their batch's locks for as long as it likes. Its own timer, not statement_timeout:
+ * that one is armed when a client's statement starts and cannot be shortened inside one. When it
+ * fires the rule's SQL is cancelled and BG005 says which rule; declared_findings() turns that into
+ * a warning like any other error of the rule's SQL, and the monitor goes on with the other rules.
+ */
+static TimeoutId declared_timeout = MAX_TIMEOUTS;	/* MAX_TIMEOUTS: not registered yet */
+static volatile sig_atomic_t declared_timed_out = false;
+
+static void
+declared_timeout_handler(void)
+{
+	/* what a client's cancel request does: the next CHECK_FOR_INTERRUPTS() raises the error */
+	declared_timed_out = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+/* Runs a rule's SQL (a prepared plan, or a statement with one argument) under the rule's timer. */
+static int
+execute_bounded(const char *rule_name, const char *part, int timeout_ms, SPIPlanPtr plan, const char *sql,
+				Oid *argtypes, Datum *args, bool read_only)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			rc = 0;
+
+	if (declared_timeout == MAX_TIMEOUTS)
+		declared_timeout = RegisterTimeout(USER_TIMEOUT, declared_timeout_handler);
+	declared_timed_out = false;
+	enable_timeout_after(declared_timeout, timeout_ms);
+	PG_TRY();
+	{
+		rc = plan != NULL ? SPI_execute_plan(plan, args, NULL, read_only, 0)
+			: SPI_execute_with_args(sql, 1, argtypes, args, NULL, read_only, 0);
+	}
+	PG_CATCH();
+	{
+		disable_timeout(declared_timeout, false);
+		if (declared_timed_out)
+		{
+			declared_timed_out = false;
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+			ereport(ERROR,
+					(errcode(ERRCODE_BG_BAD_INPUT),
+					 errmsg("the %s of rule \"%s\" ran longer than %d ms and was cancelled", part, rule_name, timeout_ms),
+					 errdetail("A declared rule's SQL runs for at most the setting declared_rule_timeout each time."),
+					 errhint("Make the rule cheaper (it runs on a batch of ids, each looked up by key), raise the setting "
+							 "(select booking_guard.set_setting('declared_rule_timeout', '10 seconds');), or turn the rule "
+							 "off: select booking_guard.set_rule('%s', 'off');", rule_name)));
+		}
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	disable_timeout(declared_timeout, false);
+	if (declared_timed_out)
+	{
+		/* fired as the SQL ended: it finished in time, the pending cancel was ours */
+		declared_timed_out = false;
+		QueryCancelPending = false;
+	}
+	return rc;
+}
+
+/*
+ * booking_guard_internal.declared_matches(rule_name, ids bigint[]) returns bigint[]: the ids among
+ * the given ones (calls or appointments, as the rule's entity) for which the declared rule's
+ * predicate holds, the predicate run as the rule's role. Errors of the rule's SQL are raised as
+ * they are (declared_findings() turns them into a warning).
+ */
+Datum
+declared_matches(PG_FUNCTION_ARGS)
+{
+	char	   *rule_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Datum		ids = PG_GETARG_DATUM(1);
+	DeclaredRule rule = declared_rule(rule_name);
+	Oid			argtypes[1] = {INT8ARRAYOID};
+	MemoryContext upper = CurrentMemoryContext;
+	SPIPlanPtr	plan;
+	AsWorker	as;
+	Datum	   *found;
+	int			rc;
+	int			n;
+	ArrayType  *result;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	become_role(&as, rule.run_as);
+	plan = SPI_prepare(predicate_query(rule.is_call, rule.predicate, rule.table), 1, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "booking_guard: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	rc = execute_bounded(rule_name, "predicate", rule.timeout_ms, plan, NULL, argtypes, &ids, true);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "booking_guard: the predicate of rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
+	end_role(&as);
+	n = (int) SPI_processed;
+	found = MemoryContextAlloc(upper, sizeof(Datum) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		found[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+	}
+	{
+		MemoryContext spi = MemoryContextSwitchTo(upper);
+
+		result = construct_array(found, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		MemoryContextSwitchTo(spi);
+	}
+	SPI_finish();
+	PG_RETURN_ARRAYTYPE_P(result);
+}
+
+/*
+ * booking_guard_internal.declared_repair(rule_name, entity_id bigint) returns bigint: runs the
+ * declared rule's repair statement, $1 the entity's id, as the rule's role; returns the rows it
+ * processed.
+ */
+Datum
+declared_repair(PG_FUNCTION_ARGS)
+{
+	char	   *rule_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Datum		id = PG_GETARG_DATUM(1);
+	DeclaredRule rule = declared_rule(rule_name);
+	Oid			argtypes[1] = {INT8OID};
+	AsWorker	as;
+	int			rc;
+	uint64		processed;
+
+	if (rule.repair == NULL)
+		PG_RETURN_INT64(0);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "booking_guard: SPI_connect failed");
+	become_role(&as, rule.run_as);
+	rc = execute_bounded(rule_name, "repair", rule.timeout_ms, NULL, rule.repair, argtypes, &id, false);
+	if (rc < 0)
+		elog(ERROR, "booking_guard: the repair of rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));
+	processed = SPI_processed;
+	end_role(&as);
+	SPI_finish();
+	PG_RETURN_INT64((int64) processed);
 }
 
 /* attach() and detach(): every session reads the attachment again once this transaction commits. */

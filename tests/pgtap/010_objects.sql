@@ -92,11 +92,11 @@ select is_empty($$select p.oid::regprocedure::text from pg_proc p
                 'every SQL, PL/pgSQL and PL/Python function pins search_path = pg_catalog, pg_temp');
 -- C functions resolve no name through search_path: every query they run is schema-qualified
 -- down to its operators. None is SECURITY DEFINER: where they need rights they switch to
--- booking_guard_worker around their queries.
+-- booking_guard_worker around their queries (a declared rule's SQL: to its role).
 select is(array_agg(p.proname::text order by p.proname),
           array['appointments_sync', 'appointments_truth_check', 'attachment_changed', 'calls_before', 'calls_truth_check',
-                'claim_check_needed', 'commit_check_possible', 'record_booking', 'rule_mode', 'rules_changed', 'run_job',
-                'run_job_steps'],
+                'claim_check_needed', 'commit_check_possible', 'declared_matches', 'declared_repair', 'record_booking',
+                'rule_mode', 'rules_changed', 'run_job', 'run_job_steps', 'store_declared_rule'],
           'the C functions, none of them SECURITY DEFINER')
   from pg_proc p join pg_language l on l.oid = p.prolang and l.lanname = 'c'
  where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace) and not p.prosecdef;

@@ -21,12 +21,14 @@ select has_function('booking_guard', 'unschedule_jobs', array['text']);
 select has_function('booking_guard', 'job_status', array[]::text[]);
 select has_function('booking_guard', 'help', array[]::text[]);
 select has_table('booking_guard', t, 'table booking_guard.' || t)
-  from unnest(array['reconciliation_runs', 'reports', 'jobs', 'job_runs', 'detection_rules']) t;
+  from unnest(array['reconciliation_runs', 'reports', 'jobs', 'job_runs', 'rules']) t;
 select has_view('booking_guard', 'inconsistencies', 'view inconsistencies');
-select is_empty($$select d.view_name from booking_guard.detection_rules d
-                   where to_regclass('booking_guard.' || d.view_name) is null$$, 'one view per detection rule');
-select set_eq($$select rule from booking_guard.detection_rules$$,
-              $$select name from booking_guard.rules$$, 'every rule has its detection');
+select is_empty($$select r.name from booking_guard.rules r
+                   where to_regclass('booking_guard.' || r.name || '_findings') is null$$, 'one view per built-in rule');
+select is_empty($$select r.name from booking_guard.rules r
+                   where r.entity_type is null or r.source is null or r.default_mode is null or r.label is null
+                      or r.alert_text is null or r.action is null or (r.repair is null) <> (r.repair_kind is null)$$,
+                'every built-in rule''s row holds its whole definition');
 select results_eq($$select severity, mode, description from booking_guard.rules where name = 'recent_failures'$$,
                   $$values ('warning', 'observe',
                             'validation failures in the window: calls whose validate_appointment_creation() failed (events of kind validation with success false)')$$,

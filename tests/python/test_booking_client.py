@@ -6,7 +6,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 from booking_guard import app
-from booking_guard.app.booking import REASONS, BookingResult, backoff_delay
+from booking_guard.app.booking import BookingResult, backoff_delay, validation_reasons
 from conftest import APP_TABLE_GRANTS
 
 
@@ -43,7 +43,7 @@ def test_record_booking_returns_a_typed_result(attached):
 def test_record_booking_failure_is_a_result_not_an_exception(attached):
     call_id = new_call(attached, "py-2", booking_id="cal-other")
     result = app.record_booking(attached, call_id, "cal-py-2")
-    assert not result and result.reason == "booking_id_mismatch" and result.reason in REASONS
+    assert not result and result.reason == "booking_id_mismatch" and result.reason in validation_reasons(attached)
     assert result.appointment_id is None and not result.created
     assert {"alert_id", "review_id"} <= result.details.keys()
 
@@ -192,3 +192,10 @@ def test_pending_retries_survive_dump_and_restore(attached):
     finally:
         admin.execute(f'drop database if exists "{target}" with (force)')
         admin.close()
+
+
+def test_validation_reasons_are_read_from_the_database(attached):
+    reasons = validation_reasons(attached)
+    assert list(reasons)[0] == "ok"
+    assert set(reasons) == {r for (r,) in attached.execute("select reason from booking_guard.validation_reasons")}
+    assert all(reasons.values())

@@ -149,6 +149,10 @@ def test_update_from_0_1_0_ends_where_a_fresh_install_starts(scratch):
     fresh.execute("select booking_guard.attach('public.calls', 'public.appointments')")
     updated, installed = catalog(old), catalog(fresh)
     assert [r for r in updated if r not in installed] == [] and [r for r in installed if r not in updated] == []
+    # the rules' definitions too (their modes are the user's)
+    definitions = ("select name, severity, entity_type, source, default_mode, label, alert_text, repair, repair_kind,"
+                   " action, description from booking_guard.rules order by name")
+    assert old.execute(definitions).fetchall() == fresh.execute(definitions).fetchall()
 
     # and the updated attachment works: a new phantom is rolled back at COMMIT
     assert flags(old, phantom) == FAILED

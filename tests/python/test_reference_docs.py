@@ -152,3 +152,20 @@ def test_the_links_of_the_index_architecture_and_reference_resolve():
             if path and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_the_rules_page_lists_every_built_in_rule_as_the_catalog_has_it(db):
+    """docs/rules.md is written by hand: its table of built-in rules must name each rule with the
+    entity, severity and default mode of its row, and say 'nothing' exactly for the rules without a
+    repair."""
+    row = re.compile(r"^\| `([a-z_]+)` \| (\w+) \| .* \| (critical|warning|info) \| (\w+) \| (.*) \|$")
+    documented = {}
+    for line in (DOCS / "rules.md").read_text().splitlines():
+        match = row.match(line)
+        if match:
+            name, entity, severity, mode, repair = match.groups()
+            documented[name] = (entity, severity, mode, not repair.startswith("nothing"))
+    catalog = {name: (entity, severity, mode, repairs) for name, entity, severity, mode, repairs in db.execute(
+        "select name, entity_type, severity, default_mode, repair_kind is not null from booking_guard.rules"
+        " where predicate is null")}
+    assert documented == catalog

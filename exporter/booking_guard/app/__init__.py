@@ -7,7 +7,8 @@ booking_guard.app.circuit (the circuit breaker). Nothing here imports booking_gu
 booking_guard.sim: an application needs psycopg and nothing else.
 """
 
-from booking_guard.app.booking import REASONS, BookingResult, backoff_delay, record_booking, retry_with_backoff
+from booking_guard.app.booking import BookingResult, backoff_delay, record_booking, retry_with_backoff, validation_reasons
 from booking_guard.app.circuit import CallTimeout, CircuitOpen, call_async, circuit
 
-__all__ = ["REASONS", "BookingResult", "CallTimeout", "CircuitOpen", "call_async", "backoff_delay", "circuit", "record_booking", "retry_with_backoff"]
+__all__ = ["BookingResult", "CallTimeout", "CircuitOpen", "backoff_delay", "call_async", "circuit", "record_booking",
+           "retry_with_backoff", "validation_reasons"]

@@ -33,9 +33,14 @@ log = logging.getLogger("booking_guard.booking")
 
 T = TypeVar("T")
 
-#: The reasons validate_appointment_creation() and record_booking() report.
-REASONS = ("ok", "call_not_found", "appointment_not_found", "appointment_not_linked", "booking_id_mismatch",
-           "appointment_stale")
+
+def validation_reasons(conn: Any) -> dict[str, str]:
+    """The reasons validate_appointment_creation() and record_booking() report, ok first, each with
+    its description: read from booking_guard.validation_reasons, where SQL and the metrics read them
+    too, so that the set is defined in one place."""
+    return dict(conn.execute(
+        "select reason, description from booking_guard.validation_reasons order by reason <> 'ok', reason").fetchall())
+
 
 #: "seed" is 0.1.0's name of "exponential", still accepted.
 STRATEGIES = ("exponential", "full", "seed")

@@ -32,7 +32,9 @@ insert into booking_guard.settings (name, kind, interval_value, min_value, max_v
     ('monitor_overlap', 'interval', '10 seconds', 0, 86400,
      'The scheduled run_monitor looks at rows created since its last run (or since the oldest transaction then writing began), less this much.'),
     ('monitor_recheck_interval', 'interval', '10 minutes', 0, 86400,
-     'The scheduled run_monitor re-checks an open alert it did not see again at most this often.');
+     'The scheduled run_monitor re-checks an open alert it did not see again at most this often.'),
+    ('declared_rule_timeout', 'interval', '5 seconds', 0.1, 600,
+     'The longest a declared rule''s predicate may run on one batch, or its repair on one finding; beyond it the rule finds or repairs nothing that time and a warning says so.');
 
 -- Retention: how long each growing table keeps its rows; the purge job removes the rest.
 insert into booking_guard.settings (name, kind, interval_value, min_value, max_value, description) values
@@ -296,3 +298,145 @@ insert into booking_guard.required_indexes (table_role, column_name, why) values
     ('appointments', 'id', 'counting new appointments by id for the booking metrics');
 -- the outbox is the only mark of an urgent item not sent yet: dumped and restored with the items
 select pg_catalog.pg_extension_config_dump('booking_guard.review_notifications', '');
+
+-- One row per rule holds its whole definition: what the finding is about, what detection reads,
+-- its default mode, its report label, the alert text, what correct mode repairs and how, the
+-- report's action item; and for a rule an administrator declares (declare_rule()), its predicate,
+-- its repair statement and the role both run as. The built-in rules' predicates are SQL in the
+-- detection function of their entity, one spot each; everything else about a rule is read from here
+-- (detection, the monitor, reconcile, the triggers' alerts, the daily report, metrics).
+alter table booking_guard.rules
+    add column entity_type       text,
+    add column source            text,
+    add column default_mode      text,
+    add column label             text,
+    add column alert_text        text,
+    add column repair            text,
+    add column repair_kind       text,
+    add column action            text,
+    add column predicate         text,
+    add column repair_statement  text,
+    add column run_as            regrole,
+    add column declared_by       name,
+    add column declared_at       timestamptz;
+
+update booking_guard.rules r
+   set entity_type = d.entity_type, source = d.source, default_mode = d.default_mode, label = d.label,
+       alert_text = d.alert_text, repair = d.repair, repair_kind = d.repair_kind, action = d.action
+  from (values
+    ('phantom_booking', 'call', 'calls', 'correct',
+     'Phantom Bookings (session_outcome mismatch)',
+     'says appointment_booked but appointment_made is false',
+     'flags set from the appointment rows; with no appointment past the grace, rolled back to creation_failed and queued for review',
+     'call_flags',
+     'Find where the application sets session_outcome without appointment_made'),
+    ('missing_appointment', 'call', 'calls', 'correct',
+     'Missing Appointments (appointment_made=1 but no appt)',
+     'claims a booking but no appointment is linked',
+     'rolled back to creation_failed and queued for review',
+     'call_flags',
+     'Check the booking path (calendar booked, local record missing); rebook from the review queue'),
+    ('missing_direction', 'call', 'calls', 'correct',
+     'Missing Direction',
+     'has no direction',
+     'direction set to the default_direction setting',
+     'default_direction',
+     'Make the application send direction; booking_guard fills in the default meanwhile'),
+    ('orphaned_appointment', 'appointment', 'appointments', 'correct',
+     'Orphaned Appointments',
+     'is linked to no call',
+     'linked to the call whose booking_id matches, when exactly one does; several: queued for review',
+     'orphan_link',
+     'Check the calendar webhook: appointments arrive without their call'),
+    ('outcome_flag_mismatch', 'call', 'calls', 'correct',
+     'Outcome/Flag Mismatches (appointment_made=1, other outcome)',
+     'has appointment_made true but outcome {session_outcome}',
+     'flags set from the appointment rows; with none, rolled back to creation_failed',
+     'call_flags',
+     'Find where the application sets appointment_made without the outcome'),
+    ('unlinked_appointment', 'call', 'calls', 'correct',
+     'Unlinked Appointments (appointment exists, appointment_made=0)',
+     'has a linked appointment but appointment_made is false',
+     'flags set from the appointment rows',
+     'call_flags',
+     'Find where the application links appointments without setting the call''s flags'),
+    ('booking_id_mismatch', 'call', 'calls', 'observe',
+     'Booking ID Mismatches',
+     'has booking_id {booking_id}, its appointments {appointment_booking_ids}',
+     null, null,
+     'Compare the call''s booking_id with the calendar booking'),
+    ('duplicate_booking', 'booking', 'bookings', 'observe',
+     'Duplicate Bookings (one booking id, several appointments)',
+     'is held by {appointments} appointments',
+     null, null,
+     'A retry booked twice: cancel the duplicate in the calendar'),
+    ('customer_link', 'call', 'calls', 'correct',
+     'Customer Link Status',
+     'has a customer but link status {customer_link_status}',
+     'customer_link_status set to linked',
+     'customer_link',
+     'Make the application set customer_link_status with customer_id'),
+    ('recent_failures', 'call', 'validation_events', 'observe',
+     'Validation Failures',
+     'failed validation {failures} time(s)',
+     null, null,
+     'Look at the validation reasons of the failing calls')
+  ) as d (name, entity_type, source, default_mode, label, alert_text, repair, repair_kind, action)
+ where r.name = d.name;
+
+alter table booking_guard.rules
+    alter column entity_type set not null,
+    alter column source set not null,
+    alter column default_mode set not null,
+    alter column label set not null,
+    alter column alert_text set not null,
+    alter column action set not null,
+    add constraint rules_name_is_an_identifier check (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    add constraint rules_entity_type_known check (entity_type in ('call', 'appointment', 'booking')),
+    add constraint rules_source_known check (source in ('calls', 'appointments', 'bookings', 'validation_events')),
+    add constraint rules_default_mode_known check (default_mode in ('off', 'observe', 'correct', 'enforce')),
+    add constraint rules_repair_kind_known
+        check (repair_kind in ('call_flags', 'default_direction', 'customer_link', 'orphan_link', 'statement')),
+    add constraint rules_texts_bounded
+        check (length(description) <= 1000 and length(label) <= 200 and length(alert_text) <= 1000
+               and length(repair) <= 1000 and length(action) <= 1000),
+    add constraint rules_declared_sql_bounded check (length(predicate) <= 4000 and length(repair_statement) <= 4000),
+    -- a declared rule has its predicate, its role and who declared it; a built-in rule none of them
+    add constraint rules_declared_complete
+        check (num_nulls(predicate, run_as, declared_by, declared_at) in (0, 4)),
+    -- a declared rule reads the rows of its entity, repairs with its statement (if any), and is
+    -- checked after the fact: it can alert and repair, never reject a write (enforce)
+    add constraint rules_declared_shape
+        check (predicate is null
+               or (entity_type in ('call', 'appointment') and source = entity_type || 's'
+                   and repair_kind is not distinct from case when repair_statement is not null then 'statement' end
+                   and mode <> 'enforce' and fallback_mode <> 'enforce'
+                   and (mode <> 'correct' or repair_statement is not null)
+                   and (fallback_mode <> 'correct' or repair_statement is not null))),
+    add constraint rules_statement_is_declared check (repair_statement is null or predicate is not null);
+
+comment on column booking_guard.rules.entity_type is 'What a finding of the rule is about: call, appointment or booking (a calendar booking id).';
+comment on column booking_guard.rules.source is
+    'What detection reads to check the rule: the calls, the appointments, the booking ids of the appointments, or the validation events.';
+comment on column booking_guard.rules.default_mode is 'The mode the rule has on a fresh install (built-in) or was declared with.';
+comment on column booking_guard.rules.label is 'The rule''s name in the daily report.';
+comment on column booking_guard.rules.alert_text is
+    'The alert''s description after the entity; {key} is replaced by that fact of the finding (its details).';
+comment on column booking_guard.rules.repair is 'What correct mode repairs, in words; null: the rule only alerts.';
+comment on column booking_guard.rules.repair_kind is
+    'How correct mode repairs: call_flags, default_direction, customer_link, orphan_link (built-in repairs) or statement (a declared rule''s repair_statement); null: none.';
+comment on column booking_guard.rules.action is 'What to do about the rule''s findings: the daily report''s action item.';
+comment on column booking_guard.rules.predicate is
+    'A declared rule''s condition: one boolean SQL expression over the row (c for a call, a for an appointment); null for a built-in rule.';
+comment on column booking_guard.rules.repair_statement is
+    'A declared rule''s repair in correct mode: one SQL statement, $1 the entity''s id; null: it only alerts.';
+comment on column booking_guard.rules.run_as is
+    'The role a declared rule''s predicate and repair statement run as (never a superuser nor booking_guard''s own roles).';
+comment on column booking_guard.rules.declared_by is 'Who declared the rule (null: built-in).';
+comment on column booking_guard.rules.declared_at is 'When the rule was declared (null: built-in).';
+
+comment on table booking_guard.rules is
+    'One row per consistency rule, built-in or declared: its definition (entity, severity, default mode, label, alert text, repair, action; a declared rule''s predicate, repair statement and role) and its mode, rollout and fallback mode.';
+
+-- Its rows moved into booking_guard.rules (entity_type, label, repair, action).
+drop table booking_guard.detection_rules;
