@@ -617,6 +617,14 @@ begin
                    not in ('correct', 'enforce') then
                     return;
                 end if;
+                -- linking makes the appointments trigger update the call: a call an application holds
+                -- is left for the next run rather than waited for (the job never waits, and never
+                -- deadlocks an application that holds the call and books onto this appointment)
+                if not exists (select from booking_guard_internal.guarded_calls c where c.id = matches[1]
+                                  for no key update skip locked) then
+                    counter := 'skipped_locked';
+                    return;
+                end if;
                 update booking_guard_internal.guarded_appointments a
                    set call_id = matches[1], updated_at = now()
                  where a.id = v_id;
