@@ -9,7 +9,7 @@
 #   make demo-serve the demo, then its cluster, status page and /metrics stay up until Ctrl-C
 #                   (DEMO_LISTEN=HOST:PORT, default 127.0.0.1:9188)
 #   make lint       ruff, pgspot on the built script
-#   make bench      every benchmark under bench/ on a throwaway cluster (bench/results/latest.md, .json)
+#   make bench      every benchmark under bench/ on a throwaway cluster (report: bench/results/latest.md)
 #   make soak       the fault-injection soak and its verdict (SOAK_CALLS=100000 SOAK_WORKERS=16 SOAK_ARGS=...)
 #
 # With DATABASE_URL set, test and demo use that server instead of the throwaway cluster.

@@ -1,7 +1,11 @@
-"""Builds bench/results/latest.md and latest.json from the figures the benchmarks wrote to
-$BENCH_JSON_DIR (bench/_common.emit), with the machine, the versions and the date.
+"""The benchmark report. scripts/run-bench keeps each benchmark's run on its own, then builds the
+report of all of them:
 
-    python bench/_report.py FIGURES_DIR STATUS_FILE
+    python bench/_report.py keep NAME EXIT_STATUS FIGURES_JSON
+        bench/results/figures/NAME.json: the figures the benchmark wrote (bench/_common.emit), its
+        status, the date, the machine, the load average and the versions of that run
+    python bench/_report.py report
+        bench/results/latest.md and latest.json from every kept run, each row with its run's date
 """
 
 import json
@@ -14,6 +18,9 @@ from pathlib import Path
 import psycopg
 from _common import ROOT, conninfo, machine
 
+RESULTS = ROOT / "bench" / "results"
+KEPT = RESULTS / "figures"
+
 
 def versions() -> dict:
     with psycopg.connect(conninfo("postgres")) as conn:
@@ -23,42 +30,53 @@ def versions() -> dict:
     return {"booking_guard": ext, "postgresql": pg, "python": platform.python_version(), "psycopg": psycopg.__version__}
 
 
-def main() -> int:
-    figures_dir, status_file = Path(sys.argv[1]), Path(sys.argv[2])
-    status = dict(line.split() for line in status_file.read_text().splitlines() if line.strip())
-    report = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-              "load_average": round(os.getloadavg()[0], 1), "versions": versions(), "benchmarks": {}}
-    for bench in sorted(status):
-        path = figures_dir / f"{bench}.json"
-        report["benchmarks"][bench] = {"status": "ok" if status[bench] == "0" else f"failed (exit {status[bench]})",
-                                       "figures": json.loads(path.read_text()) if path.exists() else []}
-    out = ROOT / "bench" / "results"
-    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+def keep(name: str, exit_status: str, figures_file: Path) -> None:
+    figures = json.loads(figures_file.read_text()) if figures_file.exists() else []
+    run = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+           "load_average": round(os.getloadavg()[0], 1), "versions": versions(),
+           "status": "ok" if exit_status == "0" else f"failed (exit {exit_status})", "figures": figures}
+    KEPT.mkdir(parents=True, exist_ok=True)
+    (KEPT / f"{name}.json").write_text(json.dumps(run, indent=2) + "\n")
 
-    m, v = report["machine"], report["versions"]
-    lines = [f"# booking_guard benchmarks, {report['date']}", "",
-             f"Machine: {m['cpu']}, kernel {m['kernel']}, load average {report['load_average']} at the end. "
-             f"Versions: booking_guard {v['booking_guard']}, {v['postgresql']}, Python {v['python']}, "
-             f"psycopg {v['psycopg']}.", "",
-             "Each figure beside its baseline, measured in the same run; ratio = figure / baseline. "
-             "The raw output of every benchmark is in `latest.txt`.", "",
-             "| benchmark | figure | value | baseline | baseline value | ratio | target |",
-             "|---|---|---|---|---|---|---|"]
 
-    def num(x: float | None) -> str:
-        if x is None:
-            return "–"
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.3g}"
+def num(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.3g}"
 
-    for bench, b in report["benchmarks"].items():
-        if not b["figures"]:
-            lines.append(f"| {bench} | {b['status']} | | | | | |")
-        for f in b["figures"]:
+
+def report() -> None:
+    runs = {path.stem: json.loads(path.read_text()) for path in sorted(KEPT.glob("*.json"))}
+    (RESULTS / "latest.json").write_text(json.dumps({"benchmarks": runs}, indent=2) + "\n")
+    lines = ["# booking_guard benchmarks", "",
+             "Each figure beside its baseline, measured in the same run of its benchmark; ratio = figure / "
+             "baseline. What each benchmark printed is in `output/<benchmark>.txt`.", "",
+             "| benchmark | run | load | booking_guard | figure | value | baseline | baseline value | ratio | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for bench, run in runs.items():
+        head = f"| {bench} | {run['date']} | {run['load_average']} | {run['versions']['booking_guard']} |"
+        if not run["figures"] or run["status"] != "ok":
+            lines.append(f"{head} {run['status']} | | | | | |")
+        for f in run["figures"]:
             ratio = "–" if f["ratio"] is None else f"{f['ratio']:.2f}"
-            lines.append(f"| {bench} | {f['name']} | {num(f['value'])} {f['unit']} | {f['baseline_name']} | "
+            lines.append(f"{head} {f['name']} | {num(f['value'])} {f['unit']} | {f['baseline_name']} | "
                          f"{num(f['baseline'])} {f['unit']} | {ratio} | {f['target'] or ''} |")
-    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    machines = {json.dumps(run["machine"], sort_keys=True) for run in runs.values()}
+    pgs = {run["versions"]["postgresql"] for run in runs.values()}
+    lines += ["", "Machine: " + "; ".join(f"{m['cpu']}, kernel {m['kernel']}" for m in map(json.loads, sorted(machines)))
+              + ". " + "; ".join(sorted(pgs)) + "."]
+    (RESULTS / "latest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["keep"] and len(sys.argv) == 5:
+        keep(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1:] == ["report"]:
+        report()
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
     return 0
 
 
