@@ -83,7 +83,7 @@ $$;
 
 comment on function booking_guard.backoff_delay(integer, interval, double precision, interval, double precision, text,
                                                 double precision) is
-    'Delay before the next try after failed attempt number attempt (1, 2, ...): exponential = min(max_delay, base * factor^(attempt-1)) plus up to jitter of it (seed, its 0.1.0 name, is the same); full = uniform in [0, that). draw replaces random(). Bad arguments are BG005.';
+    'Delay before the next try after failed attempt number attempt (1, 2, ...): exponential = min(max_delay, base * factor^(attempt-1)) plus up to jitter of it (''seed'', the name 0.1.0 gave it, is still accepted); full = uniform in [0, that). draw replaces random(). Bad arguments are BG005.';
 
 create function booking_guard.schedule_retry(call_id bigint, operation text, payload jsonb default '{}',
                                              max_attempts integer default 3, delay interval default null)

@@ -1,5 +1,5 @@
--- Circuit breaker: objects, the behavioural scenarios of research/circuit-breaker-anchors.md (time moved
--- with booking_guard.clock_offset, never slept through), policies, errors. Concurrency is in pytest.
+-- Circuit breaker: objects, the behavioural scenarios of a breaker (closed, open, half-open and back; time
+-- moved with booking_guard.clock_offset, never slept through), policies, errors. Concurrency is in pytest.
 begin;
 select plan(145);
 set local client_min_messages = warning;
@@ -48,7 +48,7 @@ select columns_are('booking_guard', 'circuit_breakers',
                          'forced_until', 'updated_at', 'window_type', 'last_transition_id'],
                    'circuit_breakers has the fixed columns, its window''s type and its latest transition');
 select columns_are('booking_guard', 'circuit_transitions', array['id', 'key', 'from_state', 'to_state', 'at', 'reason'],
-                   'circuit_transitions has the columns DESIGN.md fixes');
+                   'circuit_transitions has its documented columns');
 select col_type_is('booking_guard', 'circuit_policies', 'cooldown', 'interval', 'cooldown is an interval');
 select col_type_is('booking_guard', 'circuit_breakers', 'opened_at', 'timestamp with time zone', 'opened_at is timestamptz');
 select has_function('booking_guard', 'circuit_acquire', array['text']);

@@ -109,6 +109,9 @@ update booking_guard.rules set description = regexp_replace(description, ' \(see
  where description ~ '\(seed ';
 update booking_guard.settings set description = replace(description, 'The seed waited 5 s.', 'Five seconds by default.')
  where name = 'verification_grace';
+update booking_guard.rules
+   set description = 'the call''s booking_id differs from its appointment''s calcom_v2_booking_id'
+ where name = 'booking_id_mismatch';
 comment on table booking_guard.review_priorities is
     'Priority of a review reason (1 = most urgent); reasons not listed get 5.';
 comment on table booking_guard.review_queue is
