@@ -62,7 +62,7 @@ def populate(conn: psycopg.Connection, calls: int, months: int, partitioned: boo
                case when i % 10 < 7 then 'linked' end, case when i % 10 < 7 then 'cal-' || i end,
                1 + i % 100, 'linked', at, at
           from (select i, date_trunc('month', now()) - interval '{months - 1} months'
-                          + (now() - (date_trunc('month', now()) - interval '{months - 1} months')) * i / {calls}
+                          + (now() - (date_trunc('month', now()) - interval '{months - 1} months')) * (i::float8 / {calls})
                           - interval '1 second' as at
                   from generate_series(1, {calls}) i) s""")
     conn.execute("""
