@@ -1,7 +1,7 @@
 -- validate_appointment_creation(): every reason, its details and events; record_booking():
 -- success, idempotency, the failure path inside the transaction, every bad input writing nothing.
 begin;
-select plan(70);
+select plan(71);
 set local client_min_messages = warning;
 select booking_guard.attach('public.calls', 'public.appointments');
 
@@ -208,6 +208,11 @@ select results_eq($$select success, reason from booking_guard.record_booking(777
 select is((select count(*)::int from appointments where calcom_v2_booking_id = 'cal-I'), 0, '... no appointment');
 select is((select context ->> 'calcom_booking_id' from booking_guard.review_queue where call_id = 777), 'cal-I',
           '... the booking waits for review');
+
+-- PHP's json_encode([]) is '[]': an empty array is taken as the empty object (call 2's booking,
+-- recorded above, is returned)
+select results_eq($$select success, created from booking_guard.record_booking(2, 'cal-NEW', '[]')$$,
+                  $$values (true, false)$$, 'an empty JSON array is taken as an empty object');
 
 -- not attached: BG003 (also with the plans already cached in this session)
 select booking_guard.detach();
