@@ -23,7 +23,9 @@
  *     table with a plan kept here, keyed by table and set of keys: no session-level name the
  *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
  *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
- *     and what is logged in PL/pgSQL (booking_failed(), log_booking()).
+ *     in PL/pgSQL (booking_failed()). Its booking id lock and its events are two kept statements
+ *     each, run as booking_guard_owner (owner_queries): a PL/pgSQL SECURITY DEFINER function for
+ *     each cost more than the statements themselves.
  *
  * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
  */
@@ -58,6 +60,7 @@
 #include "nodes/parsenodes.h"
 #include "nodes/value.h"
 #include "parser/parse_func.h"
+#include "pgstat.h"
 #include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -96,8 +99,9 @@ void		_PG_init(void);
 #define ERRCODE_BG_BAD_INPUT	MAKE_SQLSTATE('B','G','0','0','5')
 
 #define WORKER_ROLE "booking_guard_worker"
+#define OWNER_ROLE "booking_guard_owner"
 
-/* ---- the switch to booking_guard_worker ---- */
+/* ---- the switch to booking_guard_worker (or booking_guard_owner) ---- */
 
 typedef struct AsWorker
 {
@@ -107,19 +111,37 @@ typedef struct AsWorker
 } AsWorker;
 
 static void
-become_worker(AsWorker *as)
+become_role(AsWorker *as, const char *role, const char *why)
 {
-	Oid			worker = get_role_oid(WORKER_ROLE, true);
+	Oid			roleid = get_role_oid(role, true);
 
-	if (!OidIsValid(worker))
+	if (!OidIsValid(roleid))
 		ereport(ERROR,
 				(errcode(ERRCODE_BG_ATTACHMENT),
-				 errmsg("role %s does not exist", WORKER_ROLE),
-				 errdetail("booking_guard writes the application's tables as this role; the extension creates it."),
+				 errmsg("role %s does not exist", role),
+				 errdetail("%s; the extension creates it.", why),
 				 errhint("Run ALTER EXTENSION booking_guard UPDATE, or drop and create the extension again.")));
 	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
-	SetUserIdAndSecContext(worker, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	SetUserIdAndSecContext(roleid, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	as->nest_level = NewGUCNestLevel();
+}
+
+static void
+become_worker(AsWorker *as)
+{
+	become_role(as, WORKER_ROLE, "booking_guard writes the application's tables as this role");
+}
+
+/*
+ * booking_guard_owner, for record_booking()'s writes to booking_guard's own tables (its booking id
+ * lock, its events), which the application's roles may not write. Only the kept queries of
+ * owner_queries below run as the owner: on tables no other role can put code on (triggers,
+ * defaults, policies), naming everything down to its operators.
+ */
+static void
+become_owner(AsWorker *as)
+{
+	become_role(as, OWNER_ROLE, "booking_guard's own tables belong to this role");
 }
 
 /* On error there is nothing to undo here: the (sub)transaction abort restores the user and the
@@ -1535,19 +1557,15 @@ typedef struct KeptFunction
 
 enum
 {
-	FN_LOCK_BOOKING,
 	FN_VALIDATION_VERDICT,
-	FN_BOOKING_FAILED,
-	FN_LOG_BOOKING
+	FN_BOOKING_FAILED
 };
 
 static KeptFunction kept_functions[] = {
-	[FN_LOCK_BOOKING] = {"lock_booking", 1, {TEXTOID}},
 	[FN_VALIDATION_VERDICT] = {"validation_verdict", 13,
 	{INT8OID, INT8OID, TEXTOID, FLOAT8OID, BOOLOID, TEXTOID, TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID,
 	FLOAT8OID, FLOAT8OID}},
 	[FN_BOOKING_FAILED] = {"booking_failed", 6, {INT8OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT8OID}},
-	[FN_LOG_BOOKING] = {"log_booking", 8, {INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
 };
 
 static void
@@ -1564,6 +1582,7 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 	KeptFunction *fn = &kept_functions[which];
 	FmgrInfo	flinfo;
 	LOCAL_FCINFO(fcinfo, 13);
+	PgStat_FunctionCallUsage usage;
 	Datum		result;
 
 	if (!OidIsValid(fn->oid))
@@ -1579,7 +1598,10 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 		fcinfo->args[i].value = args[i];
 		fcinfo->args[i].isnull = nulls[i];
 	}
+	/* counted in pg_stat_user_functions as a query's call would be (track_functions) */
+	pgstat_init_function_usage(fcinfo, &usage);
 	result = FunctionCallInvoke(fcinfo);
+	pgstat_end_function_usage(&usage, true);
 	*result_null = fcinfo->isnull;
 	return result;
 }
@@ -1652,6 +1674,83 @@ run_book_query(int which, Datum *args, const char *nulls, int expected)
 	MemoryContextSwitchTo(cxt);
 	if (rc != expected)
 		elog(ERROR, "booking_guard: record_booking() step %d failed: %s", which, SPI_result_code_string(rc));
+}
+
+/*
+ * record_booking()'s writes to booking_guard's own tables, run as booking_guard_owner (the
+ * application's roles may neither write these tables nor call anything that does beyond these
+ * statements): kept for the session like book_queries, each prepared on first use. They touch
+ * only tables of booking_guard's (no trigger, default or policy there is anyone else's) and name
+ * everything down to its operators and functions, as they are parsed under the caller's
+ * search_path.
+ *
+ *   Q_LOCK            serialises calls of one booking id until the end of the caller's
+ *                     transaction: a second insert of a key waits for the transaction that
+ *                     inserted it. The row is deleted again by the events' statement (Q_EVENTS,
+ *                     Q_EVENT), which every call that got past its input ends with, so the table
+ *                     stays empty (a call that fails takes its row with it: the insert is undone);
+ *                     once the holder's transaction has ended its row is dead and the waiting
+ *                     insert goes through. A plain insert, no ON CONFLICT: a speculative insertion
+ *                     costs more and would only matter for a row that stays. A row lock in
+ *                     booking_guard's own table, not an advisory key another role could hold.
+ *   Q_EVENTS          the validation's event (which the latency KPI and the validation metrics
+ *                     read) and record_booking's own (which the booking metrics count), in one
+ *                     statement that also deletes the booking id's lock row
+ *   Q_EVENT           the same without the validation's event, when no validation ran (a booking
+ *                     recorded before)
+ */
+enum
+{
+	Q_LOCK,
+	Q_EVENTS,
+	Q_EVENT
+};
+
+/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms), $7 booking id;
+ * Q_EVENTS also $8 the validation's duration (ms), $9 the appointment it examined */
+#define UNLOCK_AND_INSERT_EVENTS \
+	"with unlocked as (delete from booking_guard_internal.booking_locks l" \
+	"   where l.booking_id operator(pg_catalog.=) $7)" \
+	" insert into booking_guard.events (kind, entity_type, entity_id, details) values "
+#define BOOKING_EVENT \
+	"('record_booking', 'call', $1::pg_catalog.text," \
+	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
+	" 'created', $5, 'duration_ms', $6))"
+
+static struct
+{
+	const char *query;
+	int			nargs;
+	Oid			argtypes[9];
+	SPIPlanPtr	plan;
+}			owner_queries[] = {
+	[Q_LOCK] = {"insert into booking_guard_internal.booking_locks (booking_id) values ($1)", 1, {TEXTOID}},
+	[Q_EVENTS] = {UNLOCK_AND_INSERT_EVENTS
+		"('validation', 'call', $1::pg_catalog.text,"
+		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $8,"
+		" 'appointment_id', $9)), " BOOKING_EVENT, 9,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, TEXTOID, FLOAT8OID, INT8OID}},
+	[Q_EVENT] = {UNLOCK_AND_INSERT_EVENTS BOOKING_EVENT, 7,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, TEXTOID}},
+};
+
+/* Runs one of owner_queries as booking_guard_owner; returns in the memory context it was called in. */
+static void
+run_owner_query(int which, Datum *args, const char *nulls, int expected)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	AsWorker	as;
+	int			rc;
+
+	become_owner(&as);
+	if (owner_queries[which].plan == NULL)
+		owner_queries[which].plan = prepare_kept(owner_queries[which].query, owner_queries[which].nargs,
+												 owner_queries[which].argtypes);
+	rc = SPI_execute_plan(owner_queries[which].plan, args, nulls, false, 0);
+	end_worker(&as);
+	MemoryContextSwitchTo(cxt);
+	if (rc != expected)
+		elog(ERROR, "booking_guard: record_booking() write %d failed: %s", which, SPI_result_code_string(rc));
 }
 
 /* One column of the first row of the last query's result, copied out of SPI's memory. */
@@ -1854,16 +1953,19 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
  *
  *   1. checks its input; bad input is BG005 and writes nothing
- *   2. serialises on the booking id (lock_booking(), a row lock in booking_guard's own table) and
- *      looks the booking up: recorded before for this call, nothing is created
+ *   2. serialises on the booking id (Q_LOCK as booking_guard_owner, a row lock in booking_guard's
+ *      own table) and looks the booking up: recorded before for this call, nothing
+ *      is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
  *      links the orphan that carries the booking id; flags the call; reads both back and judges them
  *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
  *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
  *      alerts and queues it for review
- *   4. logs the validation's event and record_booking's (log_booking(), one statement)
+ *   4. logs the validation's event and record_booking's, and deletes the lock's row (Q_EVENTS as
+ *      booking_guard_owner, one statement)
  *
- * Runs as the caller: every write to the application is one the caller could make itself.
+ * Runs as the caller: every write to the application is one the caller could make itself; only
+ * the lock and the events, in booking_guard's own tables, are written as booking_guard_owner.
  * Idempotency needs each call to see the appointments committed before it took the lock: READ
  * COMMITTED does, SERIALIZABLE detects the conflict, REPEATABLE READ is refused.
  */
@@ -1881,7 +1983,7 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false, false, false, false, false};
 	Datum		args[13];
 	bool		arg_nulls[13];
-	char		spi_nulls[4];
+	char		spi_nulls[9];
 	bool		isnull;
 	bool		existing_null, existing_call_null;
 	int64		existing_id = 0, existing_call = 0;
@@ -1935,16 +2037,14 @@ record_booking(PG_FUNCTION_ARGS)
 				 errdetail("No calls and appointments tables have been attached in this database."),
 				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
 
-	/* 2. the booking id's lock, then what is recorded under it */
-	args[0] = PointerGetDatum(booking_id);
-	arg_nulls[0] = false;
-	(void) call_kept(FN_LOCK_BOOKING, args, arg_nulls, &isnull);
-
 	/* connected to SPI, but working in the caller's memory: what is kept outlives SPI_finish() */
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	MemoryContextSwitchTo(caller);
+
+	/* 2. the booking id's lock, then what is recorded under it */
 	args[0] = PointerGetDatum(booking_id);
+	run_owner_query(Q_LOCK, args, NULL, SPI_OK_INSERT);
 	run_book_query(Q_RECORDED, args, NULL, SPI_OK_SELECT);
 	existing_call_null = true;
 	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call);
@@ -2082,7 +2182,6 @@ record_booking(PG_FUNCTION_ARGS)
 		}
 		created = success && existing_null;
 	}
-	SPI_finish();
 
 	/* 4. the events: the validation's, when one ran, and record_booking's */
 	if (validated)
@@ -2108,13 +2207,14 @@ record_booking(PG_FUNCTION_ARGS)
 								  DirectFunctionCall1(float8_numeric,
 													  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
 								  Int32GetDatum(3));
-	args[6] = Float8GetDatum(validation_ms);
-	args[7] = examined;
-	memset(arg_nulls, false, sizeof(arg_nulls));
-	arg_nulls[3] = !success || the_id_null;
-	arg_nulls[6] = !validated;
-	arg_nulls[7] = examined_null;
-	(void) call_kept(FN_LOG_BOOKING, args, arg_nulls, &isnull);
+	args[6] = PointerGetDatum(booking_id);
+	args[7] = Float8GetDatum(validation_ms);
+	args[8] = examined;
+	memset(spi_nulls, ' ', sizeof(spi_nulls));
+	spi_nulls[3] = !success || the_id_null ? 'n' : ' ';
+	spi_nulls[8] = examined_null ? 'n' : ' ';
+	run_owner_query(validated ? Q_EVENTS : Q_EVENT, args, spi_nulls, SPI_OK_INSERT);
+	SPI_finish();
 
 	/* the result: success, reason, details, the appointment (none when refused), created */
 	values[0] = BoolGetDatum(success);
