@@ -2,8 +2,8 @@
 -- calendar (Cal.com) booking succeeded.
 --
 --   1. checks its input; bad input is an error (BG005) and writes nothing
---   2. serialises on the booking id (a row lock in booking_guard's own table) and
---      looks the booking up: the appointments table has no unique constraint on
+--   2. serialises on the booking id (a lock the C module takes on a tag no SQL function can take,
+--      so no role can hold it to make bookings wait) and looks the booking up: the appointments table has no unique constraint on
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one that
@@ -22,9 +22,9 @@
 --
 -- It runs with the caller's rights: it writes what the application could write itself (an
 -- appointment, its call's flags), so the caller needs SELECT, INSERT and UPDATE on the two tables,
--- and the table owner's code on them runs with the application's rights. Only its booking id lock
--- and its two events, in booking_guard's own tables, are written as booking_guard_owner: fixed
--- statements kept by the C module, which the application's roles cannot run otherwise. The insert's plan is kept
+-- and the table owner's code on them runs with the application's rights. Only its two events, in
+-- booking_guard's own table, are written as booking_guard_owner: a fixed statement kept by the C
+-- module, which the application's roles cannot run otherwise. The insert's plan is kept
 -- by the C module per table and set of keys: no session-level name the caller could prepare first.
 --
 -- Idempotency needs each call to see the appointments committed before it took the lock: READ

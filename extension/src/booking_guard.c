@@ -23,9 +23,9 @@
  *     table with a plan kept here, keyed by table and set of keys: no session-level name the
  *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
  *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
- *     in PL/pgSQL (booking_failed()). Its booking id lock and its events are two kept statements
- *     each, run as booking_guard_owner (owner_queries): a PL/pgSQL SECURITY DEFINER function for
- *     each cost more than the statements themselves.
+ *     in PL/pgSQL (booking_failed()). Its events are one kept statement run as
+ *     booking_guard_owner (owner_queries), its booking id lock a lock no role can take from SQL
+ *     (lock_booking_id()).
  *
  * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
  */
@@ -61,6 +61,7 @@
 #include "nodes/value.h"
 #include "parser/parse_func.h"
 #include "pgstat.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -1677,41 +1678,47 @@ run_book_query(int which, Datum *args, const char *nulls, int expected)
 }
 
 /*
- * record_booking()'s writes to booking_guard's own tables, run as booking_guard_owner (the
- * application's roles may neither write these tables nor call anything that does beyond these
- * statements): kept for the session like book_queries, each prepared on first use. They touch
- * only tables of booking_guard's (no trigger, default or policy there is anyone else's) and name
- * everything down to its operators and functions, as they are parsed under the caller's
- * search_path.
+ * Serialises record_booking() calls of one booking id until the end of the caller's transaction
+ * (or the savepoint it runs under, when that is rolled back): a heavyweight lock on a tag of the
+ * booking id's own, taken here in C. Its tag is advisory-typed, but with a fourth field no SQL
+ * function sets (pg_advisory_lock() and its kin use 1 and 2): no role can take, hold or release it
+ * from SQL, so no squatter can make a booking wait, and it costs neither a write nor a dead row.
+ * Two booking ids whose 64-bit hashes are equal share a lock: they only wait for each other.
+ * pg_locks shows it as locktype advisory, objsubid 16967, classid and objid the hash.
+ */
+#define BOOKING_LOCK_SPACE 0x4247	/* "BG" */
+
+static void
+lock_booking_id(text *booking_id)
+{
+	LOCKTAG		tag;
+	uint64		hash = DatumGetUInt64(hash_any_extended((unsigned char *) VARDATA_ANY(booking_id),
+														 VARSIZE_ANY_EXHDR(booking_id), 0));
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash, BOOKING_LOCK_SPACE);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * record_booking()'s events, written as booking_guard_owner (the application's roles may neither
+ * write booking_guard.events nor call anything that writes record_booking events for them): kept
+ * for the session like book_queries, each prepared on first use. They touch only a table of
+ * booking_guard's (no trigger, default or policy there is anyone else's) and name everything down
+ * to its operators and functions, as they are parsed under the caller's search_path.
  *
- *   Q_LOCK            serialises calls of one booking id until the end of the caller's
- *                     transaction: a second insert of a key waits for the transaction that
- *                     inserted it. The row is deleted again by the events' statement (Q_EVENTS,
- *                     Q_EVENT), which every call that got past its input ends with, so the table
- *                     stays empty (a call that fails takes its row with it: the insert is undone);
- *                     once the holder's transaction has ended its row is dead and the waiting
- *                     insert goes through. A plain insert, no ON CONFLICT: a speculative insertion
- *                     costs more and would only matter for a row that stays. A row lock in
- *                     booking_guard's own table, not an advisory key another role could hold.
- *   Q_EVENTS          the validation's event (which the latency KPI and the validation metrics
- *                     read) and record_booking's own (which the booking metrics count), in one
- *                     statement that also deletes the booking id's lock row
- *   Q_EVENT           the same without the validation's event, when no validation ran (a booking
- *                     recorded before)
+ *   Q_EVENTS  the validation's event (which the latency KPI and the validation metrics read) and
+ *             record_booking's own (which the booking metrics count), in one statement
+ *   Q_EVENT   record_booking's own alone, when no validation ran (a booking recorded before)
  */
 enum
 {
-	Q_LOCK,
 	Q_EVENTS,
 	Q_EVENT
 };
 
-/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms), $7 booking id;
- * Q_EVENTS also $8 the validation's duration (ms), $9 the appointment it examined */
-#define UNLOCK_AND_INSERT_EVENTS \
-	"with unlocked as (delete from booking_guard_internal.booking_locks l" \
-	"   where l.booking_id operator(pg_catalog.=) $7)" \
-	" insert into booking_guard.events (kind, entity_type, entity_id, details) values "
+/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms); Q_EVENTS also $7
+ * the validation's duration (ms), $8 the appointment it examined */
+#define INSERT_EVENTS "insert into booking_guard.events (kind, entity_type, entity_id, details) values "
 #define BOOKING_EVENT \
 	"('record_booking', 'call', $1::pg_catalog.text," \
 	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
@@ -1721,17 +1728,16 @@ static struct
 {
 	const char *query;
 	int			nargs;
-	Oid			argtypes[9];
+	Oid			argtypes[8];
 	SPIPlanPtr	plan;
 }			owner_queries[] = {
-	[Q_LOCK] = {"insert into booking_guard_internal.booking_locks (booking_id) values ($1)", 1, {TEXTOID}},
-	[Q_EVENTS] = {UNLOCK_AND_INSERT_EVENTS
+	[Q_EVENTS] = {INSERT_EVENTS
 		"('validation', 'call', $1::pg_catalog.text,"
-		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $8,"
-		" 'appointment_id', $9)), " BOOKING_EVENT, 9,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, TEXTOID, FLOAT8OID, INT8OID}},
-	[Q_EVENT] = {UNLOCK_AND_INSERT_EVENTS BOOKING_EVENT, 7,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, TEXTOID}},
+		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $7,"
+		" 'appointment_id', $8)), " BOOKING_EVENT, 8,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
+	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT, 6,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID}},
 };
 
 /* Runs one of owner_queries as booking_guard_owner; returns in the memory context it was called in. */
@@ -1953,19 +1959,18 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
  *
  *   1. checks its input; bad input is BG005 and writes nothing
- *   2. serialises on the booking id (Q_LOCK as booking_guard_owner, a row lock in booking_guard's
- *      own table) and looks the booking up: recorded before for this call, nothing
+ *   2. serialises on the booking id (lock_booking_id(): a lock no role can take from SQL) and looks the booking up: recorded before for this call, nothing
  *      is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
  *      links the orphan that carries the booking id; flags the call; reads both back and judges them
  *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
  *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
  *      alerts and queues it for review
- *   4. logs the validation's event and record_booking's, and deletes the lock's row (Q_EVENTS as
- *      booking_guard_owner, one statement)
+ *   4. logs the validation's event and record_booking's (Q_EVENTS as booking_guard_owner, one
+ *      statement)
  *
  * Runs as the caller: every write to the application is one the caller could make itself; only
- * the lock and the events, in booking_guard's own tables, are written as booking_guard_owner.
+ * the events, in booking_guard's own table, are written as booking_guard_owner.
  * Idempotency needs each call to see the appointments committed before it took the lock: READ
  * COMMITTED does, SERIALIZABLE detects the conflict, REPEATABLE READ is refused.
  */
@@ -1983,7 +1988,7 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false, false, false, false, false};
 	Datum		args[13];
 	bool		arg_nulls[13];
-	char		spi_nulls[9];
+	char		spi_nulls[8];
 	bool		isnull;
 	bool		existing_null, existing_call_null;
 	int64		existing_id = 0, existing_call = 0;
@@ -2037,14 +2042,14 @@ record_booking(PG_FUNCTION_ARGS)
 				 errdetail("No calls and appointments tables have been attached in this database."),
 				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
 
+	/* 2. the booking id's lock, then what is recorded under it */
+	lock_booking_id(booking_id);
+
 	/* connected to SPI, but working in the caller's memory: what is kept outlives SPI_finish() */
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	MemoryContextSwitchTo(caller);
-
-	/* 2. the booking id's lock, then what is recorded under it */
 	args[0] = PointerGetDatum(booking_id);
-	run_owner_query(Q_LOCK, args, NULL, SPI_OK_INSERT);
 	run_book_query(Q_RECORDED, args, NULL, SPI_OK_SELECT);
 	existing_call_null = true;
 	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call);
@@ -2207,12 +2212,11 @@ record_booking(PG_FUNCTION_ARGS)
 								  DirectFunctionCall1(float8_numeric,
 													  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
 								  Int32GetDatum(3));
-	args[6] = PointerGetDatum(booking_id);
-	args[7] = Float8GetDatum(validation_ms);
-	args[8] = examined;
+	args[6] = Float8GetDatum(validation_ms);
+	args[7] = examined;
 	memset(spi_nulls, ' ', sizeof(spi_nulls));
 	spi_nulls[3] = !success || the_id_null ? 'n' : ' ';
-	spi_nulls[8] = examined_null ? 'n' : ' ';
+	spi_nulls[7] = examined_null ? 'n' : ' ';
 	run_owner_query(validated ? Q_EVENTS : Q_EVENT, args, spi_nulls, SPI_OK_INSERT);
 	SPI_finish();
 

@@ -86,33 +86,53 @@ def test_record_booking_runs_nothing_found_on_the_callers_search_path(core, logi
                         ).fetchone()[0] == 3
 
 
-def test_the_app_role_writes_booking_guards_tables_only_through_record_booking(core, login_role):
-    """record_booking() writes its booking id lock and its events as booking_guard_owner, with
-    statements of its own: the application role that calls it can write neither table itself,
-    nor call a function that writes them for it, and the lock's row is gone after each call."""
+def test_the_app_role_writes_record_booking_events_only_through_record_booking(core, login_role):
+    """record_booking() writes its events as booking_guard_owner, with a statement of its own: the
+    application role that calls it can neither write booking_guard.events itself nor call a
+    function that writes record_booking events for it."""
     app, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
     call_id = new_call(conn)
     before = core.execute("select count(*) from booking_guard.events").fetchone()[0]
     assert conn.execute("select success from booking_guard.record_booking(%s, 'cal-own', '{}')",
                         (call_id,)).fetchone()[0] is True
-    assert core.execute("select array_agg(kind order by kind) from booking_guard.events where id > 0 and entity_id = %s",
+    assert core.execute("select array_agg(kind order by kind) from booking_guard.events where entity_id = %s",
                         (str(call_id),)).fetchone()[0] == ["record_booking", "validation"]
     assert core.execute("select count(*) from booking_guard.events").fetchone()[0] == before + 2
-    assert core.execute("select count(*) from booking_guard_internal.booking_locks").fetchone()[0] == 0
-    for statement in ("insert into booking_guard.events (kind, entity_type, entity_id) values ('record_booking', 'call', '1')",
-                      "insert into booking_guard_internal.booking_locks (booking_id) values ('cal-own')",
-                      "delete from booking_guard_internal.booking_locks"):
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute(statement)
-    # no SECURITY DEFINER function the app role may call writes the lock or a record_booking event
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("insert into booking_guard.events (kind, entity_type, entity_id) values ('record_booking', 'call', '1')")
     # (validate_appointment_creation() logs its validation events through log_validation())
     writers = core.execute(r"""
         select p.oid::regprocedure::text from pg_proc p
          where p.prosecdef and has_function_privilege(%s, p.oid, 'execute')
-           and (p.prosrc ~* 'booking_locks'
-                or (p.prosrc ~* 'insert\s+into\s+booking_guard\.events' and p.prosrc ~* '''record_booking'''))""",
+           and p.prosrc ~* 'insert\s+into\s+booking_guard\.events' and p.prosrc ~* '''record_booking'''""",
         (app,)).fetchall()
     assert writers == []
+
+
+def test_no_role_can_hold_the_booking_id_lock(core, login_role, connect):
+    """record_booking() serialises on a lock whose tag no SQL function sets: a role that takes every
+    advisory key derived from the booking id the way the server hashes it holds nothing the
+    booking waits for, while a booking in progress holds it (as pg_locks shows)."""
+    _, squatter = login_role()
+    squatter.execute("""
+        select pg_advisory_lock(h), pg_advisory_lock((h >> 32)::int, (h & 4294967295)::bit(32)::int)
+          from (select hashtextextended('cal-held', 0) h) k""")
+    holder = connect()
+    holder.execute("set lock_timeout = '2s'")
+    holder.execute("begin")
+    first = new_call(core)
+    assert holder.execute("select success from booking_guard.record_booking(%s, 'cal-held', '{}')",
+                          (first,)).fetchone()[0] is True
+    held = core.execute("""
+        select l.classid::bigint << 32 | l.objid::bigint from pg_locks l
+         where l.locktype = 'advisory' and l.objsubid = 16967 and l.pid = %s and l.granted""",
+        (holder.info.backend_pid,)).fetchall()
+    assert held == core.execute("select hashtextextended('cal-held', 0)").fetchall()
+    holder.execute("commit")
+    booker = connect()
+    booker.execute("set lock_timeout = '2s'")
+    assert booker.execute("select success from booking_guard.record_booking(%s, 'cal-held', '{}')",
+                          (first,)).fetchone()[0] is True
 
 
 # -- a table owner's code on the attached tables ------------------------------------------------
