@@ -1959,8 +1959,8 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
  *
  *   1. checks its input; bad input is BG005 and writes nothing
- *   2. serialises on the booking id (lock_booking_id(): a lock no role can take from SQL) and looks the booking up: recorded before for this call, nothing
- *      is created
+ *   2. serialises on the booking id (lock_booking_id(): a lock no role can take from SQL) and
+ *      looks the booking up: recorded before for this call, nothing is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
  *      links the orphan that carries the booking id; flags the call; reads both back and judges them
  *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
