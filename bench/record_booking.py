@@ -1,12 +1,16 @@
 """What record_booking() costs beside the same booking written by the application itself.
 
 Each transaction books one fresh call (the calls are created beforehand, beside a history of
-100,000 booked calls with their appointments; a sequence hands each transaction its own). Three
+100,000 booked calls with their appointments; a sequence hands each transaction its own). Four
 ways, alternating in one run, on the same tables:
 
   bare            begin; insert appointment; update call; commit
                   the tables NOT attached: no booking_guard at all, and none of its guarantees
                   (4 round trips)
+  plain           begin; take the call id; insert appointment; update call; commit
+                  the application's own insert and update on the ATTACHED tables (booking_guard's
+                  triggers fire), without record_booking()'s guarantees: 0.1.0's "plain tx",
+                  statement for statement (5 round trips)
   DIY             the guarantees record_booking() gives, written by the application in one
                   transaction on the attached tables: lock the booking id and look it up
                   (idempotency), insert the appointment, update the call, the validation query
@@ -22,10 +26,14 @@ an index on the time, which is what reading "the last hour's bookings" needs.
 
 Prints TPS at 1 and 8 clients (pgbench -M prepared) and the ratio record_booking / DIY (target
 >= 0.9), and the server CPU per booking of each way (the backend's utime + stime from /proc, one
-connection, prepared statements, the server on this machine) with the ratio record_booking /
-bare (target <= 1.3). On a busy machine TPS follows the scheduler as much as the work; the CPU
-per booking hardly moves with the load. Each CPU figure is the least disturbed of --rounds rounds
-(interference only ever adds CPU); the medians are printed beside them.
+connection, prepared statements, the server on this machine) with every ratio between them. The
+CPU target, record_booking / plain <= 1.3, is set against plain: the baseline it was first
+measured against (an application's insert and update on tables booking_guard guards), so what it
+bounds is what record_booking() adds to booking the call by hand on the same tables. bare (not
+attached) is the stricter baseline: it also counts the triggers every write to the guarded tables
+pays, record_booking() or not. On a busy machine TPS follows the scheduler as much as the work;
+the CPU per booking hardly moves with the load. Each CPU figure is the least disturbed of
+--rounds rounds (interference only ever adds CPU); the medians are printed beside them.
 
 Also where one record_booking() call spends its time (pg_stat_user_functions, track_functions =
 all, this connection only). Writes its output and figures to bench/results/record_booking.txt and
@@ -48,7 +56,7 @@ from _common import ROOT, cpu_seconds, emit, figure, machine, pgbench, scratch_d
 
 DB = "bg_bench_record_booking"
 HISTORY = 100_000   # booked calls with their appointments before the run
-WAYS = ("bare", "DIY", "record_booking")
+WAYS = ("bare", "plain", "DIY", "record_booking")
 
 FLAGS = ("appointment_made = true, session_outcome = 'appointment_booked', appointment_link_status = 'linked',"
          " appointment_linked_at = now(), booking_confirmed = true, call_successful = true, updated_at = now()")
@@ -60,6 +68,15 @@ BARE = [
     "insert into appointments (call_id, calcom_v2_booking_id, status, source)"
     " values (nextval('bench_call_seq'), 'bk-' || currval('bench_call_seq'), 'confirmed', 'retell_webhook')"
     " returning call_id as cid",
+    f"update calls set {FLAGS}, booking_id = 'bk-' || :cid where id = :cid",
+    "commit",
+]
+
+PLAIN = [
+    "begin",
+    "select nextval('bench_call_seq') as cid",
+    "insert into appointments (call_id, calcom_v2_booking_id, status, source)"
+    " values (:cid, 'bk-' || :cid, 'confirmed', 'retell_webhook')",
     f"update calls set {FLAGS}, booking_id = 'bk-' || :cid where id = :cid",
     "commit",
 ]
@@ -91,7 +108,7 @@ RECORD_BOOKING = [
     " '{\"status\": \"confirmed\", \"source\": \"retell_webhook\"}')",
 ]
 
-STATEMENTS = {"bare": BARE, "DIY": DIY, "record_booking": RECORD_BOOKING}
+STATEMENTS = {"bare": BARE, "plain": PLAIN, "DIY": DIY, "record_booking": RECORD_BOOKING}
 
 
 def pgbench_script(statements: list[str]) -> str:
@@ -236,41 +253,48 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     print(f"machine: {machine()}")
     print(f"pgbench -M prepared, {args.seconds} s per run, median of {args.rounds} rounds, the ways in rotating order")
-    print(f"{'clients':>7} {'bare':>8} {'DIY':>8} {'record_booking':>15} {'rb/DIY':>7} {'rb/bare':>8}")
+    print(f"{'clients':>7} {'bare':>8} {'plain':>8} {'DIY':>8} {'record_booking':>15}"
+          f" {'rb/DIY':>7} {'rb/plain':>9} {'rb/bare':>8}")
     medians = {key: statistics.median(values) for key, values in tps.items()}
     clients_run = sorted({c for _, c in tps})
     for clients in clients_run:
-        bare, diy, rb = (medians[(way, clients)] for way in WAYS)
-        print(f"{clients:>7} {bare:>8.0f} {diy:>8.0f} {rb:>15.0f} {rb / diy:>7.2f} {rb / bare:>8.2f}")
+        bare, plain, diy, rb = (medians[(way, clients)] for way in WAYS)
+        print(f"{clients:>7} {bare:>8.0f} {plain:>8.0f} {diy:>8.0f} {rb:>15.0f}"
+              f" {rb / diy:>7.2f} {rb / plain:>9.2f} {rb / bare:>8.2f}")
     figures = []
     for clients in clients_run:
-        figures.append(figure(f"record_booking TPS, {clients} client(s)", medians[("record_booking", clients)], "tps",
+        rb = medians[("record_booking", clients)]
+        figures.append(figure(f"record_booking TPS, {clients} client(s)", rb, "tps",
                               "DIY", medians[("DIY", clients)], ">= 0.9"))
-        figures.append(figure(f"record_booking TPS, {clients} client(s)", medians[("record_booking", clients)], "tps",
-                              "bare", medians[("bare", clients)]))
+        for base in ("plain", "bare"):
+            figures.append(figure(f"record_booking TPS, {clients} client(s)", rb, "tps", base, medians[(base, clients)]))
     if cpu is not None:
         least = {way: min(values) for way, values in cpu.items()}
         median = {way: statistics.median(values) for way, values in cpu.items()}
+        ratios = (("record_booking", "plain"), ("record_booking", "DIY"), ("record_booking", "bare"),
+                  ("DIY", "plain"), ("DIY", "bare"), ("plain", "bare"))
         print(f"server CPU per booking (us), 1 connection, {args.cpu_bookings} bookings per way and round, "
-              f"least disturbed of {args.rounds} rounds (median):")
-        print(f"{'bare':>8} {'DIY':>8} {'record_booking':>15} {'rb/bare':>8} {'rb/DIY':>7} {'DIY/bare':>9}")
-        print(f"{least['bare']:>8.0f} {least['DIY']:>8.0f} {least['record_booking']:>15.0f}"
-              f" {least['record_booking'] / least['bare']:>8.2f} {least['record_booking'] / least['DIY']:>7.2f}"
-              f" {least['DIY'] / least['bare']:>9.2f}")
-        print(f"{median['bare']:>8.0f} {median['DIY']:>8.0f} {median['record_booking']:>15.0f}"
-              f" {median['record_booking'] / median['bare']:>8.2f} {median['record_booking'] / median['DIY']:>7.2f}"
-              f" {median['DIY'] / median['bare']:>9.2f}   (medians)")
+              f"least disturbed of {args.rounds} rounds, then the medians:")
+        names = {"record_booking": "rb"}
+        heads = [f"{names.get(a, a)}/{names.get(b, b)}" for a, b in ratios]
+        print(f"{'bare':>8} {'plain':>8} {'DIY':>8} {'record_booking':>15} " + " ".join(f"{h:>10}" for h in heads))
+        for label, of in (("", least), ("   (medians)", median)):
+            print(f"{of['bare']:>8.0f} {of['plain']:>8.0f} {of['DIY']:>8.0f} {of['record_booking']:>15.0f} "
+                  + " ".join(f"{of[a] / of[b]:>10.2f}" for a, b in ratios) + label)
+        print("the CPU target is rb/plain <= 1.3: plain (the application's insert and update on the attached tables)"
+              " is the baseline it was set against")
         figures.append(figure("server CPU per booking, record_booking", least["record_booking"], "us",
-                              "bare", least["bare"], "<= 1.3"))
-        figures.append(figure("server CPU per booking, record_booking", least["record_booking"], "us",
-                              "DIY", least["DIY"]))
+                              "plain", least["plain"], "<= 1.3"))
+        for base in ("DIY", "bare"):
+            figures.append(figure("server CPU per booking, record_booking", least["record_booking"], "us",
+                                  base, least[base]))
     print("inside one record_booking() call (us per booking, timed by the server; total includes the functions it calls):")
     for function, total, own in inside:
         print(f"  {function:<50} total {total:7.1f}   self {own:7.1f}")
     print(f"bookings: {booked:,} appointments for {used:,} calls; duplicate booking ids: {duplicates}; "
           f"calls flagged without appointment: {inconsistent}; record_booking events: {logged:,}, failed: {failed}; "
           f"alerts: {alerts}")
-    print("targets: record_booking TPS >= 0.9 x DIY at every client count; server CPU per booking <= 1.3 x bare")
+    print("targets: record_booking TPS >= 0.9 x DIY at every client count; server CPU per booking <= 1.3 x plain")
     if duplicates or inconsistent or failed or alerts:
         raise SystemExit("the benchmark's bookings were not all consistent: the figures above are not comparable")
     return figures

@@ -43,7 +43,10 @@ comment on function booking_guard_internal.log_validation(bigint, boolean, text,
     'validate_appointment_creation(): appends its validation event (success, reason, duration, appointment), which the latency KPI and the metrics read.';
 
 -- The rules (body in extension/plpython/validation_verdict.py). It runs no SQL and reads
--- nothing: it judges the facts it is given, with the caller's rights like its callers.
+-- nothing: it judges the facts it is given, with the caller's rights like its callers. The one
+-- function without a pinned search_path: it resolves no name (no query, no cast by name), so
+-- there is nothing for a search_path to change, and a SET clause would cost a setting's save and
+-- restore, and a recomputation of the caller's search path, on every booking.
 create function booking_guard_internal.validation_verdict(
     call_id bigint, appointment_id bigint, calcom_booking_id text, started float8,
     call_found boolean, retell_call_id text, call_booking_id text,
@@ -52,7 +55,6 @@ create function booking_guard_internal.validation_verdict(
 returns booking_guard.validation_result
 language plpython3u
 volatile
-set search_path = pg_catalog, pg_temp
 as $python$
 @plpython validation_verdict.py
 return validation_verdict(plpy, call_id, appointment_id, calcom_booking_id, started, call_found, retell_call_id,

@@ -2,8 +2,8 @@
 -- calendar (Cal.com) booking succeeded.
 --
 --   1. checks its input; bad input is an error (BG005) and writes nothing
---   2. serialises on the booking id (lock_booking(): a row lock in booking_guard's own table) and
---      looks the booking up: the appointments table has no unique constraint on
+--   2. serialises on the booking id (a lock the C module takes on a tag no SQL function can take,
+--      so no role can hold it to make bookings wait) and looks the booking up: the appointments table has no unique constraint on
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one that
@@ -17,13 +17,14 @@
 --
 -- The steps are one C function (extension/src/booking_guard.c): the booking path has to cost what
 -- an application doing the same itself costs, and PL/pgSQL's own work per statement and expression
--- was most of the difference (docs/performance.md). What decides stays in PL/Python and PL/pgSQL:
--- the validation's rules (validation_verdict()), what a refusal does (booking_failed()), what is
--- logged (log_booking()).
+-- was most of the difference (bench/record_booking.py measures both). What decides stays in PL/Python and PL/pgSQL:
+-- the validation's rules (validation_verdict()), what a refusal does (booking_failed()).
 --
 -- It runs with the caller's rights: it writes what the application could write itself (an
 -- appointment, its call's flags), so the caller needs SELECT, INSERT and UPDATE on the two tables,
--- and the table owner's code on them runs with the application's rights. The insert's plan is kept
+-- and the table owner's code on them runs with the application's rights. Only its two events, in
+-- booking_guard's own table, are written as booking_guard_owner: a fixed statement kept by the C
+-- module, which the application's roles cannot run otherwise. The insert's plan is kept
 -- by the C module per table and set of keys: no session-level name the caller could prepare first.
 --
 -- Idempotency needs each call to see the appointments committed before it took the lock: READ
@@ -40,62 +41,6 @@ create type booking_guard.booking_result as (
 
 comment on type booking_guard.booking_result is
     'Outcome of record_booking(): the validation_result fields, the appointment id (null when the booking failed) and created (false when the booking had been recorded before).';
-
--- Concurrent callers with the same booking id queue on the row this inserts: a second insert of a
--- key waits for the transaction holding it. The row is deleted again at once, so the table stays
--- empty; the wait lasts until the holder's transaction ends. Once the holder has ended, its row is
--- dead (deleted, or never committed), so the waiting insert goes through: a plain insert, no ON
--- CONFLICT (a speculative insertion costs more and would only matter for a row that stays).
-create function booking_guard_internal.lock_booking(booking_id text)
-returns void
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    insert into booking_guard_internal.booking_locks (booking_id) values (lock_booking.booking_id);
-    delete from booking_guard_internal.booking_locks l where l.booking_id = lock_booking.booking_id;
-end
-$$;
-
-comment on function booking_guard_internal.lock_booking(text) is
-    'Serialises record_booking() calls of one booking id until the end of the caller''s transaction (a row lock in booking_guard_internal.booking_locks, not an advisory key another role could hold).';
-
--- What record_booking() records on booking_guard's side, with booking_guard_owner's rights: the
--- application role can write its bookings, not booking_guard's tables. One statement writes both
--- events, the validation's (when one ran: validation_ms is not null), which the latency KPI and the
--- validation metrics read, and record_booking's own, which the booking metrics count. PL/pgSQL
--- keeps the statements' plans for the session.
-create function booking_guard_internal.log_booking(call_id bigint, success boolean, reason text,
-                                                   appointment_id bigint, created boolean, duration_ms numeric,
-                                                   validation_ms float8, validated_id bigint)
-returns void
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    if log_booking.validation_ms is null then
-        insert into booking_guard.events (kind, entity_type, entity_id, details)
-        values ('record_booking', 'call', log_booking.call_id::text,
-                jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
-                                   'appointment_id', log_booking.appointment_id, 'created', log_booking.created,
-                                   'duration_ms', log_booking.duration_ms));
-    else
-        insert into booking_guard.events (kind, entity_type, entity_id, details)
-        values ('validation', 'call', log_booking.call_id::text,
-                jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
-                                   'duration_ms', log_booking.validation_ms, 'appointment_id', log_booking.validated_id)),
-               ('record_booking', 'call', log_booking.call_id::text,
-                jsonb_build_object('success', log_booking.success, 'reason', left(log_booking.reason, 63),
-                                   'appointment_id', log_booking.appointment_id, 'created', log_booking.created,
-                                   'duration_ms', log_booking.duration_ms));
-    end if;
-end
-$$;
-
-comment on function booking_guard_internal.log_booking(bigint, boolean, text, bigint, boolean, numeric, float8, bigint) is
-    'record_booking(): appends its validation event (when validation_ms is not null: duration and the appointment examined), which the latency KPI reads, and its own event (success, reason, appointment, duration), which the booking metrics count.';
 
 -- A booking that failed validation: a critical alert, and a review item with everything needed to
 -- redo it by hand (its validation event is logged with record_booking's, outside the undone

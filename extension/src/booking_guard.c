@@ -26,7 +26,9 @@
  *     table with a plan kept here, keyed by table and set of keys: no session-level name the
  *     caller could prepare first (0.1.0 executed a prepared statement whose name the caller could
  *     predict). The rules it applies stay in PL/Python (validation_verdict()), what a refusal does
- *     and what is logged in PL/pgSQL (booking_failed(), log_booking()).
+ *     in PL/pgSQL (booking_failed()). Its events are one kept statement run as
+ *     booking_guard_owner (owner_queries), its booking id lock a lock no role can take from SQL
+ *     (lock_booking_id()).
  *
  * Every query is schema-qualified down to its operators: it runs under the caller's search_path.
  */
@@ -63,6 +65,8 @@
 #include "nodes/value.h"
 #include "parser/parse_func.h"
 #include "parser/parser.h"
+#include "pgstat.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -107,8 +111,9 @@ void		_PG_init(void);
 #define ERRCODE_BG_BAD_INPUT	MAKE_SQLSTATE('B','G','0','0','5')
 
 #define WORKER_ROLE "booking_guard_worker"
+#define OWNER_ROLE "booking_guard_owner"
 
-/* ---- the switch to booking_guard_worker ---- */
+/* ---- the switch to booking_guard_worker (or booking_guard_owner) ---- */
 
 typedef struct AsWorker
 {
@@ -118,19 +123,37 @@ typedef struct AsWorker
 } AsWorker;
 
 static void
-become_worker(AsWorker *as)
+become_role(AsWorker *as, const char *role, const char *why)
 {
-	Oid			worker = get_role_oid(WORKER_ROLE, true);
+	Oid			roleid = get_role_oid(role, true);
 
-	if (!OidIsValid(worker))
+	if (!OidIsValid(roleid))
 		ereport(ERROR,
 				(errcode(ERRCODE_BG_ATTACHMENT),
-				 errmsg("role %s does not exist", WORKER_ROLE),
-				 errdetail("booking_guard writes the application's tables as this role; the extension creates it."),
+				 errmsg("role %s does not exist", role),
+				 errdetail("%s; the extension creates it.", why),
 				 errhint("Run ALTER EXTENSION booking_guard UPDATE, or drop and create the extension again.")));
 	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
-	SetUserIdAndSecContext(worker, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	SetUserIdAndSecContext(roleid, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	as->nest_level = NewGUCNestLevel();
+}
+
+static void
+become_worker(AsWorker *as)
+{
+	become_role(as, WORKER_ROLE, "booking_guard writes the application's tables as this role");
+}
+
+/*
+ * booking_guard_owner, for record_booking()'s writes to booking_guard's own tables (its booking id
+ * lock, its events), which the application's roles may not write. Only the kept queries of
+ * owner_queries below run as the owner: on tables no other role can put code on (triggers,
+ * defaults, policies), naming everything down to its operators.
+ */
+static void
+become_owner(AsWorker *as)
+{
+	become_role(as, OWNER_ROLE, "booking_guard's own tables belong to this role");
 }
 
 /* On error there is nothing to undo here: the (sub)transaction abort restores the user and the
@@ -2145,19 +2168,15 @@ typedef struct KeptFunction
 
 enum
 {
-	FN_LOCK_BOOKING,
 	FN_VALIDATION_VERDICT,
-	FN_BOOKING_FAILED,
-	FN_LOG_BOOKING
+	FN_BOOKING_FAILED
 };
 
 static KeptFunction kept_functions[] = {
-	[FN_LOCK_BOOKING] = {"lock_booking", 1, {TEXTOID}},
 	[FN_VALIDATION_VERDICT] = {"validation_verdict", 13,
 	{INT8OID, INT8OID, TEXTOID, FLOAT8OID, BOOLOID, TEXTOID, TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID,
 	FLOAT8OID, FLOAT8OID}},
 	[FN_BOOKING_FAILED] = {"booking_failed", 6, {INT8OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT8OID}},
-	[FN_LOG_BOOKING] = {"log_booking", 8, {INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
 };
 
 static void
@@ -2174,6 +2193,7 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 	KeptFunction *fn = &kept_functions[which];
 	FmgrInfo	flinfo;
 	LOCAL_FCINFO(fcinfo, 13);
+	PgStat_FunctionCallUsage usage;
 	Datum		result;
 
 	if (!OidIsValid(fn->oid))
@@ -2189,7 +2209,10 @@ call_kept(int which, Datum *args, bool *nulls, bool *result_null)
 		fcinfo->args[i].value = args[i];
 		fcinfo->args[i].isnull = nulls[i];
 	}
+	/* counted in pg_stat_user_functions as a query's call would be (track_functions) */
+	pgstat_init_function_usage(fcinfo, &usage);
 	result = FunctionCallInvoke(fcinfo);
+	pgstat_end_function_usage(&usage, true);
 	*result_null = fcinfo->isnull;
 	return result;
 }
@@ -2262,6 +2285,88 @@ run_book_query(int which, Datum *args, const char *nulls, int expected)
 	MemoryContextSwitchTo(cxt);
 	if (rc != expected)
 		elog(ERROR, "booking_guard: record_booking() step %d failed: %s", which, SPI_result_code_string(rc));
+}
+
+/*
+ * Serialises record_booking() calls of one booking id until the end of the caller's transaction
+ * (or the savepoint it runs under, when that is rolled back): a heavyweight lock on a tag of the
+ * booking id's own, taken here in C. Its tag is advisory-typed, but with a fourth field no SQL
+ * function sets (pg_advisory_lock() and its kin use 1 and 2): no role can take, hold or release it
+ * from SQL, so no squatter can make a booking wait, and it costs neither a write nor a dead row.
+ * Two booking ids whose 64-bit hashes are equal share a lock: they only wait for each other.
+ * pg_locks shows it as locktype advisory, objsubid 16967, classid and objid the hash.
+ */
+#define BOOKING_LOCK_SPACE 0x4247	/* "BG" */
+
+static void
+lock_booking_id(text *booking_id)
+{
+	LOCKTAG		tag;
+	uint64		hash = DatumGetUInt64(hash_any_extended((unsigned char *) VARDATA_ANY(booking_id),
+														 VARSIZE_ANY_EXHDR(booking_id), 0));
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash, BOOKING_LOCK_SPACE);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * record_booking()'s events, written as booking_guard_owner (the application's roles may neither
+ * write booking_guard.events nor call anything that writes record_booking events for them): kept
+ * for the session like book_queries, each prepared on first use. They touch only a table of
+ * booking_guard's (no trigger, default or policy there is anyone else's) and name everything down
+ * to its operators and functions, as they are parsed under the caller's search_path.
+ *
+ *   Q_EVENTS  the validation's event (which the latency KPI and the validation metrics read) and
+ *             record_booking's own (which the booking metrics count), in one statement
+ *   Q_EVENT   record_booking's own alone, when no validation ran (a booking recorded before)
+ */
+enum
+{
+	Q_EVENTS,
+	Q_EVENT
+};
+
+/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms); Q_EVENTS also $7
+ * the validation's duration (ms), $8 the appointment it examined */
+#define INSERT_EVENTS "insert into booking_guard.events (kind, entity_type, entity_id, details) values "
+#define BOOKING_EVENT \
+	"('record_booking', 'call', $1::pg_catalog.text," \
+	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
+	" 'created', $5, 'duration_ms', $6))"
+
+static struct
+{
+	const char *query;
+	int			nargs;
+	Oid			argtypes[8];
+	SPIPlanPtr	plan;
+}			owner_queries[] = {
+	[Q_EVENTS] = {INSERT_EVENTS
+		"('validation', 'call', $1::pg_catalog.text,"
+		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $7,"
+		" 'appointment_id', $8)), " BOOKING_EVENT, 8,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
+	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT, 6,
+	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID}},
+};
+
+/* Runs one of owner_queries as booking_guard_owner; returns in the memory context it was called in. */
+static void
+run_owner_query(int which, Datum *args, const char *nulls, int expected)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	AsWorker	as;
+	int			rc;
+
+	become_owner(&as);
+	if (owner_queries[which].plan == NULL)
+		owner_queries[which].plan = prepare_kept(owner_queries[which].query, owner_queries[which].nargs,
+												 owner_queries[which].argtypes);
+	rc = SPI_execute_plan(owner_queries[which].plan, args, nulls, false, 0);
+	end_worker(&as);
+	MemoryContextSwitchTo(cxt);
+	if (rc != expected)
+		elog(ERROR, "booking_guard: record_booking() write %d failed: %s", which, SPI_result_code_string(rc));
 }
 
 /* One column of the first row of the last query's result, copied out of SPI's memory. */
@@ -2464,16 +2569,18 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  * booking_guard.record_booking(call_id, calcom_booking_id, appointment): one booking as one C call:
  *
  *   1. checks its input; bad input is BG005 and writes nothing
- *   2. serialises on the booking id (lock_booking(), a row lock in booking_guard's own table) and
+ *   2. serialises on the booking id (lock_booking_id(): a lock no role can take from SQL) and
  *      looks the booking up: recorded before for this call, nothing is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
  *      links the orphan that carries the booking id; flags the call; reads both back and judges them
  *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
  *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
  *      alerts and queues it for review
- *   4. logs the validation's event and record_booking's (log_booking(), one statement)
+ *   4. logs the validation's event and record_booking's (Q_EVENTS as booking_guard_owner, one
+ *      statement)
  *
- * Runs as the caller: every write to the application is one the caller could make itself.
+ * Runs as the caller: every write to the application is one the caller could make itself; only
+ * the events, in booking_guard's own table, are written as booking_guard_owner.
  * Idempotency needs each call to see the appointments committed before it took the lock: READ
  * COMMITTED does, SERIALIZABLE detects the conflict, REPEATABLE READ is refused.
  */
@@ -2491,7 +2598,7 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false, false, false, false, false};
 	Datum		args[13];
 	bool		arg_nulls[13];
-	char		spi_nulls[4];
+	char		spi_nulls[8];
 	bool		isnull;
 	bool		existing_null, existing_call_null;
 	int64		existing_id = 0, existing_call = 0;
@@ -2546,9 +2653,7 @@ record_booking(PG_FUNCTION_ARGS)
 				 errhint("select booking_guard.attach('public.calls', 'public.appointments');")));
 
 	/* 2. the booking id's lock, then what is recorded under it */
-	args[0] = PointerGetDatum(booking_id);
-	arg_nulls[0] = false;
-	(void) call_kept(FN_LOCK_BOOKING, args, arg_nulls, &isnull);
+	lock_booking_id(booking_id);
 
 	/* connected to SPI, but working in the caller's memory: what is kept outlives SPI_finish() */
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -2692,7 +2797,6 @@ record_booking(PG_FUNCTION_ARGS)
 		}
 		created = success && existing_null;
 	}
-	SPI_finish();
 
 	/* 4. the events: the validation's, when one ran, and record_booking's */
 	if (validated)
@@ -2720,11 +2824,11 @@ record_booking(PG_FUNCTION_ARGS)
 								  Int32GetDatum(3));
 	args[6] = Float8GetDatum(validation_ms);
 	args[7] = examined;
-	memset(arg_nulls, false, sizeof(arg_nulls));
-	arg_nulls[3] = !success || the_id_null;
-	arg_nulls[6] = !validated;
-	arg_nulls[7] = examined_null;
-	(void) call_kept(FN_LOG_BOOKING, args, arg_nulls, &isnull);
+	memset(spi_nulls, ' ', sizeof(spi_nulls));
+	spi_nulls[3] = !success || the_id_null ? 'n' : ' ';
+	spi_nulls[7] = examined_null ? 'n' : ' ';
+	run_owner_query(validated ? Q_EVENTS : Q_EVENT, args, spi_nulls, SPI_OK_INSERT);
+	SPI_finish();
 
 	/* the result: success, reason, details, the appointment (none when refused), created */
 	values[0] = BoolGetDatum(success);

@@ -1,6 +1,6 @@
 -- Every object the extension creates, its column types, comments and privileges.
 begin;
-select plan(67);
+select plan(68);
 
 select has_schema('booking_guard');
 select has_schema('booking_guard_internal');
@@ -85,11 +85,20 @@ select is_empty($$select c.oid::regclass::text from pg_class c
                      and c.relkind in ('r', 'v')
                      and exists (select from aclexplode(c.relacl) a where a.grantee = 0)$$,
                 'no table or view is granted to PUBLIC');
+-- validation_verdict() alone does not: it runs no query and resolves no name, and a SET clause
+-- would cost a setting's save and restore on every booking. It must stay harmless without one: not
+-- SECURITY DEFINER, and no SQL in its body (plpy.execute, plpy.prepare, plpy.cursor).
 select is_empty($$select p.oid::regprocedure::text from pg_proc p
                    where p.pronamespace in ('booking_guard'::regnamespace, 'booking_guard_internal'::regnamespace)
                      and p.prolang <> (select oid from pg_language where lanname = 'c')
+                     and p.oid <> 'booking_guard_internal.validation_verdict(bigint, bigint, text, float8, boolean, text, text, bigint, bigint, text, text, float8, float8)'::regprocedure
                      and not exists (select from unnest(p.proconfig) c where c = 'search_path=pg_catalog, pg_temp')$$,
-                'every SQL, PL/pgSQL and PL/Python function pins search_path = pg_catalog, pg_temp');
+                'every SQL, PL/pgSQL and PL/Python function but validation_verdict() pins search_path = pg_catalog, pg_temp');
+select ok(not p.prosecdef and p.prosrc !~ 'plpy\.(execute|prepare|cursor)'
+          and not exists (select from unnest(p.proconfig) c where c like 'search_path=%'),
+          'validation_verdict() runs with its caller''s rights and no query: no search_path to pin')
+  from pg_proc p
+ where p.oid = 'booking_guard_internal.validation_verdict(bigint, bigint, text, float8, boolean, text, text, bigint, bigint, text, text, float8, float8)'::regprocedure;
 -- C functions resolve no name through search_path: every query they run is schema-qualified
 -- down to its operators. None is SECURITY DEFINER: where they need rights they switch to
 -- booking_guard_worker around their queries (a declared rule's SQL: to its role).

@@ -56,6 +56,8 @@ create function hostile.minus_tstz(a timestamptz, b timestamptz) returns interva
 begin insert into hostile.fired values ('- timestamptz'); return a operator(pg_catalog.-) b; end $$;
 create function hostile.now() returns timestamptz language plpgsql as $$
 begin insert into hostile.fired values ('now()'); return pg_catalog.now(); end $$;
+create function hostile."left"(t text, n integer) returns text language plpgsql as $$
+begin insert into hostile.fired values ('left()'); return pg_catalog."left"(t, n); end $$;
 create operator hostile.= (leftarg = bigint, rightarg = bigint, function = hostile.eq_int8);
 create operator hostile.= (leftarg = text, rightarg = text, function = hostile.eq_text);
 create operator hostile.- (leftarg = timestamptz, rightarg = timestamptz, function = hostile.minus_tstz);
@@ -78,10 +80,59 @@ def test_record_booking_runs_nothing_found_on_the_callers_search_path(core, logi
                              (first, "cal-path-2")):   # created, recorded before, linked, refused
         conn.execute("select booking_guard.record_booking(%s, %s, '{}')", (call_id, booking))
     assert core.execute("select what from hostile.fired").fetchall() == []
-    conn.execute("select 1::bigint = 2::bigint, now()")   # an unqualified query picks them
-    assert sorted(core.execute("select what from hostile.fired").fetchall()) == [("= bigint",), ("now()",)]
+    conn.execute("select 1::bigint = 2::bigint, now(), left('ab', 1)")   # an unqualified query picks them
+    assert sorted(core.execute("select what from hostile.fired").fetchall()) == [("= bigint",), ("left()",), ("now()",)]
     assert core.execute("select count(*) from appointments where calcom_v2_booking_id like 'cal-path-%'"
                         ).fetchone()[0] == 3
+
+
+def test_the_app_role_writes_record_booking_events_only_through_record_booking(core, login_role):
+    """record_booking() writes its events as booking_guard_owner, with a statement of its own: the
+    application role that calls it can neither write booking_guard.events itself nor call a
+    function that writes record_booking events for it."""
+    app, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
+    call_id = new_call(conn)
+    before = core.execute("select count(*) from booking_guard.events").fetchone()[0]
+    assert conn.execute("select success from booking_guard.record_booking(%s, 'cal-own', '{}')",
+                        (call_id,)).fetchone()[0] is True
+    assert core.execute("select array_agg(kind order by kind) from booking_guard.events where entity_id = %s",
+                        (str(call_id),)).fetchone()[0] == ["record_booking", "validation"]
+    assert core.execute("select count(*) from booking_guard.events").fetchone()[0] == before + 2
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("insert into booking_guard.events (kind, entity_type, entity_id) values ('record_booking', 'call', '1')")
+    # (validate_appointment_creation() logs its validation events through log_validation())
+    writers = core.execute(r"""
+        select p.oid::regprocedure::text from pg_proc p
+         where p.prosecdef and has_function_privilege(%s, p.oid, 'execute')
+           and p.prosrc ~* 'insert\s+into\s+booking_guard\.events' and p.prosrc ~* '''record_booking'''""",
+        (app,)).fetchall()
+    assert writers == []
+
+
+def test_no_role_can_hold_the_booking_id_lock(core, login_role, connect):
+    """record_booking() serialises on a lock whose tag no SQL function sets: a role that takes every
+    advisory key derived from the booking id the way the server hashes it holds nothing the
+    booking waits for, while a booking in progress holds it (as pg_locks shows)."""
+    _, squatter = login_role()
+    squatter.execute("""
+        select pg_advisory_lock(h), pg_advisory_lock((h >> 32)::int, (h & 4294967295)::bit(32)::int)
+          from (select hashtextextended('cal-held', 0) h) k""")
+    holder = connect()
+    holder.execute("set lock_timeout = '2s'")
+    holder.execute("begin")
+    first = new_call(core)
+    assert holder.execute("select success from booking_guard.record_booking(%s, 'cal-held', '{}')",
+                          (first,)).fetchone()[0] is True
+    held = core.execute("""
+        select l.classid::bigint << 32 | l.objid::bigint from pg_locks l
+         where l.locktype = 'advisory' and l.objsubid = 16967 and l.pid = %s and l.granted""",
+        (holder.info.backend_pid,)).fetchall()
+    assert held == core.execute("select hashtextextended('cal-held', 0)").fetchall()
+    holder.execute("commit")
+    booker = connect()
+    booker.execute("set lock_timeout = '2s'")
+    assert booker.execute("select success from booking_guard.record_booking(%s, 'cal-held', '{}')",
+                          (first,)).fetchone()[0] is True
 
 
 # -- a table owner's code on the attached tables ------------------------------------------------

@@ -54,13 +54,6 @@ insert into booking_guard.jobs (job, schedule, expected_every, description) valu
     ('purge', '15 * * * *', '1 hour', 'removes what is past its retention (purge())');
 insert into booking_guard.job_runs (job) values ('purge') on conflict (job) do nothing;
 
--- Serialisation of record_booking() per booking id (a row lock, not an advisory key).
-create table booking_guard_internal.booking_locks (
-    booking_id  text primary key
-);
-comment on table booking_guard_internal.booking_locks is
-    'Always empty: record_booking() inserts and deletes a booking id here so that concurrent calls for one booking id wait for each other.';
-
 -- The entities a run of the scheduled monitor still has to look at (one run at a time).
 create table booking_guard_internal.monitor_queue (
     kind       text not null check (kind in ('call', 'appointment', 'booking')),
