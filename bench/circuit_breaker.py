@@ -23,8 +23,8 @@ Each cell is measured --repeat times, booking_guard under each policy and pybrea
 medians are printed, both policies against the same pybreaker figure (the machine may be shared;
 taking turns spreads any disturbance over every side).
 
-usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32] [--policies default,count_based]
-                                                [--model processes|threads|both]
+usage: .venv/bin/python bench/circuit_breaker.py [--seconds 1.5] [--repeat 3] [--rounds 20] [--clients 1,8,32]
+                                                 [--policies default,count_based] [--model processes|threads|both]
 """
 
 import argparse

@@ -122,6 +122,16 @@ typedef struct AsWorker
 	int			nest_level;
 } AsWorker;
 
+/* Runs as roleid until end_worker(): a local, security-restricted user id change, with the settings
+ * changed meanwhile undone at the end. */
+static void
+become_role_id(AsWorker *as, Oid roleid)
+{
+	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
+	SetUserIdAndSecContext(roleid, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	as->nest_level = NewGUCNestLevel();
+}
+
 static void
 become_role(AsWorker *as, const char *role, const char *why)
 {
@@ -133,9 +143,7 @@ become_role(AsWorker *as, const char *role, const char *why)
 				 errmsg("role %s does not exist", role),
 				 errdetail("%s; the extension creates it.", why),
 				 errhint("Run ALTER EXTENSION booking_guard UPDATE, or drop and create the extension again.")));
-	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
-	SetUserIdAndSecContext(roleid, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	as->nest_level = NewGUCNestLevel();
+	become_role_id(as, roleid);
 }
 
 static void
@@ -1224,16 +1232,14 @@ rules_changed(PG_FUNCTION_ARGS)
  * store_declared_rule(), which checks it as above, and only stores it.
  */
 
-#define OWNER_ROLE "booking_guard_owner"
 #define DECLARED_SQL_MAX 4000
 #define DECLARED_TIMEOUT_DEFAULT_MS 5000	/* the setting declared_rule_timeout's default */
 
+/* As become_role_id(), with search_path pg_catalog, pg_temp: for a declared rule's SQL. */
 static void
-become_role(AsWorker *as, Oid role)
+become_declared_role(AsWorker *as, Oid role)
 {
-	GetUserIdAndSecContext(&as->saved_user, &as->saved_context);
-	SetUserIdAndSecContext(role, as->saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	as->nest_level = NewGUCNestLevel();
+	become_role_id(as, role);
 	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
 							 true, 0, false);
 }
@@ -1397,7 +1403,7 @@ validate_part(const char *rule_name, const char *part, Oid run_as, RawCheck raw_
 		raw_check(sql);
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "booking_guard: SPI_connect failed");
-		become_role(&as, run_as);
+		become_declared_role(&as, run_as);
 		plan_and_check(query, nargs, argtypes);
 		end_role(&as);
 		SPI_finish();
@@ -1527,7 +1533,7 @@ store_declared_rule(PG_FUNCTION_ARGS)
 	values[8] = ObjectIdGetDatum(run_as);
 	values[9] = CStringGetTextDatum(GetUserNameFromId(declarer, false));
 	values[10] = CStringGetTextDatum(GetUserNameFromId(GetSessionUserId(), false));
-	become_role(&as, get_role_oid(OWNER_ROLE, false));
+	become_declared_role(&as, get_role_oid(OWNER_ROLE, false));
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
 	rc = SPI_execute_with_args(
@@ -1745,7 +1751,7 @@ declared_matches(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
-	become_role(&as, rule.run_as);
+	become_declared_role(&as, rule.run_as);
 	plan = SPI_prepare(predicate_query(rule.is_call, rule.predicate, rule.table), 1, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "booking_guard: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1791,7 +1797,7 @@ declared_repair(PG_FUNCTION_ARGS)
 		PG_RETURN_INT64(0);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "booking_guard: SPI_connect failed");
-	become_role(&as, rule.run_as);
+	become_declared_role(&as, rule.run_as);
 	rc = execute_bounded(rule_name, "repair", rule.timeout_ms, NULL, rule.repair, argtypes, &id, false);
 	if (rc < 0)
 		elog(ERROR, "booking_guard: the repair of rule \"%s\" failed: %s", rule_name, SPI_result_code_string(rc));

@@ -181,8 +181,9 @@ def run(dsn: str, config: SimConfig = DEMO_CONFIG, listen: str | None = None,
         print(heading("1. The workload"))
         print(f"{config.calls} calls by {config.workers} phone-agent workers, each with its own connection; bookings go to a"
               f" fake Cal.com on 127.0.0.1 ({config.calcom_latency * 1000:.0f} ms, {config.calcom_failure_rate:.0%} failures)"
-              f" under the circuit breaker, then through booking_guard.record_booking() or, like an application without booking_guard, by"
-              f" raw SQL. {config.fault_rate:.0%} of the bookings get a fault injected; Cal.com goes down for"
+              f" under the circuit breaker, then through booking_guard.record_booking() or, like an application"
+              f" without booking_guard, by raw SQL. {config.fault_rate:.0%} of the bookings get a fault injected;"
+              f" Cal.com goes down for"
               f" {config.outages[0][1]:g} s a third of the way in. verification_grace is {config.grace:g} s (default: 5 s),"
               f" the breaker cooldown {config.cooldown:g} s (default: 30 s); verify_due() runs every second, as"
               f" `booking-guard serve` does, and run_monitor() every {config.monitor_every:g} s (pg_cron: every minute).")
