@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from test_consistency_triggers import BOOKED, FAILED, alerts, call_row, flags, link_of, new_appointment, new_call, set_rule
+from support.application_rows import BOOKED, FAILED, alerts, call_row, flags, link_of, new_appointment, new_call, set_rule
 
 UNFLAGGED = (None, False, None)
 

@@ -8,9 +8,9 @@ import threading
 import booking_guard.app as app
 import psycopg
 import pytest
+from booking_guard.app import CircuitOpen, circuit
 from booking_guard.app.circuit import CallTimeout, call_async
 from booking_guard.app.circuit import CircuitOpen as CircuitOpenFromModule
-from booking_guard.app import CircuitOpen, circuit
 
 # the module itself: booking_guard.app's attribute `circuit` is the class it exports
 circuit_module = importlib.import_module("booking_guard.app.circuit")

@@ -180,7 +180,7 @@ def test_validation_events_feed_the_latency_kpi(attached):
              from booking_guard.events where kind = 'validation' and entity_id = %s""", (str(call_id),)).fetchone()
     assert n == 21
     assert reasons == ["ok"]
-    assert 0 < p95 < 1000
+    assert p95 > 0      # each validation logs its duration (how long it may take is bench/'s business)
 
 
 def test_the_insert_leaves_no_session_statement_and_survives_discard(attached, connect):
