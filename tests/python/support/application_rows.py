@@ -36,6 +36,16 @@ def new_call(db: psycopg.Connection, **cols) -> int:
     return insert(db, "calls", cols)
 
 
+def call_to_book(db: psycopg.Connection, retell_id: str, booking_id: str | None = None) -> int:
+    """A call of company 1 (created if missing) with this Retell id, as an application writes it
+    before it records the call's booking (record_booking())."""
+    db.execute("insert into companies (id, name) values (1, 'c1') on conflict do nothing")
+    return db.execute(
+        "insert into calls (retell_call_id, company_id, direction, booking_id) values (%s, 1, 'inbound', %s) returning id",
+        (retell_id, booking_id),
+    ).fetchone()[0]
+
+
 def new_appointment(db: psycopg.Connection, call_id: int | None, **cols) -> int:
     """An appointment of company 1 with a fresh Cal.com booking id, for `call_id` (or none)."""
     cols.setdefault("calcom_v2_booking_id", f"cal-{next(_serial)}")
