@@ -1,21 +1,14 @@
 """The Python side of the booking path: booking_guard.app.record_booking() and retry_with_backoff()."""
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from booking_guard import app
 from booking_guard.app.booking import BookingResult, backoff_delay, validation_reasons
 from conftest import APP_TABLE_GRANTS
-
-
-def new_call(conn: psycopg.Connection, retell_id: str, booking_id: str | None = None) -> int:
-    conn.execute("insert into companies (id, name) values (1, 'c1') on conflict do nothing")
-    return conn.execute(
-        "insert into calls (retell_call_id, company_id, direction, booking_id) values (%s, 1, 'inbound', %s) returning id",
-        (retell_id, booking_id),
-    ).fetchone()[0]
+from support.application_rows import call_to_book
 
 
 def test_app_exports_the_booking_path():
@@ -25,7 +18,7 @@ def test_app_exports_the_booking_path():
 
 
 def test_record_booking_returns_a_typed_result(attached):
-    call_id = new_call(attached, "py-1")
+    call_id = call_to_book(attached, "py-1")
     result = app.record_booking(attached, call_id, "cal-py-1", {"status": "confirmed", "starts_at": "2026-12-01T10:00Z"})
     assert isinstance(result, BookingResult)
     assert result.success and bool(result) and result.reason == "ok" and result.created
@@ -33,7 +26,7 @@ def test_record_booking_returns_a_typed_result(attached):
     assert result.details["call_id"] == call_id and result.details["appointment_id"] == result.appointment_id
     status, starts_at = attached.execute("select status, starts_at from appointments where id = %s",
                                          (result.appointment_id,)).fetchone()
-    assert status == "confirmed" and starts_at.isoformat().startswith("2026-12-01T10:00")
+    assert status == "confirmed" and starts_at == datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
     again = app.record_booking(attached, call_id, "cal-py-1")
     assert again == BookingResult(True, "ok", again.details, result.appointment_id, False)
@@ -41,7 +34,7 @@ def test_record_booking_returns_a_typed_result(attached):
 
 
 def test_record_booking_failure_is_a_result_not_an_exception(attached):
-    call_id = new_call(attached, "py-2", booking_id="cal-other")
+    call_id = call_to_book(attached, "py-2", booking_id="cal-other")
     result = app.record_booking(attached, call_id, "cal-py-2")
     assert not result and result.reason == "booking_id_mismatch" and result.reason in validation_reasons(attached)
     assert result.appointment_id is None and not result.created
@@ -49,7 +42,7 @@ def test_record_booking_failure_is_a_result_not_an_exception(attached):
 
 
 def test_record_booking_bad_input_raises_and_writes_nothing(attached):
-    call_id = new_call(attached, "py-3")
+    call_id = call_to_book(attached, "py-3")
     with pytest.raises(psycopg.Error) as caught:
         app.record_booking(attached, call_id, "cal-py-3", {"colour": "red"})
     assert caught.value.diag.sqlstate == "BG005"
@@ -59,7 +52,7 @@ def test_record_booking_bad_input_raises_and_writes_nothing(attached):
 
 
 def test_record_booking_runs_in_the_callers_transaction(attached, connect):
-    call_id = new_call(attached, "py-4")
+    call_id = call_to_book(attached, "py-4")
     with connect(autocommit=False) as conn:
         assert app.record_booking(conn, call_id, "cal-py-4").success
         conn.rollback()
@@ -68,7 +61,7 @@ def test_record_booking_runs_in_the_callers_transaction(attached, connect):
 
 def test_retry_with_backoff_around_record_booking(attached, connect):
     """A booking whose first attempts hit a lock timeout is retried on the backoff schedule, then recorded once."""
-    call_id = new_call(attached, "py-5")
+    call_id = call_to_book(attached, "py-5")
     holder = connect(autocommit=False)
     holder.execute("select pg_advisory_xact_lock(1, 1)")   # an unrelated lock the first attempts time out on
     conn = connect()
@@ -137,7 +130,7 @@ def test_retry_exhausted_goes_to_review_with_history(attached):
 def test_the_app_role_books_with_its_own_table_privileges(attached, login_role):
     """record_booking() writes what the application could write itself, with the application's own
     rights: a role holding booking_guard_app and DML on its tables books, and nothing else is lent."""
-    call_id = new_call(attached, "py-role")
+    call_id = call_to_book(attached, "py-role")
     _, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
     result = app.record_booking(conn, call_id, "cal-role", {"status": "confirmed"})
     assert result.success and result.created
@@ -151,7 +144,7 @@ def test_the_app_role_books_with_its_own_table_privileges(attached, login_role):
 
 
 def test_the_app_role_without_table_privileges_books_nothing(attached, login_role):
-    call_id = new_call(attached, "py-role-none")
+    call_id = call_to_book(attached, "py-role-none")
     _, conn = login_role("booking_guard_app")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.record_booking(conn, call_id, "cal-none", {"status": "confirmed"})

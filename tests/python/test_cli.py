@@ -8,7 +8,7 @@ import pytest
 from booking_guard import cli
 from booking_guard.ops import cli as ops_cli
 from conftest import ROOT
-from test_exporter import dsn_of, free_port
+from support.services import dsn_of, free_port
 
 COMMANDS = [c.name for c in cli.COMMANDS]
 

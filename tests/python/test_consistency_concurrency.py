@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg
 import pytest
-from test_consistency_triggers import BOOKED, CANCELLED, flags, new_appointment, new_call
+from support.application_rows import BOOKED, CANCELLED, flags, new_appointment, new_call
 
 RACES = 25
 

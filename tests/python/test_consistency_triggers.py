@@ -5,43 +5,28 @@ Every test runs with verification_grace = 0, so the commit-time truth check judg
 where a test looks at one trigger alone it switches the truth check's rule off, and says so.
 """
 
-import itertools
 from datetime import datetime
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.rows import dict_row
+from support.application_rows import (
+    BOOKED,
+    CANCELLED,
+    FAILED,
+    alerts,
+    call_row,
+    flags,
+    link_of,
+    new_appointment,
+    new_call,
+    review_items,
+    set_rule,
+)
 
 MODES = ["off", "observe", "correct", "enforce"]
-_serial = itertools.count(1)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-def set_rule(db: psycopg.Connection, rule: str, mode: str) -> None:
-    db.execute("select booking_guard.set_rule(%s, %s)", (rule, mode))
-
-
-def insert(db: psycopg.Connection, table: str, cols: dict) -> int:
-    query = sql.SQL("insert into {} ({}) values ({}) returning id").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols)),
-        sql.SQL(", ").join(sql.Placeholder() * len(cols)))
-    return db.execute(query, list(cols.values())).fetchone()[0]
-
-
-def new_call(db: psycopg.Connection, **cols) -> int:
-    cols.setdefault("retell_call_id", f"retell-{next(_serial)}")
-    cols.setdefault("company_id", 1)
-    cols.setdefault("direction", "inbound")
-    return insert(db, "calls", cols)
-
-
-def new_appointment(db: psycopg.Connection, call_id: int | None, **cols) -> int:
-    cols.setdefault("calcom_v2_booking_id", f"cal-{next(_serial)}")
-    cols.setdefault("company_id", 1)
-    return insert(db, "appointments", {"call_id": call_id, **cols})
-
 
 def booked_call(db: psycopg.Connection, appointments: int = 1) -> tuple[int, list[int]]:
     """A call booked the ordinary way: the call, then its appointment(s), in one transaction."""
@@ -51,37 +36,8 @@ def booked_call(db: psycopg.Connection, appointments: int = 1) -> tuple[int, lis
     return call_id, ids
 
 
-def call_row(db: psycopg.Connection, call_id: int) -> dict:
-    with db.cursor(row_factory=dict_row) as cur:
-        return cur.execute("select * from calls where id = %s", (call_id,)).fetchone()
-
-
-def flags(db: psycopg.Connection, call_id: int) -> tuple:
-    return db.execute("select session_outcome, appointment_made, appointment_link_status from calls where id = %s",
-                      (call_id,)).fetchone()
-
-
-BOOKED = ("appointment_booked", True, "linked")
-CANCELLED = ("appointment_cancelled", False, "unlinked")
-FAILED = ("creation_failed", False, "creation_failed")
-
-
-def alerts(db: psycopg.Connection, alert_type: str | None = None, call_id: int | None = None) -> list[dict]:
-    with db.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            """select * from booking_guard.alerts
-                where (%(t)s::text is null or alert_type = %(t)s) and (%(c)s::text is null or entity_id = %(c)s)
-                order by id""",
-            {"t": alert_type, "c": None if call_id is None else str(call_id)}).fetchall()
-
-
 def open_alert_types(db: psycopg.Connection, call_id: int) -> list[str]:
     return [a["alert_type"] for a in alerts(db, call_id=call_id) if a["resolved_at"] is None]
-
-
-def review_items(db: psycopg.Connection, call_id: int) -> list[tuple]:
-    return db.execute("select reason, priority, status from booking_guard.review_queue where call_id = %s order by id",
-                      (call_id,)).fetchall()
 
 
 def call_count(db: psycopg.Connection) -> int:
@@ -147,11 +103,6 @@ def test_given_direction_is_left_alone(core):
 
 # -- trigger 2: customer link (rule customer_link) ---------------------------------------------
 
-def link_of(db, call_id) -> tuple:
-    row = call_row(db, call_id)
-    return (row["customer_link_status"], row["customer_link_method"], row["customer_link_confidence"])
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_customer_link_on_insert_by_mode(core, mode):
     set_rule(core, "customer_link", mode)
@@ -190,7 +141,7 @@ def test_customer_link_on_update(core):
     core.execute("update calls set customer_id = 1 where id = %s", (call_id,))
     assert link_of(core, call_id) == ("linked", "phone_match", 100)
     # a change of customer links again, with a fresh linked_at
-    core.execute("update calls set customer_linked_at = '2020-01-01' where id = %s", (call_id,))
+    core.execute("update calls set customer_linked_at = '2020-01-01 00:00+00' where id = %s", (call_id,))
     assert call_row(core, call_id)["customer_linked_at"] == datetime.fromisoformat("2020-01-01T00:00:00+00:00")
     with core.transaction():
         core.execute("update calls set customer_id = 2 where id = %s", (call_id,))
@@ -202,7 +153,7 @@ def test_customer_link_on_update(core):
 
 def test_customer_link_untouched_when_customer_does_not_change(core):
     call_id = new_call(core, customer_id=1)
-    core.execute("update calls set customer_linked_at = '2020-01-01', call_successful = true where id = %s", (call_id,))
+    core.execute("update calls set customer_linked_at = '2020-01-01 00:00+00', call_successful = true where id = %s", (call_id,))
     assert call_row(core, call_id)["customer_linked_at"] == datetime.fromisoformat("2020-01-01T00:00:00+00:00")
 
 
@@ -458,7 +409,7 @@ def test_unlinking_an_appointment_cancels_the_booking(core):
 
 def test_updating_other_appointment_columns_leaves_the_call_alone(core):
     call_id, (appointment_id,) = booked_call(core)
-    core.execute("update calls set appointment_linked_at = '2020-01-01' where id = %s", (call_id,))
+    core.execute("update calls set appointment_linked_at = '2020-01-01 00:00+00' where id = %s", (call_id,))
     core.execute("update appointments set status = 'confirmed' where id = %s", (appointment_id,))
     row = call_row(core, call_id)
     assert flags(core, call_id) == BOOKED

@@ -9,7 +9,7 @@ import pytest
 from booking_guard.ops.exporter import BoundedConnection, MetricsCollector, TargetScraper
 from conftest import ROOT
 from prometheus_client import CollectorRegistry, generate_latest
-from psycopg.conninfo import make_conninfo
+from support.services import dsn_of
 
 DASHBOARD = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
 
@@ -61,8 +61,7 @@ def served(attached) -> set[str]:
         db.execute("select booking_guard.circuit_record_failure('appointment_booking:service:1', 'timeout')")
     db.execute("select booking_guard.circuit_reset('appointment_booking:service:1')")           # opened and recovered
     db.execute("update booking_guard.job_runs set scheduled_at = now()")                        # as schedule_jobs() does
-    info = db.info
-    dsn = make_conninfo(host=info.host, port=info.port, user=info.user, dbname=info.dbname)
+    dsn = dsn_of(db)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsCollector([TargetScraper("clinic", BoundedConnection(dsn, 10.0))]))
     text = generate_latest(registry).decode()

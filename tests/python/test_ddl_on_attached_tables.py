@@ -8,7 +8,7 @@ CASCADE silently dropped the guarded views and every claiming write failed after
 
 import psycopg
 import pytest
-from test_consistency_triggers import BOOKED, FAILED, flags, new_appointment, new_call
+from support.application_rows import BOOKED, FAILED, flags, new_appointment, new_call
 
 
 def assert_refused(caught: pytest.ExceptionInfo, *words: str) -> None:

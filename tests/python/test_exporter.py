@@ -2,18 +2,12 @@
 
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -22,63 +16,10 @@ from booking_guard.ops.exporter import BoundedConnection, MetricsCollector, Targ
 from booking_guard.ops.serve import ServeConfig, Service
 from conftest import APP_SCHEMA, ROOT
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
-from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
+from support.services import dsn_of, free_port, get, running, sample, wait_for
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def dsn_of(conn: psycopg.Connection) -> str:
-    info = conn.info
-    return make_conninfo(host=info.host, port=info.port, user=info.user, dbname=info.dbname)
-
-
-@contextmanager
-def running(dsn: str, **options: object) -> Iterator[Service]:
-    service = Service(ServeConfig(dsn=dsn, listen="127.0.0.1:0", verify=False, **options))
-    service.start()
-    try:
-        yield service
-    finally:
-        service.shutdown()
-
-
-def get(service: Service, path: str, accept: str | None = None) -> tuple[int, str, float]:
-    host, port = service.address
-    request = urllib.request.Request(f"http://{host}:{port}{path}", headers={"Accept": accept} if accept else {})
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode(), time.monotonic() - started
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode(), time.monotonic() - started
-
-
-SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?')
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def sample(text: str, selector: str, database: str | None = None) -> float | None:
-    """The value of the series `name{label="value",...}` in an exposition, or None when it is absent.
-
-    Every series serve exports has a `database` label (its target): `database` names the one wanted;
-    without it the selector must match one series only, whatever its database."""
-    match = SELECTOR.fullmatch(selector)
-    assert match, selector
-    wanted = dict(LABEL.findall(match.group("labels") or ""))
-    found = []
-    parse = openmetrics_families if text.rstrip().endswith("# EOF") else text_string_to_metric_families
-    for family in parse(text):
-        for s in family.samples:
-            labels = dict(s.labels)
-            if s.name != match.group("name") or "database" not in labels:
-                continue
-            got = labels.pop("database")
-            if labels == wanted and (database is None or got == database):
-                found.append(s.value)
-    assert len(found) <= 1, f"{selector} matches {len(found)} series: give the database"
-    return found[0] if found else None
 
 
 def plant(db: psycopg.Connection) -> None:
@@ -99,7 +40,7 @@ def plant(db: psycopg.Connection) -> None:
 def test_metrics_endpoint_serves_every_family_and_promtool_finds_nothing_to_lint(db, tmp_path):
     plant(db)
     with running(dsn_of(db)) as service:
-        status, text, _ = get(service, "/metrics")
+        status, text = get(service, "/metrics")
         assert status == 200
         assert sample(text, "booking_guard_up") == 1
         assert sample(text, "booking_guard_scrape_duration_seconds") > 0
@@ -113,7 +54,7 @@ def test_metrics_endpoint_serves_every_family_and_promtool_finds_nothing_to_lint
         assert lint.returncode == 0, lint.stdout + lint.stderr
         assert (lint.stdout + lint.stderr).strip() == ""
         # OpenMetrics too, for a Prometheus that asks for it
-        status, om, _ = get(service, "/metrics", accept="application/openmetrics-text; version=1.0.0")
+        status, om = get(service, "/metrics", accept="application/openmetrics-text; version=1.0.0")
         assert status == 200 and om.rstrip().endswith("# EOF")
         assert sample(om, "circuit_breaker_open_total{key=\"appointment_booking:service:1\"}") == 1
 
@@ -134,40 +75,40 @@ def test_describe_touches_nothing_and_each_scrape_calls_metrics_once(db):
     assert sample(output, "booking_guard_up", database="one") == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_starts_and_answers_while_the_database_is_down():
     nowhere = make_conninfo(host="127.0.0.1", port=free_port(), user="nobody", dbname="nothing")
     with running(nowhere) as service:
-        status, text, took = get(service, "/metrics")
+        status, text = get(service, "/metrics")
         assert status == 200
-        assert took < 2
         assert sample(text, "booking_guard_up") == 0
         assert sample(text, "booking_guard_scrape_duration_seconds") is not None
         assert "appointment_creation_success_total" not in text
-        status, _, _ = get(service, "/healthz")
+        status, _ = get(service, "/healthz")
         assert status == 200
-        status, page, took = get(service, "/")
-        assert status == 503 and "Database unreachable" in page and took < 2
+        status, page = get(service, "/")
+        assert status == 503 and "Database unreachable" in page
 
 
-def test_a_slow_database_gives_up_0_within_2_seconds_then_1(db, connect):
+def test_a_database_that_holds_the_scrape_on_a_lock_gives_up_0_then_1(db, connect):
     with running(dsn_of(db)) as service:
         assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
         blocker = connect(autocommit=False)
         blocker.execute("lock table booking_guard.metric_counters in access exclusive mode")
-        status, text, took = get(service, "/metrics")
-        assert status == 200 and took < 2
+        # answered while the lock is still held: the scrape gave up rather than waited
+        status, text = get(service, "/metrics")
+        assert status == 200
         assert sample(text, "booking_guard_up") == 0
+        assert exporter_waiting_on_a_lock(db) == 0
         blocker.rollback()
         assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
 
 
-def test_a_hung_server_process_gives_up_0_within_2_seconds_then_1(db):
+def exporter_waiting_on_a_lock(db: psycopg.Connection) -> int:
+    return db.execute("select count(*) from pg_stat_activity where application_name = 'booking-guard exporter'"
+                      " and datname = current_database() and wait_event_type = 'Lock'").fetchone()[0]
+
+
+def test_a_hung_server_process_gives_up_0_then_1(db):
     with running(dsn_of(db)) as service:
         assert sample(get(service, "/metrics")[1], "booking_guard_up") == 1
         pid = db.execute("select pid from pg_stat_activity where application_name = 'booking-guard exporter'"
@@ -177,16 +118,14 @@ def test_a_hung_server_process_gives_up_0_within_2_seconds_then_1(db):
         except PermissionError:
             pytest.skip("cannot signal the server's processes as this user")
         try:
-            status, text, took = get(service, "/metrics")
-            assert status == 200 and took < 2
+            # answered while the server process is still stopped: the scrape gave up rather than waited
+            status, text = get(service, "/metrics")
+            assert status == 200
             assert sample(text, "booking_guard_up") == 0
         finally:
             os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        up = 0.0
-        while time.monotonic() < deadline and up != 1:
-            up = sample(get(service, "/metrics")[1], "booking_guard_up")
-        assert up == 1
+        wait_for(lambda: sample(get(service, "/metrics")[1], "booking_guard_up") == 1, 10,
+                 "booking_guard_up to return to 1 once the server process runs again")
 
 
 class Cluster:
@@ -248,16 +187,16 @@ def test_database_stopped_then_started_without_restarting_the_exporter(cluster):
         assert sample(first, "booking_guard_up") == 1
         assert sample(first, "data_inconsistency_manual_review_total") == 2
         cluster.stop()
-        status, text, took = get(service, "/metrics")
-        assert status == 200 and took < 2
+        status, text = get(service, "/metrics")
+        assert status == 200
         assert sample(text, "booking_guard_up") == 0
         cluster.start()
-        deadline = time.monotonic() + 15
-        up = 0.0
-        while time.monotonic() < deadline and up != 1:
+
+        def scraped_up() -> str | None:
             text = get(service, "/metrics")[1]
-            up = sample(text, "booking_guard_up")
-        assert up == 1
+            return text if sample(text, "booking_guard_up") == 1 else None
+
+        text = wait_for(scraped_up, 15, "booking_guard_up to return to 1 once PostgreSQL is started again")
         # the counters are rows: they survive PostgreSQL's restart
         assert sample(text, "data_inconsistency_manual_review_total") == 2
     # and the exporter's
@@ -304,14 +243,11 @@ def test_the_verification_loop_judges_due_calls_every_second(attached):
     service = Service(ServeConfig(dsn=dsn_of(db), listen="127.0.0.1:0", verify=True, verify_interval=0.2))
     service.start()
     try:
-        deadline = time.monotonic() + 10
-        outcome = None
-        while time.monotonic() < deadline and outcome != "creation_failed":
-            outcome = db.execute("select session_outcome from calls where id = %s", (call,)).fetchone()[0]
-            time.sleep(0.05)
-        assert outcome == "creation_failed"      # rolled back by verify_due() once the grace had passed
+        # rolled back by verify_due() once the grace had passed
+        wait_for(lambda: db.execute("select session_outcome from calls where id = %s", (call,)).fetchone()[0]
+                 == "creation_failed", 10, "the verification loop to judge the due call")
         assert db.execute("select count(*) from booking_guard.due_verifications").fetchone()[0] == 0
-        status, body, _ = get(service, "/healthz")
+        status, body = get(service, "/healthz")
         health = json.loads(body)
         [target] = health["targets"].values()
         assert status == 200 and target["threads"]["verify_due"] == "running"

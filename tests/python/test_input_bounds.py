@@ -9,7 +9,7 @@ and stored a 50 MB review context; several bad inputs gave raw PostgreSQL errors
 import psycopg
 import pytest
 from conftest import APP_TABLE_GRANTS
-from test_consistency_triggers import new_call
+from support.application_rows import new_call
 
 BIG = "x" * 70_000
 

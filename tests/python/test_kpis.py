@@ -5,7 +5,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
-from test_detection import booked_call, call, company
+from support.planted_rows import booked_call, call, company
 
 
 def kpis(db, since: str = "1 day") -> dict:

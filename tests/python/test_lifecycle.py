@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 from conftest import ROOT, SERVER, pg_tool, tool_args
-from test_consistency_triggers import FAILED, flags, new_appointment, new_call
+from support.application_rows import FAILED, flags, new_appointment, new_call
 
 # Everything of booking_guard in the catalog, and what it put on the application's tables (privileges
 # as sorted sets: the order of an ACL's items follows the history of the grants, not their meaning).

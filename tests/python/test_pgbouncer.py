@@ -21,9 +21,9 @@ from booking_guard.ops.relay import RelayConfig
 from booking_guard.ops.serve import ServeConfig, Service
 from conftest import SERVER
 from psycopg.conninfo import make_conninfo
-from test_exporter import free_port, get, sample
-from test_metrics import new_call
-from test_relay import FakeSlack, wait_for
+from support.fake_slack import FakeSlack
+from support.planted_rows import lone_call
+from support.services import free_port, get, sample, wait_for
 
 NO_NOTIFICATIONS = "notifications need a direct or session-mode connection"
 
@@ -105,7 +105,7 @@ server_login_retry = 1
 
 
 def health(service: Service) -> tuple[int, dict]:
-    status, body, _ = get(service, "/healthz")
+    status, body = get(service, "/healthz")
     return status, json.loads(body)
 
 
@@ -136,19 +136,19 @@ def test_serve_books_verifies_exports_and_relays_through_pgbouncer(attached, pgb
     # the application books through the pooler: plain SQL, then record_booking()
     with psycopg.connect(dsn, prepare_threshold=None) as app:
         with app.transaction():
-            raw = new_call(app, "pooled-raw")
+            raw = lone_call(app, "pooled-raw")
             app.execute("insert into appointments (call_id, calcom_v2_booking_id, company_id)"
                         " select id, 'cal-pooled-raw', company_id from calls where id = %s", (raw,))
             app.execute("update calls set appointment_made = true, session_outcome = 'appointment_booked',"
                         " booking_id = 'cal-pooled-raw' where id = %s", (raw,))
         with app.transaction():
-            recorded = new_call(app, "pooled-record")
+            recorded = lone_call(app, "pooled-record")
             assert app.execute("select success from booking_guard.record_booking(%s, 'cal-pooled-record')",
                                (recorded,)).fetchone()[0] is True
         # a call flagged booked whose appointment never comes: verify_due() (serve's loop) rolls it
         # back after the grace and raises missing_appointment, which the relay posts
         with app.transaction():
-            phantom = new_call(app, "pooled-phantom", session_outcome="appointment_booked", appointment_made=True)
+            phantom = lone_call(app, "pooled-phantom", session_outcome="appointment_booked", appointment_made=True)
 
     slack = FakeSlack()
     service = Service(ServeConfig(dsn=dsn, listen="127.0.0.1:0", verify=True, verify_interval=0.2,
@@ -162,7 +162,7 @@ def test_serve_books_verifies_exports_and_relays_through_pgbouncer(attached, pgb
         assert db.execute("select count(*) from booking_guard.alerts where delivered_at is null").fetchone()[0] == 0
 
         for _ in range(8):   # past psycopg's default prepare threshold, on server connections the clients share
-            status, text, _ = get(service, "/metrics")
+            status, text = get(service, "/metrics")
             assert status == 200
             assert sample(text, "booking_guard_up") == 1, pgbouncer.log_text()
             assert get(service, "/")[0] == 200

@@ -12,7 +12,7 @@ import json
 import psycopg
 import pytest
 from conftest import APP_TABLE_GRANTS
-from test_consistency_triggers import FAILED, flags, new_appointment, new_call
+from support.application_rows import FAILED, flags, new_appointment, new_call
 
 
 def is_superuser(db: psycopg.Connection, role: str) -> bool:

@@ -3,79 +3,13 @@ evaluates monitoring/alerts.yml; a planted phantom booking makes DataInconsisten
 go pending, then firing, as seen through Prometheus's HTTP API."""
 
 import json
-import re
-import shutil
-import subprocess
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from test_exporter import dsn_of, free_port, running
-
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-def fast_rules(source: str) -> str:
-    """The real rules with test-sized windows: `for` of a few seconds, rate windows of 30 s."""
-    rules = re.sub(r"for: \d+m", "for: 3s", source)
-    return re.sub(r"\[(5|10)m\]", "[30s]", rules)
-
-
-class Prometheus:
-    def __init__(self, workdir: Path, target: str, scrape_configs: str | None = None) -> None:
-        """Scrapes `target` (HOST:PORT) as job booking_guard, or what `scrape_configs` (YAML) says."""
-        self.port = free_port()
-        (workdir / "rules.yml").write_text(fast_rules((ROOT / "monitoring" / "alerts.yml").read_text()))
-        (workdir / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            "rule_files: [rules.yml]\n"
-            + (scrape_configs or "scrape_configs:\n  - job_name: booking_guard\n"
-                                 f"    static_configs:\n      - targets: ['{target}']\n"))
-        self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def get(self, path: str, **params: str) -> dict:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def until(condition, seconds: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + seconds
-    while True:
-        result = condition()
-        if result:
-            return result
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode} while waiting for {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.2)
+from support.prometheus import PROMETHEUS, Prometheus
+from support.services import dsn_of, running, wait_for
 
 
 @pytest.fixture
@@ -86,7 +20,7 @@ def exporter_and_prometheus(attached, tmp_path) -> Iterator[tuple[object, Promet
         host, port = service.address
         prometheus = Prometheus(tmp_path, f"{host}:{port}")
         try:
-            until(prometheus.ready, 30, "Prometheus to be ready", prometheus.proc)
+            wait_for(prometheus.ready, 30, "Prometheus to be ready", prometheus.proc)
             yield attached, prometheus
         finally:
             prometheus.stop()
@@ -102,7 +36,7 @@ def test_a_phantom_booking_fires_the_consistency_alert_in_prometheus(exporter_an
         return [r for r in result["data"]["result"] if r["value"][1] == "0"]
 
     # the counter is in Prometheus at 0 before the booking, so rate() sees its first increase
-    until(scraped_zero, 30, "the first scrape of data_inconsistency_detected_total", prometheus.proc)
+    wait_for(scraped_zero, 30, "the first scrape of data_inconsistency_detected_total", prometheus.proc)
     assert prometheus.get("/api/v1/alerts")["data"]["alerts"] == []
 
     company = db.execute("insert into companies (name) values ('c') returning id").fetchone()[0]
@@ -121,8 +55,8 @@ def test_a_phantom_booking_fires_the_consistency_alert_in_prometheus(exporter_an
                     return alert
         return None
 
-    until(lambda: state_of_alert("pending"), 30, "DataInconsistenciesDetected to be pending", prometheus.proc)
-    firing = until(lambda: state_of_alert("firing"), 30, "DataInconsistenciesDetected to fire", prometheus.proc)
+    wait_for(lambda: state_of_alert("pending"), 30, "DataInconsistenciesDetected to be pending", prometheus.proc)
+    firing = wait_for(lambda: state_of_alert("firing"), 30, "DataInconsistenciesDetected to fire", prometheus.proc)
     assert seen[:2] == ["pending", "firing"]
     assert firing["labels"]["severity"] == "warning"
     assert firing["labels"]["job"] == "booking_guard"
@@ -141,7 +75,7 @@ def test_a_phantom_booking_fires_the_consistency_alert_in_prometheus(exporter_an
         return [a for a in prometheus.get("/api/v1/alerts")["data"]["alerts"]
                 if a["labels"].get("alertname") == "CircuitBreakerOpen" and a["state"] == "firing"]
 
-    [breaker] = until(breaker_alert, 30, "CircuitBreakerOpen to fire", prometheus.proc)
+    [breaker] = wait_for(breaker_alert, 30, "CircuitBreakerOpen to fire", prometheus.proc)
     assert breaker["labels"]["key"] == "appointment_booking:service:42"
     assert breaker["labels"]["severity"] == "critical"
 
@@ -149,7 +83,7 @@ def test_a_phantom_booking_fires_the_consistency_alert_in_prometheus(exporter_an
 @pytest.mark.slow
 def test_every_dashboard_query_runs_in_prometheus(exporter_and_prometheus):
     _, prometheus = exporter_and_prometheus
-    until(lambda: prometheus.get("/api/v1/query", query="booking_guard_up")["data"]["result"], 30,
+    wait_for(lambda: prometheus.get("/api/v1/query", query="booking_guard_up")["data"]["result"], 30,
           "the first scrape", prometheus.proc)
     dashboard = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -3,7 +3,7 @@ ambiguous orphan is queued for review, never linked; modes are honoured; runs ar
 
 import psycopg
 import pytest
-from test_detection import appointment, booked_call, call, company, insert
+from support.planted_rows import appointment, booked_call, call, company, insert
 
 RULES = ["missing_direction", "customer_link", "unlinked_appointment", "orphaned_appointment",
          "missing_appointment", "phantom_booking", "outcome_flag_mismatch"]

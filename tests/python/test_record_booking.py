@@ -6,16 +6,9 @@ import threading
 
 import psycopg
 import pytest
+from support.application_rows import call_to_book
 
 RECORD = "select success, reason, appointment_id, created from booking_guard.record_booking(%s, %s, %s)"
-
-
-def new_call(conn: psycopg.Connection, retell_id: str, booking_id: str | None = None) -> int:
-    conn.execute("insert into companies (id, name) values (1, 'c1') on conflict do nothing")
-    return conn.execute(
-        "insert into calls (retell_call_id, company_id, direction, booking_id) values (%s, 1, 'inbound', %s) returning id",
-        (retell_id, booking_id),
-    ).fetchone()[0]
 
 
 def counts(conn: psycopg.Connection, call_id: int) -> dict[str, int]:
@@ -40,7 +33,7 @@ def call_state(conn: psycopg.Connection, call_id: int) -> tuple:
 def test_failed_validation_after_commit(attached, connect, grace):
     """A failed validation leaves the call at creation_failed with one alert and one review item after COMMIT."""
     attached.execute("select booking_guard.set_setting('verification_grace', %s)", (grace,))
-    call_id = new_call(attached, "r-fail", booking_id="cal-OTHER")
+    call_id = call_to_book(attached, "r-fail", booking_id="cal-OTHER")
     with connect(autocommit=False) as conn:
         row = conn.execute(RECORD, (call_id, "cal-1", '{"status": "confirmed"}')).fetchone()
         conn.commit()
@@ -62,7 +55,7 @@ def test_failed_validation_after_commit(attached, connect, grace):
 
 def test_success_after_commit_is_consistent(attached, connect):
     attached.execute("select booking_guard.set_setting('verification_grace', '0')")
-    call_id = new_call(attached, "r-ok")
+    call_id = call_to_book(attached, "r-ok")
     with connect(autocommit=False) as conn:
         success, reason, appointment_id, created = conn.execute(RECORD, (call_id, "cal-ok", "{}")).fetchone()
         conn.commit()
@@ -75,7 +68,7 @@ def test_success_after_commit_is_consistent(attached, connect):
 
 @pytest.mark.parametrize("path", ["success", "failure"])
 def test_callers_rollback_leaves_nothing(attached, connect, path):
-    call_id = new_call(attached, "r-rb", booking_id="cal-OTHER" if path == "failure" else None)
+    call_id = call_to_book(attached, "r-rb", booking_id="cal-OTHER" if path == "failure" else None)
     before_state, before = call_state(attached, call_id), counts(attached, call_id)
     with connect(autocommit=False) as conn:
         row = conn.execute(RECORD, (call_id, "cal-rb", '{"status": "confirmed"}')).fetchone()
@@ -88,7 +81,7 @@ def test_callers_rollback_leaves_nothing(attached, connect, path):
 
 
 def test_idempotent_across_transactions(attached):
-    call_id = new_call(attached, "r-idem")
+    call_id = call_to_book(attached, "r-idem")
     first = attached.execute(RECORD, (call_id, "cal-idem", '{"status": "confirmed"}')).fetchone()
     second = attached.execute(RECORD, (call_id, "cal-idem", '{"status": "changed"}')).fetchone()
     assert first[:2] == (True, "ok") and first[3] is True
@@ -101,7 +94,7 @@ def test_idempotent_across_transactions(attached):
 def test_concurrent_sessions_record_one_appointment(attached, connect, same_call):
     """Eight sessions record the same booking at once (released together by a barrier): one appointment."""
     n = 8
-    calls = [new_call(attached, f"r-race-{i}") for i in range(1 if same_call else n)]
+    calls = [call_to_book(attached, f"r-race-{i}") for i in range(1 if same_call else n)]
     conns = [connect() for _ in range(n)]
     barrier = threading.Barrier(n)
     rows: list[tuple | None] = [None] * n
@@ -134,7 +127,7 @@ def test_concurrent_sessions_record_one_appointment(attached, connect, same_call
 
 
 def test_repeatable_read_is_refused(attached, connect):
-    call_id = new_call(attached, "r-rr")
+    call_id = call_to_book(attached, "r-rr")
     with connect(autocommit=False) as conn:
         conn.execute("set transaction isolation level repeatable read")
         with pytest.raises(psycopg.Error) as caught:
@@ -151,7 +144,7 @@ def test_repeatable_read_is_refused(attached, connect):
 def test_validation_plans_follow_a_reattach(attached, connect):
     """The plans cached in a session are replanned when attach() points the guarded views elsewhere."""
     conn = connect()
-    call_id = new_call(attached, "r-plan")
+    call_id = call_to_book(attached, "r-plan")
     assert conn.execute(RECORD, (call_id, "cal-plan", "{}")).fetchone()[0] is True   # plans cached in conn
     attached.execute("select booking_guard.detach()")
     with pytest.raises(psycopg.Error) as caught:
@@ -170,7 +163,7 @@ def test_validation_plans_follow_a_reattach(attached, connect):
 
 
 def test_validation_events_feed_the_latency_kpi(attached):
-    call_id = new_call(attached, "r-kpi")
+    call_id = call_to_book(attached, "r-kpi")
     attached.execute(RECORD, (call_id, "cal-kpi", "{}"))
     for _ in range(20):
         attached.execute("select booking_guard.validate_appointment_creation(%s)", (call_id,))
@@ -180,14 +173,14 @@ def test_validation_events_feed_the_latency_kpi(attached):
              from booking_guard.events where kind = 'validation' and entity_id = %s""", (str(call_id),)).fetchone()
     assert n == 21
     assert reasons == ["ok"]
-    assert 0 < p95 < 1000
+    assert p95 > 0      # each validation logs its duration (how long it may take is bench/'s business)
 
 
 def test_the_insert_leaves_no_session_statement_and_survives_discard(attached, connect):
     """The insert's plan is kept inside booking_guard, per table and set of keys: nothing a session
     can see, name or replace (0.1.0 kept a prepared statement the caller could prepare first)."""
     conn = connect()
-    calls = [new_call(attached, f"r-prep-{i}") for i in range(4)]
+    calls = [call_to_book(attached, f"r-prep-{i}") for i in range(4)]
     assert conn.execute(RECORD, (calls[0], "cal-prep-0", '{"status": "a"}')).fetchone()[0] is True
     assert conn.execute(RECORD, (calls[1], "cal-prep-1", '{"status": "b"}')).fetchone()[0] is True
     assert conn.execute("select count(*) from pg_prepared_statements").fetchone()[0] == 0
@@ -202,7 +195,7 @@ def test_the_insert_leaves_no_session_statement_and_survives_discard(attached, c
 def test_the_insert_follows_a_changed_table(attached, connect):
     """A kept plan was planned against the table as it was: after a column is added it is planned again."""
     conn = connect()
-    calls = [new_call(attached, f"r-alter-{i}") for i in range(2)]
+    calls = [call_to_book(attached, f"r-alter-{i}") for i in range(2)]
     assert conn.execute(RECORD, (calls[0], "cal-alter-0", '{"status": "a"}')).fetchone()[0] is True
     attached.execute("alter table appointments add column room text")
     assert conn.execute(RECORD, (calls[1], "cal-alter-1", '{"status": "b", "room": "2"}')).fetchone()[0] is True
@@ -213,7 +206,7 @@ def test_a_collation_of_the_callers_does_not_change_the_input_check(attached):
     """The booking id is checked under the database's collation: one the caller attaches to the
     argument (here one the regular expressions of the check cannot use) changes nothing."""
     attached.execute("create collation pg_temp.loose (provider = icu, locale = 'und', deterministic = false)")
-    call_id = new_call(attached, "retell-collate")
+    call_id = call_to_book(attached, "retell-collate")
     assert attached.execute(RECORD.replace("%s, %s, %s", "%s, %s collate pg_temp.loose, %s"),
                             (call_id, "cal-collate", "{}")).fetchone()[:2] == (True, "ok")
     with pytest.raises(psycopg.Error) as caught:

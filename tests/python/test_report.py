@@ -5,7 +5,7 @@ import re
 
 import psycopg
 import pytest
-from test_detection import company
+from support.planted_rows import company
 
 DAY = "2026-03-10"
 

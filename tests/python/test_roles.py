@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import APP_TABLE_GRANTS
-from test_consistency_triggers import alerts, call_row, new_call
+from support.application_rows import alerts, call_row, new_call
 
 EXPECTED = Path(__file__).resolve().parents[1] / "expected" / "grants.txt"
 

@@ -5,7 +5,7 @@ import hashlib
 
 import psycopg
 import pytest
-from test_consistency_triggers import FAILED, alerts, flags, new_appointment, new_call
+from support.application_rows import FAILED, alerts, flags, new_appointment, new_call
 
 COMPANIES = range(1, 2001)
 

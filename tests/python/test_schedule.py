@@ -6,7 +6,7 @@ import time
 
 import psycopg
 import pytest
-from test_detection import call, company
+from support.planted_rows import call, company
 
 JOBS = {"daily_report": "5 0 * * *", "purge": "15 * * * *", "reconcile": "0 * * * *", "run_monitor": "* * * * *",
         "verify_due": "* * * * *"}

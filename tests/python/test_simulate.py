@@ -8,20 +8,13 @@ import subprocess
 import threading
 import urllib.request
 
-import psycopg
 import pytest
 from booking_guard.sim.fake_calcom import CalcomClient, CalcomError, FakeCalcom
 from booking_guard.sim.simulate import EXPECTED, FAULT_KINDS, SimConfig
 from booking_guard.sim.simulate import run as simulate
 from booking_guard.sim.soak import verdict
 from conftest import ROOT
-from psycopg.conninfo import make_conninfo
-
-
-def dsn_of(conn: psycopg.Connection) -> str:
-    info = conn.info
-    return make_conninfo(host=info.host, port=info.port, user=info.user, dbname=info.dbname,
-                         password=info.password or None)
+from support.services import dsn_of
 
 
 def test_fake_calcom_books_fails_and_stops():

@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_exporter import dsn_of, running
+from support.services import dsn_of, running
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

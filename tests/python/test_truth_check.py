@@ -7,7 +7,7 @@ Time is never slept through: the grace is passed by giving verify_due() an as_of
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from test_consistency_triggers import BOOKED, FAILED, alerts, call_row, flags, new_appointment, new_call, review_items, set_rule
+from support.application_rows import BOOKED, FAILED, alerts, call_row, flags, new_appointment, new_call, review_items, set_rule
 
 MODES = ["off", "observe", "correct", "enforce"]
 

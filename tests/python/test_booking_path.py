@@ -1,7 +1,8 @@
-"""The booking path in C (extension/src/booking_path.c): calls_before() and the commit-time
-check on tables with the other column types attach() accepts, the per-transaction rule cache
-behind rule_mode(), the verified mark forgotten on a savepoint rollback, an application role
-with no rights on booking_guard, and rule_mode() against the SQL rollout_bucket().
+"""The booking path, whatever the tables and the role: calls_before() and the commit-time check
+(written in C, extension/src/booking_path.c) on tables with the other column types attach()
+accepts, the per-transaction rule cache behind rule_mode(), the verified mark forgotten on a
+savepoint rollback, an application role with no rights on booking_guard, and rule_mode() against
+the SQL rollout_bucket().
 
 Every test judges at COMMIT (verification_grace 0).
 """
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from test_consistency_triggers import BOOKED, FAILED, alerts, call_row, flags, link_of, new_appointment, new_call, set_rule
+from support.application_rows import BOOKED, FAILED, alerts, call_row, flags, link_of, new_appointment, new_call, set_rule
 
 UNFLAGGED = (None, False, None)
 
