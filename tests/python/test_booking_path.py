@@ -22,7 +22,7 @@ def open_alerts(db: psycopg.Connection) -> list[tuple]:
 
 
 def book(db: psycopg.Connection, **call_cols) -> int:
-    """The seed's booking in one transaction: the call, its appointment, then trackBooking's flags."""
+    """The usual booking in one transaction: the call, its appointment, then trackBooking's flags."""
     with db.transaction():
         call_id = new_call(db, **call_cols)
         new_appointment(db, call_id)

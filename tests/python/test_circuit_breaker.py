@@ -296,7 +296,7 @@ POLICY = {"failure_threshold": 3, "cooldown": 30, "success_threshold": 2, "half_
 
 
 class Model:
-    """The contract of DESIGN.md / issue 5 in plain Python, eager where the SQL is lazy."""
+    """The breaker's documented contract (docs/circuit-breaker.md) in plain Python, eager where the SQL is lazy."""
 
     def __init__(self) -> None:
         self.exists = False

@@ -46,7 +46,7 @@ def in_transaction(conn: psycopg.Connection, *statements: tuple[str, tuple]) -> 
 
 
 def book(call_id: int, booking_id: str) -> list[tuple[str, tuple]]:
-    """The seed's booking transaction after the call exists: the appointment, then trackBooking."""
+    """The usual booking transaction after the call exists: the appointment, then trackBooking."""
     return [
         ("insert into appointments (call_id, calcom_v2_booking_id, company_id) values (%s, %s, 1)", (call_id, booking_id)),
         ("""update calls set appointment_made = true, session_outcome = 'appointment_booked', booking_id = %s,

@@ -1,5 +1,6 @@
-"""The seed's four triggers, each in every rule mode, and the five places where DESIGN.md says the
-seed contradicts itself ("Where the seed contradicts itself, and what we do").
+"""The four consistency triggers, each in every rule mode, and the five places where what one trigger
+does could undo what another did (a correction against the truth at COMMIT, a deletion, two appointments,
+when the check runs, a retry that books twice).
 
 Every test runs with verification_grace = 0, so the commit-time truth check judges at COMMIT;
 where a test looks at one trigger alone it switches the truth check's rule off, and says so.
@@ -425,14 +426,14 @@ def test_deleting_a_booked_calls_other_outcome_is_kept(core):
     assert flags(core, call_id) == ("callback_requested", False, "unlinked")
 
 
-# -- the five contradictions of DESIGN.md ----------------------------------------------------
+# -- where one correction meets another --------------------------------------------------------
 
-def test_contradiction_1_a_corrected_phantom_is_rolled_back_at_commit(core):
+def test_a_corrected_phantom_is_rolled_back_at_commit(core):
     """Trigger 3 sets appointment_made for a phantom; the commit-time truth check then rolls the
     call back to creation_failed, because no appointment stands behind the flag."""
     with core.transaction():
         call_id = new_call(core, session_outcome="appointment_booked", appointment_made=False)
-        # inside the transaction, trigger 3 has set the flag (the seed's auto-correction) ...
+        # inside the transaction, trigger 3 has set the flag (its auto-correction) ...
         assert call_row(core, call_id)["appointment_made"] is True
     # ... and at COMMIT the truth wins
     assert flags(core, call_id) == FAILED
@@ -448,7 +449,7 @@ def test_contradiction_1_a_corrected_phantom_is_rolled_back_at_commit(core):
     assert review_items(core, call_id) == [("appointment_validation_failed", 1, "pending")]
 
 
-def test_contradiction_1_a_phantom_with_its_appointment_stays_booked(core):
+def test_a_phantom_with_its_appointment_stays_booked(core):
     with core.transaction():
         call_id = new_call(core, session_outcome="appointment_booked", appointment_made=False)
         new_appointment(core, call_id)
@@ -458,7 +459,7 @@ def test_contradiction_1_a_phantom_with_its_appointment_stays_booked(core):
     assert review_items(core, call_id) == []
 
 
-def test_contradiction_2_deletion_is_not_undone_by_trigger_3(core):
+def test_deletion_is_not_undone_by_trigger_3(core):
     call_id, (appointment_id,) = booked_call(core)
     core.execute("delete from appointments where id = %s", (appointment_id,))
     assert flags(core, call_id) == CANCELLED
@@ -468,7 +469,7 @@ def test_contradiction_2_deletion_is_not_undone_by_trigger_3(core):
     assert alerts(core) == []
 
 
-def test_contradiction_2_delete_and_write_in_one_transaction(core):
+def test_delete_and_write_in_one_transaction(core):
     """The application deletes the appointment and, in the same transaction, writes the call's old
     flags back (a stale ORM save): the truth check at COMMIT sees no appointment and rolls back."""
     call_id, (appointment_id,) = booked_call(core)
@@ -480,7 +481,7 @@ def test_contradiction_2_delete_and_write_in_one_transaction(core):
     assert open_alert_types(core, call_id) == ["missing_appointment"]
 
 
-def test_contradiction_3_a_call_with_two_appointments_stays_booked_when_one_is_deleted(core):
+def test_a_call_with_two_appointments_stays_booked_when_one_is_deleted(core):
     call_id, (first, second) = booked_call(core, appointments=2)
     assert flags(core, call_id) == BOOKED
     core.execute("delete from appointments where id = %s", (first,))
@@ -491,15 +492,15 @@ def test_contradiction_3_a_call_with_two_appointments_stays_booked_when_one_is_d
     assert alerts(core) == []
 
 
-def test_contradiction_3_deleting_both_in_one_statement(core):
+def test_deleting_both_in_one_statement(core):
     call_id, _ = booked_call(core, appointments=2)
     core.execute("delete from appointments where call_id = %s", (call_id,))
     assert flags(core, call_id) == CANCELLED
     assert alerts(core) == []
 
 
-def test_contradiction_4_the_check_waits_for_commit(core):
-    """The seed slept 5 s; here the verdict is at COMMIT: a booking written call-first is not
+def test_the_check_waits_for_commit(core):
+    """No sleep before judging: the verdict is at COMMIT: a booking written call-first is not
     judged at the call's statement, and a claim that is still alone at COMMIT is rolled back."""
     with core.transaction():
         call_id = new_call(core, session_outcome="appointment_booked", appointment_made=True,
@@ -514,7 +515,7 @@ def test_contradiction_4_the_check_waits_for_commit(core):
     assert flags(core, lonely) == FAILED
 
 
-def test_contradiction_5_a_retry_that_books_twice_keeps_one_consistent_call(core):
+def test_a_retry_that_books_twice_keeps_one_consistent_call(core):
     """Retrying after a partial failure: the first attempt's appointment insert failed (its
     savepoint was rolled back), so the call was rolled back at COMMIT; the retry writes the
     appointment, and a second retry writes it again with the same booking id. The call follows
@@ -556,8 +557,8 @@ def test_detach_removes_the_triggers(core):
 
 # -- trigger 4 on INSERT, in the orders an application writes a booking ----------------------
 
-def test_the_seeds_booking_flow_ends_fully_linked(core):
-    """The seed's application: insert the call, insert the appointment, then trackBooking sets
+def test_the_usual_booking_flow_ends_fully_linked(core):
+    """The usual application: insert the call, insert the appointment, then trackBooking sets
     appointment_made and session_outcome (never the link). Trigger 4 sets the link."""
     with core.transaction():
         call_id = new_call(core, customer_id=1)
@@ -571,7 +572,7 @@ def test_the_seeds_booking_flow_ends_fully_linked(core):
     assert alerts(core) == []
 
 
-def test_the_seeds_booking_flow_writes_the_call_once(core):
+def test_the_usual_booking_flow_writes_the_call_once(core):
     """The link is derived in the application's own UPDATE (its BEFORE trigger sees the
     appointment), so the truth check at COMMIT finds nothing to write: the booking path costs
     no second UPDATE of the call (the row version of the UPDATE is the one that stays)."""
@@ -607,7 +608,7 @@ def test_an_appointment_written_before_its_call_links_it(core, mode):
     assert alerts(core) == []
 
 
-def test_contradiction_5_record_booking_retried_books_once(core):
+def test_record_booking_retried_books_once(core):
     """The booking path's own answer to the retry (record_booking is idempotent on the booking id),
     seen from the consistency core: one appointment, a booked call, nothing to alert or review."""
     call_id = new_call(core)

@@ -1,4 +1,4 @@
-"""kpis(): the seed's seven targets from planted facts; no data means null, never a made-up 100 %."""
+"""kpis(): the seven success targets from planted facts; no data means null, never a made-up 100 %."""
 
 from decimal import Decimal
 

@@ -14,7 +14,7 @@ MODES = ["off", "observe", "correct", "enforce"]
 
 @pytest.fixture
 def graced(core: psycopg.Connection) -> psycopg.Connection:
-    """As core, with the seed's grace of 5 seconds."""
+    """As core, with the default grace of 5 seconds."""
     core.execute("select booking_guard.set_setting('verification_grace', '5 seconds')")
     return core
 
@@ -65,9 +65,9 @@ def commit_error(db: psycopg.Connection, *writes) -> psycopg.Error:
 
 @pytest.mark.parametrize(("outcome", "made"), [("appointment_booked", True), ("appointment_booked", False),
                                                ("no_answer", True)],
-                         ids=["flagged", "seed_phantom", "flag_with_another_outcome"])
+                         ids=["flagged", "booked_without_flag", "flag_with_another_outcome"])
 def test_a_phantom_committed_alone_is_rolled_back(core, outcome, made):
-    """The seed's phantom (outcome booked, flag false) and the flag with another outcome are first
+    """The classic phantom (outcome booked, flag false) and the flag with another outcome are first
     'corrected' by trigger 3 into a booking; whatever the shape, the call ends creation_failed
     with exactly one open critical alert (trigger 3's is superseded) and one review item."""
     call_id = claimed_booking(core, session_outcome=outcome, appointment_made=made, retell_call_id="retell-phantom")
