@@ -14,6 +14,12 @@
 -- window, never with the size of the tables. It runs with the caller's rights (booking_guard_monitor
 -- reads the guarded columns: attach() grants them).
 --
+-- JIT is off in detect(), run_monitor(), reconcile(), the reports, kpis(), purge(), metrics() and
+-- their job steps (set jit = off). Their queries take the window's start as a parameter, so the
+-- planner estimates a third of the table where the window holds a few thousand rows; above a few
+-- million calls that estimate crosses PostgreSQL's JIT thresholds, and compiling the plans cost ten
+-- to a hundred times the query itself (bench/partitions.py at ten million calls).
+--
 -- run_monitor() turns findings into alerts (one open alert per rule and entity, repeats bump
 -- occurrences), repairs what a rule in `correct` (or `enforce`) mode can repair (auto_corrected),
 -- and resolves the open alerts of detection rules whose condition no longer holds.
@@ -419,6 +425,7 @@ returns setof booking_guard.finding
 language sql
 stable
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
     select f.*
       from booking_guard_internal.findings(since, null) f
@@ -434,6 +441,7 @@ returns setof booking_guard.finding
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 begin
     if not exists (select from booking_guard.rules r where r.name = rule_name) then
@@ -895,6 +903,7 @@ create function booking_guard_internal.monitor_step(state jsonb)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     args     jsonb := state -> 'args';
@@ -1003,6 +1012,7 @@ create function booking_guard.run_monitor(since interval default '1 hour')
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     result  jsonb;

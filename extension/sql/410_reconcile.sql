@@ -82,6 +82,7 @@ create function booking_guard_internal.reconcile_step(state jsonb)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     batch_size  integer := coalesce((state -> 'args' ->> 'batch_size')::integer,
@@ -146,6 +147,7 @@ create function booking_guard.reconcile(batch_size integer default 10000)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 #variable_conflict use_column
 declare

@@ -54,6 +54,7 @@ returns jsonb
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 #variable_conflict use_column
 declare
@@ -189,6 +190,7 @@ returns text
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     f      jsonb := booking_guard.daily_report_json(day);
@@ -312,6 +314,7 @@ create function booking_guard_internal.report_step(state jsonb)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     day     date := coalesce((state -> 'args' ->> 'day')::date, current_date - 1);

@@ -7,6 +7,7 @@ returns table (name text, value numeric, unit text, target text, ok boolean, sam
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 #variable_conflict use_column
 declare

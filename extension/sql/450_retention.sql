@@ -110,6 +110,7 @@ create function booking_guard_internal.purge_step(state jsonb)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     tables  constant text[] := array['events', 'alerts', 'review_queue', 'retries', 'circuit_transitions',
@@ -147,6 +148,7 @@ create function booking_guard.purge()
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     result  jsonb := booking_guard_internal.run_job_steps('purge', '{}');

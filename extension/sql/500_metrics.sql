@@ -424,6 +424,7 @@ create function booking_guard.fold_metrics(max_events integer default 100000)
 returns bigint
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 declare
     st     record;
@@ -507,6 +508,7 @@ create function booking_guard.metrics()
 returns table (name text, type text, help text, labels jsonb, value double precision)
 language plpgsql
 set search_path = pg_catalog, pg_temp
+set jit = off
 as $$
 begin
     perform booking_guard.fold_metrics(10000);   -- small batches keep a scrape short after a backlog
