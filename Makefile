@@ -15,8 +15,9 @@
 # With DATABASE_URL set, test and demo use that server instead of the throwaway cluster.
 
 EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" extension/booking_guard.control)
-# Every released version an update script starts from (released/booking_guard--<v>.sql).
-RELEASED   := $(patsubst released/booking_guard--%.sql,%,$(filter-out released/booking_guard--%--%.sql,$(wildcard released/booking_guard--*.sql)))
+# Every released version an update script starts from (released/booking_guard--<v>.sql), but the
+# current one: once it is released, its build must equal its released script (check-current-release).
+RELEASED   := $(filter-out $(EXTVERSION),$(patsubst released/booking_guard--%.sql,%,$(filter-out released/booking_guard--%--%.sql,$(wildcard released/booking_guard--*.sql))))
 BUILT      := build/booking_guard--$(EXTVERSION).sql \
               $(foreach v,$(RELEASED),build/booking_guard--$(v)--$(EXTVERSION).sql)
 
@@ -27,7 +28,7 @@ MODULEDIR  = extension
 MODULE_big = booking_guard-$(EXTVERSION)
 OBJS       = extension/src/booking_guard.o
 MODULES    = released/booking_guard_c
-DATA       = extension/booking_guard.control $(wildcard released/booking_guard--*.sql)
+DATA       = extension/booking_guard.control $(filter-out released/booking_guard--$(EXTVERSION).sql,$(wildcard released/booking_guard--*.sql))
 DATA_built = $(BUILT)
 EXTRA_CLEAN = build
 
@@ -35,7 +36,7 @@ PG_CONFIG ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin/pg_config) $(shel
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 VENV := .venv/bin
 
-all: check-released $(BUILT)
+all: check-released $(BUILT) check-current-release
 
 ifneq ($(PG_CONFIG),)
 # no JIT bitcode: nothing here is worth inlining, and it keeps the build to gcc
@@ -52,9 +53,20 @@ build/booking_guard--$(EXTVERSION).sql: $(SCRIPT_SOURCES)
 build/booking_guard--%--$(EXTVERSION).sql: $(SCRIPT_SOURCES)
 	scripts/build-extension --version $(EXTVERSION) --from $* $@
 
-.PHONY: check-released
+.PHONY: check-released check-current-release
 check-released:
 	@scripts/build-extension --check
+
+# A released version is frozen: while default_version still names it, what the sources build must be
+# what was released (its script and its C source). A change needs the next version first.
+check-current-release: $(BUILT)
+	@if { [ -f released/booking_guard--$(EXTVERSION).sql ] && ! cmp -s build/booking_guard--$(EXTVERSION).sql released/booking_guard--$(EXTVERSION).sql; } \
+	    || { [ -f released/booking_guard-$(EXTVERSION).c ] && ! cmp -s extension/src/booking_guard.c released/booking_guard-$(EXTVERSION).c; }; then \
+	  echo "booking_guard $(EXTVERSION) is released and frozen, but the sources build something else." >&2; \
+	  echo "Move default_version in extension/booking_guard.control to the next version, put table changes in" >&2; \
+	  echo "extension/sql/schema/<next>.sql, and add released/booking_guard-$(EXTVERSION).c to MODULES (docs/development.md)." >&2; \
+	  exit 1; \
+	fi
 
 SOAK_CALLS   ?= 100000
 SOAK_WORKERS ?= 16
