@@ -9,8 +9,9 @@
 -- details->>'duration_ms') and the recent-failures detection read those events.
 --
 -- The rules themselves live in one PL/Python function, validation_verdict(), which judges facts
--- its caller read: validate_appointment_creation() and record_booking() (which reads back the
--- rows it has just written, without a query of PL/Python's own: each runs in a subtransaction).
+-- its caller read: validate_appointment_creation() and record_booking() (which takes them from
+-- the RETURNING of the statements that wrote the rows, without a query of PL/Python's own: each
+-- runs in a subtransaction).
 
 create type booking_guard.validation_result as (
     success  boolean,

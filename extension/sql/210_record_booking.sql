@@ -7,8 +7,8 @@
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one that
---      carries the booking id), flags the call, validates (reads both rows back and judges them
---      with validation_verdict(), the rules validate_appointment_creation() applies); a failed
+--      carries the booking id), flags the call, validates (judges both rows as those statements
+--      return them, with validation_verdict(), the rules validate_appointment_creation() applies); a failed
 --      validation undoes all of that, and booking_failed() rolls the call back to
 --      creation_failed (rollback_on_failure: critical alert appointment_validation_failed) and
 --      queues it for review, in the caller's transaction; a call that still has an appointment (a
