@@ -2335,9 +2335,11 @@ lock_booking_id(text *booking_id)
  * booking_guard's (no trigger, default or policy there is anyone else's) and name everything down
  * to its operators and functions, as they are parsed under the caller's search_path.
  *
- *   Q_EVENTS  the validation's event (which the latency KPI and the validation metrics read) and
- *             record_booking's own (which the booking metrics count), in one statement
- *   Q_EVENT   record_booking's own alone, when no validation ran (a booking recorded before)
+ *   Q_EVENTS  record_booking's event (which the booking metrics count) with the validation's part
+ *             under 'validation' (its duration and the appointment it examined; its success and
+ *             reason are the booking's): one row, which booking_guard.validation_events shows as
+ *             the validation's event to the latency KPI, the validation metrics and detection
+ *   Q_EVENT   record_booking's event without it, when no validation ran (a booking recorded before)
  */
 enum
 {
@@ -2348,10 +2350,10 @@ enum
 /* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms); Q_EVENTS also $7
  * the validation's duration (ms), $8 the appointment it examined */
 #define INSERT_EVENTS "insert into booking_guard.events (kind, entity_type, entity_id, details) values "
-#define BOOKING_EVENT \
+#define BOOKING_EVENT_WITH(more) \
 	"('record_booking', 'call', $1::pg_catalog.text," \
 	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
-	" 'created', $5, 'duration_ms', $6))"
+	" 'created', $5, 'duration_ms', $6" more "))"
 
 static struct
 {
@@ -2360,12 +2362,10 @@ static struct
 	Oid			argtypes[8];
 	SPIPlanPtr	plan;
 }			owner_queries[] = {
-	[Q_EVENTS] = {INSERT_EVENTS
-		"('validation', 'call', $1::pg_catalog.text,"
-		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $7,"
-		" 'appointment_id', $8)), " BOOKING_EVENT, 8,
+	[Q_EVENTS] = {INSERT_EVENTS BOOKING_EVENT_WITH(", 'validation',"
+		" pg_catalog.jsonb_build_object('duration_ms', $7, 'appointment_id', $8)"), 8,
 	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
-	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT, 6,
+	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT_WITH(""), 6,
 	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID}},
 };
 
@@ -2610,10 +2610,10 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  *      looks the booking up: recorded before for this call, nothing is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
  *      links the orphan that carries the booking id; flags the call; judges both rows, as those
- *      statements return them (no statement reads them back), with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
- *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
+ *      statements return them (no statement reads them back), with validation_verdict()
+ *      (PL/Python, the rules of validate_appointment_creation()); a failed verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
  *      alerts and queues it for review
- *   4. logs the validation's event and record_booking's (Q_EVENTS as booking_guard_owner, one
+ *   4. logs its event, with the validation's part (Q_EVENTS as booking_guard_owner, one
  *      statement)
  *
  * Runs as the caller: every write to the application is one the caller could make itself; only

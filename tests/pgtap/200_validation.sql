@@ -174,8 +174,8 @@ select results_eq($$select reason, priority, context ->> 'calcom_booking_id', co
                       from booking_guard.review_queue where call_id = 6$$,
                   $$values ('appointment_validation_failed', 1, 'cal-F', 'confirmed')$$,
                   'one review item with what is needed to redo the booking');
-select results_eq($$select details ->> 'reason', (details ->> 'success')::boolean from booking_guard.events
-                     where kind = 'validation' and entity_id = '6'$$,
+select results_eq($$select details ->> 'reason', (details ->> 'success')::boolean from booking_guard.validation_events
+                     where entity_id = '6'$$,
                   $$values ('booking_id_mismatch', false)$$,
                   'the failed validation''s event survives the undo, once');
 select ok((select (details ? 'review_id') and (details ? 'alert_id') from r3), 'the result names the alert and review item');

@@ -253,7 +253,9 @@ def test_the_verification_loop_judges_due_calls_every_second(attached):
         assert status == 200 and target["threads"]["verify_due"] == "running"
         assert target["loops"]["verify_due"]["last_success_seconds_ago"] is not None
         assert target["loops"]["verify_due"]["last_error"] is None
-        # the loop also folds the events, ahead of the scrapes (none ran in this test)
-        assert db.execute("select events_folded > 0 from booking_guard.metric_fold_state").fetchone()[0]
+        # the loop also folds the events, ahead of the scrapes (none ran in this test): after the
+        # verification it has just been seen to make, in a transaction of its own
+        wait_for(lambda: db.execute("select events_folded > 0 from booking_guard.metric_fold_state").fetchone()[0],
+                 10, "the verification loop to fold the events")
     finally:
         service.shutdown()
