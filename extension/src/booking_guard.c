@@ -2335,39 +2335,101 @@ lock_booking_id(text *booking_id)
  * booking_guard's (no trigger, default or policy there is anyone else's) and name everything down
  * to its operators and functions, as they are parsed under the caller's search_path.
  *
- *   Q_EVENTS  record_booking's event (which the booking metrics count) with the validation's part
- *             under 'validation' (its duration and the appointment it examined; its success and
- *             reason are the booking's): one row, which booking_guard.validation_events shows as
- *             the validation's event to the latency KPI, the validation metrics and detection
- *   Q_EVENT   record_booking's event without it, when no validation ran (a booking recorded before)
+ *   Q_EVENT   record_booking's event (which the booking metrics count), one row, $1 the call and
+ *             $2 its details (booking_event_details()): with the validation's part under
+ *             'validation' when one ran, which booking_guard.validation_events shows as the
+ *             validation's event to the latency KPI, the validation metrics and detection
  */
 enum
 {
-	Q_EVENTS,
 	Q_EVENT
 };
-
-/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms); Q_EVENTS also $7
- * the validation's duration (ms), $8 the appointment it examined */
-#define INSERT_EVENTS "insert into booking_guard.events (kind, entity_type, entity_id, details) values "
-#define BOOKING_EVENT_WITH(more) \
-	"('record_booking', 'call', $1::pg_catalog.text," \
-	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
-	" 'created', $5, 'duration_ms', $6" more "))"
 
 static struct
 {
 	const char *query;
 	int			nargs;
-	Oid			argtypes[8];
+	Oid			argtypes[2];
 	SPIPlanPtr	plan;
 }			owner_queries[] = {
-	[Q_EVENTS] = {INSERT_EVENTS BOOKING_EVENT_WITH(", 'validation',"
-		" pg_catalog.jsonb_build_object('duration_ms', $7, 'appointment_id', $8)"), 8,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
-	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT_WITH(""), 6,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID}},
+	[Q_EVENT] = {"insert into booking_guard.events (kind, entity_type, entity_id, details)"
+		" values ('record_booking', 'call', $1::pg_catalog.text, $2)", 2, {INT8OID, JSONBOID}},
 };
+
+static void
+push_key(JsonbParseState **state, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &v);
+}
+
+/* A numeric value under key; JSON null for a null pointer. */
+static void
+push_numeric(JsonbParseState **state, const char *key, Numeric value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	if (value == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvNumeric;
+		v.val.numeric = value;
+	}
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+static void
+push_bool(JsonbParseState **state, const char *key, bool value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	v.type = jbvBool;
+	v.val.boolean = value;
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+/*
+ * The details of record_booking()'s event, built here rather than by jsonb_build_object() in the
+ * statement (which would print every number and parse it again): success, reason (at most 63
+ * characters), appointment_id (null when refused), created, duration_ms, and, when a validation
+ * ran, validation: {duration_ms, appointment_id} (the appointment it examined). The validation's
+ * success and reason are the booking's.
+ */
+static Jsonb *
+booking_event_details(bool success, text *reason, Numeric appointment, bool created, Numeric duration_ms,
+					  bool validated, Numeric validation_ms, Numeric examined)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	char	   *why = text_to_cstring(reason);
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	push_bool(&state, "success", success);
+	push_key(&state, "reason");
+	v.type = jbvString;
+	v.val.string.val = why;
+	v.val.string.len = pg_mbcharcliplen(why, strlen(why), 63);
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	push_numeric(&state, "appointment_id", appointment);
+	push_bool(&state, "created", created);
+	push_numeric(&state, "duration_ms", duration_ms);
+	if (validated)
+	{
+		push_key(&state, "validation");
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		push_numeric(&state, "duration_ms", validation_ms);
+		push_numeric(&state, "appointment_id", examined);
+		pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	}
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
 
 /* Runs one of owner_queries as booking_guard_owner; returns in the memory context it was called in. */
 static void
@@ -2635,7 +2697,6 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false, false, false, false, false};
 	Datum		args[13];
 	bool		arg_nulls[13];
-	char		spi_nulls[8];
 	bool		isnull;
 	bool		existing_null, existing_call_null;
 	int64		existing_id = 0, existing_call = 0;
@@ -2645,9 +2706,10 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		success = false;
 	Datum		reason = (Datum) 0;
 	Datum		details = (Datum) 0;
-	double		validation_ms = 0;
-	Datum		examined = (Datum) 0;
-	bool		examined_null = true;
+	Numeric		validation_ms = NULL;
+	Numeric		examined = NULL;	/* the appointment the validation examined */
+	Numeric		recorded = NULL;	/* the appointment, for the event (none when refused) */
+	Numeric		duration_ms;
 	bool		created = false;
 	Datum		refusal = (Datum) 0;
 	Datum		facts[NFACTS];	/* the appointment's, as validation_verdict() takes them */
@@ -2859,7 +2921,7 @@ record_booking(PG_FUNCTION_ARGS)
 		created = success && existing_null;
 	}
 
-	/* 4. the events: the validation's, when one ran, and record_booking's */
+	/* 4. the event: record_booking's, with the validation's part when one ran */
 	if (validated)
 	{
 		Jsonb	   *facts = DatumGetJsonbP(details);
@@ -2867,28 +2929,23 @@ record_booking(PG_FUNCTION_ARGS)
 		JsonbValue *seen = getKeyJsonValueFromContainer(&facts->root, "appointment_id", strlen("appointment_id"), NULL);
 
 		validation_ms = ms != NULL && ms->type == jbvNumeric
-			? DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(ms->val.numeric))) : 0.0;
+			? ms->val.numeric : DatumGetNumeric(DirectFunctionCall1(int4_numeric, Int32GetDatum(0)));
+		/* as an id: a fraction is an error, as the cast to bigint would make it */
 		if (seen != NULL && seen->type == jbvNumeric)
-		{
-			examined = DirectFunctionCall1(numeric_int8, NumericGetDatum(seen->val.numeric));
-			examined_null = false;
-		}
+			examined = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
+														   DirectFunctionCall1(numeric_int8,
+																			   NumericGetDatum(seen->val.numeric))));
 	}
+	if (success && !the_id_null)
+		recorded = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(the_id)));
+	duration_ms = DatumGetNumeric(DirectFunctionCall2(numeric_round,
+													  DirectFunctionCall1(float8_numeric,
+																		  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
+													  Int32GetDatum(3)));
 	args[0] = Int64GetDatum(call_id);
-	args[1] = BoolGetDatum(success);
-	args[2] = reason;
-	args[3] = Int64GetDatum(the_id);
-	args[4] = BoolGetDatum(created);
-	args[5] = DirectFunctionCall2(numeric_round,
-								  DirectFunctionCall1(float8_numeric,
-													  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
-								  Int32GetDatum(3));
-	args[6] = Float8GetDatum(validation_ms);
-	args[7] = examined;
-	memset(spi_nulls, ' ', sizeof(spi_nulls));
-	spi_nulls[3] = !success || the_id_null ? 'n' : ' ';
-	spi_nulls[7] = examined_null ? 'n' : ' ';
-	run_owner_query(validated ? Q_EVENTS : Q_EVENT, args, spi_nulls, SPI_OK_INSERT);
+	args[1] = JsonbPGetDatum(booking_event_details(success, DatumGetTextPP(reason), recorded, created, duration_ms,
+												   validated, validation_ms, examined));
+	run_owner_query(Q_EVENT, args, NULL, SPI_OK_INSERT);
 	SPI_finish();
 
 	/* the result: success, reason, details, the appointment (none when refused), created */
