@@ -2543,6 +2543,32 @@ text_matches(text *value, const char *pattern, Oid collation)
 												CStringGetTextDatum(pattern)));
 }
 
+/*
+ * Whether a booking id is printable and not blank: a character that is not white space, and no
+ * control character, as the regular expressions \S and [[:cntrl:]] judge it under the database's
+ * collation. ASCII text is judged here (its space and control characters are the same under every
+ * locale and provider: a control character is rejected whatever its class of space, and the only
+ * other ASCII space is ' '), other text by the regular expressions.
+ */
+static bool
+booking_id_printable(text *id)
+{
+	const unsigned char *p = (const unsigned char *) VARDATA_ANY(id);
+	int			len = VARSIZE_ANY_EXHDR(id);
+	bool		visible = false;
+
+	for (int i = 0; i < len; i++)
+	{
+		if (p[i] >= 0x80)
+			return text_matches(id, "\\S", DEFAULT_COLLATION_OID)
+				&& !text_matches(id, "[[:cntrl:]]", DEFAULT_COLLATION_OID);
+		if (p[i] < 0x20 || p[i] == 0x7f)
+			return false;
+		visible |= p[i] != ' ';
+	}
+	return visible;
+}
+
 /* The first n characters of a text. */
 static char *
 text_prefix(text *value, int n)
@@ -2721,10 +2747,8 @@ record_booking(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &result_desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "booking_guard.record_booking() must return booking_guard.booking_result");
 	booking_id = PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1);
-	if (PG_ARGISNULL(0) || booking_id == NULL
-		|| !text_matches(booking_id, "\\S", DEFAULT_COLLATION_OID)
-		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255
-		|| text_matches(booking_id, "[[:cntrl:]]", DEFAULT_COLLATION_OID))
+	if (PG_ARGISNULL(0) || booking_id == NULL || !booking_id_printable(booking_id)
+		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255)
 		bad_booking_input("record_booking() needs a call id and a Cal.com booking id",
 						  psprintf("call_id: %s, calcom_booking_id: %s",
 								   PG_ARGISNULL(0) ? "null" : psprintf(INT64_FORMAT, PG_GETARG_INT64(0)),

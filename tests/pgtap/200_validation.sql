@@ -1,7 +1,7 @@
 -- validate_appointment_creation(): every reason, its details and events; record_booking():
 -- success, idempotency, the failure path inside the transaction, every bad input writing nothing.
 begin;
-select plan(71);
+select plan(75);
 set local client_min_messages = warning;
 select booking_guard.attach('public.calls', 'public.appointments');
 
@@ -107,6 +107,15 @@ select throws_ok($$select booking_guard.record_booking(2, null, '{}')$$, 'BG005'
                  'record_booking() needs a call id and a Cal.com booking id', 'null booking id: BG005');
 select throws_ok($$select booking_guard.record_booking(2, '  ', '{}')$$, 'BG005',
                  'record_booking() needs a call id and a Cal.com booking id', 'blank booking id: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'\t \n', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', 'a booking id of tabs and newlines: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'cal-\x01X', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', 'a control character in the booking id: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'cal-\u00e9\x7f', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id',
+                 'a control character beside a non-ASCII one (judged by the regular expressions): BG005');
+select throws_ok($$select booking_guard.record_booking(2, repeat(e'\u00e9', 256), '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', '256 characters of non-ASCII text: BG005');
 select throws_ok($$select booking_guard.record_booking(2, 'cal-X', '[1, 2]')$$, 'BG005',
                  'record_booking(): the appointment must be a jsonb object, not array', 'a jsonb array: BG005');
 select throws_ok($$select booking_guard.record_booking(2, 'cal-X', '"x"')$$, 'BG005',
