@@ -2,7 +2,8 @@
 
 The one place that decides whether an appointment stands, on facts read by the caller:
 validate_appointment_creation() reads them with its own query (by appointment id, or searching
-the call's appointments), record_booking() reads back the rows it has just written. Reading is
+the call's appointments), record_booking() takes them from the statements that wrote the rows
+(their RETURNING). Reading is
 left to them because PL/Python runs every query of its own in a subtransaction, which on the
 booking path costs more than the rest of the validation; this function runs no SQL.
 

@@ -9,8 +9,9 @@
 -- details->>'duration_ms') and the recent-failures detection read those events.
 --
 -- The rules themselves live in one PL/Python function, validation_verdict(), which judges facts
--- its caller read: validate_appointment_creation() and record_booking() (which reads back the
--- rows it has just written, without a query of PL/Python's own: each runs in a subtransaction).
+-- its caller read: validate_appointment_creation() and record_booking() (which takes them from
+-- the RETURNING of the statements that wrote the rows, without a query of PL/Python's own: each
+-- runs in a subtransaction).
 
 create type booking_guard.validation_result as (
     success  boolean,
@@ -41,6 +42,25 @@ $$;
 
 comment on function booking_guard_internal.log_validation(bigint, boolean, text, float8, bigint) is
     'validate_appointment_creation(): appends its validation event (success, reason, duration, appointment), which the latency KPI and the metrics read.';
+
+-- Every validation that ran, as one kind of event: validate_appointment_creation()'s own events
+-- (kind 'validation'), and the validation record_booking() ran, which its own event carries under
+-- 'validation' (one row per booking instead of two: the booking path writes one event). details
+-- has the same keys for both: success, reason, duration_ms, appointment_id. The latency KPI, the
+-- validation metrics and detection read this view; it reads events with the reader's own rights.
+create view booking_guard.validation_events with (security_invoker = true) as
+select e.id, e.at, e.xid, e.entity_type, e.entity_id, e.details
+  from booking_guard.events e
+ where e.kind = 'validation'
+union all
+select e.id, e.at, e.xid, e.entity_type, e.entity_id,
+       pg_catalog.jsonb_build_object('success', e.details -> 'success', 'reason', e.details -> 'reason')
+       operator(pg_catalog.||) (e.details -> 'validation')
+  from booking_guard.events e
+ where e.kind = 'record_booking' and pg_catalog.jsonb_typeof(e.details -> 'validation') = 'object';
+
+comment on view booking_guard.validation_events is
+    'Every validation that ran: validate_appointment_creation()''s events and the validation record_booking() logs within its own event; details: success, reason, duration_ms, appointment_id.';
 
 -- The rules (body in extension/plpython/validation_verdict.py). It runs no SQL and reads
 -- nothing: it judges the facts it is given, with the caller's rights like its callers. The one

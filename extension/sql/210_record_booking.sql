@@ -7,13 +7,13 @@
 --      calcom_v2_booking_id, on purpose, so this lock is what makes the call idempotent
 --   3. a booking already recorded for this call: returns that appointment, creates nothing
 --   4. otherwise, in a subtransaction: inserts the appointment (or links the orphaned one that
---      carries the booking id), flags the call, validates (reads both rows back and judges them
---      with validation_verdict(), the rules validate_appointment_creation() applies); a failed
+--      carries the booking id), flags the call, validates (judges both rows as those statements
+--      return them, with validation_verdict(), the rules validate_appointment_creation() applies); a failed
 --      validation undoes all of that, and booking_failed() rolls the call back to
 --      creation_failed (rollback_on_failure: critical alert appointment_validation_failed) and
 --      queues it for review, in the caller's transaction; a call that still has an appointment (a
 --      second booking refused) keeps it: alert and review, no rollback.
---   5. logs its events in one statement: the validation's (when one ran) and its own
+--   5. logs its event, one row: its own, with the validation's (when one ran) under 'validation'
 --
 -- The steps are one C function (extension/src/booking_guard.c): the booking path has to cost what
 -- an application doing the same itself costs, and PL/pgSQL's own work per statement and expression
@@ -22,8 +22,8 @@
 --
 -- It runs with the caller's rights: it writes what the application could write itself (an
 -- appointment, its call's flags), so the caller needs SELECT, INSERT and UPDATE on the two tables,
--- and the table owner's code on them runs with the application's rights. Only its two events, in
--- booking_guard's own table, are written as booking_guard_owner: a fixed statement kept by the C
+-- and the table owner's code on them runs with the application's rights. Only its event, in
+-- booking_guard's own table, is written as booking_guard_owner: a fixed statement kept by the C
 -- module, which the application's roles cannot run otherwise. The insert's plan is kept
 -- by the C module per table and set of keys: no session-level name the caller could prepare first.
 --

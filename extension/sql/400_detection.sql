@@ -246,9 +246,8 @@ begin
       from (select e.entity_id, count(*) as n,
                    jsonb_agg(distinct e.details ->> 'reason') as reasons,
                    min(e.at) as first_at, max(e.at) as last_at
-              from booking_guard.events e
-             where e.kind = 'validation'
-               and e.at >= cutoff
+              from booking_guard.validation_events e
+             where e.at >= cutoff
                and e.details ->> 'success' = 'false'
                and (call_ids is null or e.entity_id in (select unnest(call_ids)))
              group by e.entity_id) f

@@ -248,9 +248,15 @@ begin
                     then (e.details -> 'auto_corrected')::boolean end as corrected,
                case when jsonb_typeof(e.details -> 'duration_ms') = 'number'
                     then (e.details -> 'duration_ms')::numeric end as ms
-          from booking_guard.events e
-         where e.xid >= v_from and e.xid < v_to
-           and e.kind in ('record_booking', 'validation', 'alert', 'review', 'rollback')
+          from (select e.kind, e.rule, e.at, e.xid, e.entity_id, e.details
+                  from booking_guard.events e
+                 where e.xid >= v_from and e.xid < v_to
+                   and e.kind in ('record_booking', 'alert', 'review', 'rollback')
+                union all
+                -- validate_appointment_creation()'s and the ones record_booking() logs in its own event
+                select 'validation', null, v.at, v.xid, v.entity_id, v.details
+                  from booking_guard.validation_events v
+                 where v.xid >= v_from and v.xid < v_to) e
     ),
     -- A rollback is a booking that did not stand: the commit-time check's (rule missing_appointment,
     -- a claim without an appointment row: appointment_not_found) and one the application reported

@@ -2012,6 +2012,20 @@ insert_plans_invalidate(Datum arg, Oid relid)
 			entry->valid = false;
 }
 
+/*
+ * What the validation judges of an appointment, as record_booking()'s statements return it beside
+ * their own work (the insert's and the orphan link's RETURNING, the lookup of the booking id): the
+ * row as stored, without a statement of its own to read it back. Five columns, in
+ * validation_verdict()'s order: id, call_id, booking id, created_at and its age in seconds.
+ */
+#define APPOINTMENT_FACTS(a) \
+	a ".id::pg_catalog.int8, " a ".call_id::pg_catalog.int8, " a ".calcom_v2_booking_id::pg_catalog.text, " \
+	a ".created_at::pg_catalog.text, pg_catalog.date_part('epoch', pg_catalog.now() operator(pg_catalog.-) " \
+	a ".created_at::pg_catalog.timestamptz)"
+#define NFACTS 5
+
+static void row_values(uint64 row, int first, int n, Datum *values, bool *nulls);
+
 /* The top-level keys of a jsonb object, in the object's own (fixed) order. */
 static List *
 object_keys(Jsonb *object)
@@ -2029,14 +2043,15 @@ object_keys(Jsonb *object)
 }
 
 /*
- * Inserts the object's keys into the columns of the same names of the table and sets *id to the
- * new row's id; false when no row was inserted (a trigger of the application's swallowed it). Runs
+ * Inserts the object's keys into the columns of the same names of the table and sets facts to the
+ * new row's (APPOINTMENT_FACTS); false, facts all null, when no row was inserted (a trigger of the
+ * application's swallowed it). Runs
  * as the caller: inserting is what the application could do itself, and the table owner's code on
  * the table runs with the application's rights. An unknown key is a BG005 naming the table's
  * columns. The caller is connected to SPI.
  */
 static bool
-insert_appointment(Oid relid, Jsonb *object, int64 *id)
+insert_appointment(Oid relid, Jsonb *object, Datum *facts, bool *facts_null)
 {
 	List	   *keys;
 	ListCell   *lc;
@@ -2047,7 +2062,6 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 	SPIPlanPtr	plan;
 	Datum		arg = PointerGetDatum(object);
 	Oid			argtype = JSONBOID;
-	bool		isnull;
 	int			rc;
 	MemoryContext cxt = CurrentMemoryContext;
 
@@ -2130,7 +2144,7 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 		initStringInfo(&query);
 		appendStringInfo(&query,
 						 "insert into %s as t (%s) select %s from pg_catalog.jsonb_populate_record(null::%s, $1) r "
-						 "returning t.id::pg_catalog.int8", table, cols.data, cols.data, table);
+						 "returning " APPOINTMENT_FACTS("t"), table, cols.data, cols.data, table);
 		plan = SPI_prepare(query.data, 1, &argtype);
 		if (plan == NULL)
 			elog(ERROR, "booking_guard: SPI_prepare failed for \"%s\": %s", query.data,
@@ -2149,10 +2163,8 @@ insert_appointment(Oid relid, Jsonb *object, int64 *id)
 	MemoryContextSwitchTo(cxt);
 	if (rc != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "booking_guard: inserting the appointment failed: %s", SPI_result_code_string(rc));
-	if (SPI_processed == 0)
-		return false;
-	*id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	return !isnull;
+	row_values(0, 1, NFACTS, facts, facts_null);
+	return !facts_null[0];
 }
 
 /* ---- record_booking()'s steps ---- */
@@ -2232,9 +2244,14 @@ enum
 	Q_RECORDED,
 	Q_LINK_ORPHAN,
 	Q_FLAG_CALL,
-	Q_FACTS,
+	Q_WINDOW,
 	Q_RECORDED_DETAILS
 };
+
+/* The validation window in seconds (null when the setting is missing: validation_verdict() says so). */
+#define VALIDATION_WINDOW \
+	"(select pg_catalog.date_part('epoch', s.interval_value) from booking_guard.settings s" \
+	" where s.name operator(pg_catalog.=) 'validation_recent_window')"
 
 static struct
 {
@@ -2243,34 +2260,30 @@ static struct
 	Oid			argtypes[4];
 	SPIPlanPtr	plan;
 }			book_queries[] = {
-	/* the appointments that carry the booking id (recorded_appointment() picks one) */
-	[Q_RECORDED] = {"select a.id::pg_catalog.int8, a.call_id::pg_catalog.int8"
+	/* the appointments that carry the booking id (recorded_appointment() picks one), with the facts
+	 * the validation judges when one is kept as it is */
+	[Q_RECORDED] = {"select " APPOINTMENT_FACTS("a")
 		" from booking_guard_internal.guarded_appointments a"
 	" where a.calcom_v2_booking_id operator(pg_catalog.=) $1", 1, {TEXTOID}},
 	/* the calendar's webhook was first: the orphaned appointment is linked to this call */
 	[Q_LINK_ORPHAN] = {"update booking_guard_internal.guarded_appointments a"
-		" set call_id = $1, updated_at = pg_catalog.now() where a.id operator(pg_catalog.=) $2",
+		" set call_id = $1, updated_at = pg_catalog.now() where a.id operator(pg_catalog.=) $2"
+		" returning " APPOINTMENT_FACTS("a"),
 	2, {INT8OID, INT8OID}},
 	/* the call's flags: with its appointment already there, the calls trigger finds the claim
-	 * true and the commit-time check has nothing left to judge */
+	 * true and the commit-time check has nothing left to judge. Returns what the validation judges
+	 * of the call as it now stands (no row: the call does not exist), and the window */
 	[Q_FLAG_CALL] = {"update booking_guard_internal.guarded_calls g"
 		" set appointment_made = true, session_outcome = 'appointment_booked',"
 		" appointment_link_status = 'linked',"
 		" appointment_linked_at = coalesce(g.appointment_linked_at, pg_catalog.now()),"
 		" booking_id = coalesce(g.booking_id, $2), booking_confirmed = true, call_successful = true,"
 		" updated_at = pg_catalog.now()"
-		" where g.id operator(pg_catalog.=) $1", 2, {INT8OID, TEXTOID}},
-	/* what the validation judges: the call and the appointment as they stand now, and the window */
-	[Q_FACTS] = {"select c.id is not null, c.retell_call_id::pg_catalog.text, c.booking_id::pg_catalog.text,"
-		" a.id::pg_catalog.int8, a.call_id::pg_catalog.int8, a.calcom_v2_booking_id::pg_catalog.text,"
-		" a.created_at::pg_catalog.text,"
-		" pg_catalog.date_part('epoch', pg_catalog.now() operator(pg_catalog.-) a.created_at::pg_catalog.timestamptz),"
-		" pg_catalog.date_part('epoch', s.interval_value)"
-		" from (select) one"
-		" left join booking_guard.settings s on s.name operator(pg_catalog.=) 'validation_recent_window'"
-		" left join booking_guard_internal.guarded_calls c on c.id operator(pg_catalog.=) $1"
-		" left join booking_guard_internal.guarded_appointments a"
-		"   on a.id operator(pg_catalog.=) $2 and c.id is not null", 2, {INT8OID, INT8OID}},
+		" where g.id operator(pg_catalog.=) $1"
+		" returning g.retell_call_id::pg_catalog.text, g.booking_id::pg_catalog.text, " VALIDATION_WINDOW,
+	2, {INT8OID, TEXTOID}},
+	/* the window alone, when the call does not exist (the flags' update returned nothing) */
+	[Q_WINDOW] = {"select " VALIDATION_WINDOW, 0, {InvalidOid}},
 	/* a booking recorded before: what the result says about it */
 	[Q_RECORDED_DETAILS] = {"select pg_catalog.jsonb_build_object('call_id', $1, 'appointment_id', $2,"
 		" 'calcom_booking_id', $3, 'already_recorded', true)", 3, {INT8OID, INT8OID, TEXTOID}},
@@ -2322,39 +2335,101 @@ lock_booking_id(text *booking_id)
  * booking_guard's (no trigger, default or policy there is anyone else's) and name everything down
  * to its operators and functions, as they are parsed under the caller's search_path.
  *
- *   Q_EVENTS  the validation's event (which the latency KPI and the validation metrics read) and
- *             record_booking's own (which the booking metrics count), in one statement
- *   Q_EVENT   record_booking's own alone, when no validation ran (a booking recorded before)
+ *   Q_EVENT   record_booking's event (which the booking metrics count), one row, $1 the call and
+ *             $2 its details (booking_event_details()): with the validation's part under
+ *             'validation' when one ran, which booking_guard.validation_events shows as the
+ *             validation's event to the latency KPI, the validation metrics and detection
  */
 enum
 {
-	Q_EVENTS,
 	Q_EVENT
 };
-
-/* $1 call, $2 success, $3 reason, $4 appointment, $5 created, $6 duration (ms); Q_EVENTS also $7
- * the validation's duration (ms), $8 the appointment it examined */
-#define INSERT_EVENTS "insert into booking_guard.events (kind, entity_type, entity_id, details) values "
-#define BOOKING_EVENT \
-	"('record_booking', 'call', $1::pg_catalog.text," \
-	" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'appointment_id', $4," \
-	" 'created', $5, 'duration_ms', $6))"
 
 static struct
 {
 	const char *query;
 	int			nargs;
-	Oid			argtypes[8];
+	Oid			argtypes[2];
 	SPIPlanPtr	plan;
 }			owner_queries[] = {
-	[Q_EVENTS] = {INSERT_EVENTS
-		"('validation', 'call', $1::pg_catalog.text,"
-		" pg_catalog.jsonb_build_object('success', $2, 'reason', pg_catalog.\"left\"($3, 63), 'duration_ms', $7,"
-		" 'appointment_id', $8)), " BOOKING_EVENT, 8,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID, FLOAT8OID, INT8OID}},
-	[Q_EVENT] = {INSERT_EVENTS BOOKING_EVENT, 6,
-	{INT8OID, BOOLOID, TEXTOID, INT8OID, BOOLOID, NUMERICOID}},
+	[Q_EVENT] = {"insert into booking_guard.events (kind, entity_type, entity_id, details)"
+		" values ('record_booking', 'call', $1::pg_catalog.text, $2)", 2, {INT8OID, JSONBOID}},
 };
+
+static void
+push_key(JsonbParseState **state, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &v);
+}
+
+/* A numeric value under key; JSON null for a null pointer. */
+static void
+push_numeric(JsonbParseState **state, const char *key, Numeric value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	if (value == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvNumeric;
+		v.val.numeric = value;
+	}
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+static void
+push_bool(JsonbParseState **state, const char *key, bool value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	v.type = jbvBool;
+	v.val.boolean = value;
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+/*
+ * The details of record_booking()'s event, built here rather than by jsonb_build_object() in the
+ * statement (which would print every number and parse it again): success, reason (at most 63
+ * characters), appointment_id (null when refused), created, duration_ms, and, when a validation
+ * ran, validation: {duration_ms, appointment_id} (the appointment it examined). The validation's
+ * success and reason are the booking's.
+ */
+static Jsonb *
+booking_event_details(bool success, text *reason, Numeric appointment, bool created, Numeric duration_ms,
+					  bool validated, Numeric validation_ms, Numeric examined)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	char	   *why = text_to_cstring(reason);
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	push_bool(&state, "success", success);
+	push_key(&state, "reason");
+	v.type = jbvString;
+	v.val.string.val = why;
+	v.val.string.len = pg_mbcharcliplen(why, strlen(why), 63);
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	push_numeric(&state, "appointment_id", appointment);
+	push_bool(&state, "created", created);
+	push_numeric(&state, "duration_ms", duration_ms);
+	if (validated)
+	{
+		push_key(&state, "validation");
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		push_numeric(&state, "duration_ms", validation_ms);
+		push_numeric(&state, "appointment_id", examined);
+		pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	}
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
 
 /* Runs one of owner_queries as booking_guard_owner; returns in the memory context it was called in. */
 static void
@@ -2375,30 +2450,47 @@ run_owner_query(int which, Datum *args, const char *nulls, int expected)
 		elog(ERROR, "booking_guard: record_booking() write %d failed: %s", which, SPI_result_code_string(rc));
 }
 
-/* One column of the first row of the last query's result, copied out of SPI's memory. */
+/* One column of a row of the last query's result, copied out of SPI's memory (null when the result
+ * has no such row). */
 static Datum
-result_value(int column, bool *isnull)
+row_value(uint64 row, int column, bool *isnull)
 {
 	Datum		value;
 
-	if (SPI_processed == 0)
+	if (row >= SPI_processed)
 	{
 		*isnull = true;
 		return (Datum) 0;
 	}
-	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, column, isnull);
+	value = SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, column, isnull);
 	return *isnull ? value : SPI_datumTransfer(value, TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attbyval,
 											   TupleDescAttr(SPI_tuptable->tupdesc, column - 1)->attlen);
 }
 
+/* n columns of a row of the last query's result, from column first on. */
+static void
+row_values(uint64 row, int first, int n, Datum *values, bool *nulls)
+{
+	for (int i = 0; i < n; i++)
+		values[i] = row_value(row, first + i, &nulls[i]);
+}
+
+/* One column of the first row of the last query's result. */
+static Datum
+result_value(int column, bool *isnull)
+{
+	return row_value(0, column, isnull);
+}
+
 /*
  * The appointment the booking id is recorded under, of those the last query found: the call's own
- * (the first of them), else an orphan (no call), else the first; false when there is none. Chosen
+ * (the first of them), else an orphan (no call), else the first; false when there is none. Its
+ * facts (APPOINTMENT_FACTS) are copied to facts, all null when there is none. Chosen
  * here rather than by ORDER BY ... LIMIT 1: a booking id has one appointment or none, and the
  * sort's executor nodes cost more than looking at that one.
  */
 static bool
-recorded_appointment(int64 call_id, int64 *id, bool *call_null, int64 *call)
+recorded_appointment(int64 call_id, int64 *id, bool *call_null, int64 *call, Datum *facts, bool *facts_null)
 {
 	int			best = -1;
 	int			best_rank = 0;
@@ -2423,6 +2515,7 @@ recorded_appointment(int64 call_id, int64 *id, bool *call_null, int64 *call)
 		}
 	}
 	*id = best_id;
+	row_values(best < 0 ? SPI_processed : (uint64) best, 1, NFACTS, facts, facts_null);
 	return best >= 0;
 }
 
@@ -2448,6 +2541,32 @@ text_matches(text *value, const char *pattern, Oid collation)
 {
 	return DatumGetBool(DirectFunctionCall2Coll(textregexeq, collation, PointerGetDatum(value),
 												CStringGetTextDatum(pattern)));
+}
+
+/*
+ * Whether a booking id is printable and not blank: a character that is not white space, and no
+ * control character, as the regular expressions \S and [[:cntrl:]] judge it under the database's
+ * collation. ASCII text is judged here (its space and control characters are the same under every
+ * locale and provider: a control character is rejected whatever its class of space, and the only
+ * other ASCII space is ' '), other text by the regular expressions.
+ */
+static bool
+booking_id_printable(text *id)
+{
+	const unsigned char *p = (const unsigned char *) VARDATA_ANY(id);
+	int			len = VARSIZE_ANY_EXHDR(id);
+	bool		visible = false;
+
+	for (int i = 0; i < len; i++)
+	{
+		if (p[i] >= 0x80)
+			return text_matches(id, "\\S", DEFAULT_COLLATION_OID)
+				&& !text_matches(id, "[[:cntrl:]]", DEFAULT_COLLATION_OID);
+		if (p[i] < 0x20 || p[i] == 0x7f)
+			return false;
+		visible |= p[i] != ' ';
+	}
+	return visible;
 }
 
 /* The first n characters of a text. */
@@ -2578,11 +2697,11 @@ booking_columns(Jsonb *payload, int64 call_id, text *booking_id)
  *   2. serialises on the booking id (lock_booking_id(): a lock no role can take from SQL) and
  *      looks the booking up: recorded before for this call, nothing is created
  *   3. in a subtransaction: inserts the appointment (the object's keys onto the table's columns) or
- *      links the orphan that carries the booking id; flags the call; reads both back and judges them
- *      with validation_verdict() (PL/Python, the rules of validate_appointment_creation()); a failed
- *      verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
+ *      links the orphan that carries the booking id; flags the call; judges both rows, as those
+ *      statements return them (no statement reads them back), with validation_verdict()
+ *      (PL/Python, the rules of validate_appointment_creation()); a failed verdict undoes the subtransaction, and booking_failed() (PL/pgSQL) rolls the call back,
  *      alerts and queues it for review
- *   4. logs the validation's event and record_booking's (Q_EVENTS as booking_guard_owner, one
+ *   4. logs its event, with the validation's part (Q_EVENTS as booking_guard_owner, one
  *      statement)
  *
  * Runs as the caller: every write to the application is one the caller could make itself; only
@@ -2604,7 +2723,6 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false, false, false, false, false};
 	Datum		args[13];
 	bool		arg_nulls[13];
-	char		spi_nulls[8];
 	bool		isnull;
 	bool		existing_null, existing_call_null;
 	int64		existing_id = 0, existing_call = 0;
@@ -2614,11 +2732,14 @@ record_booking(PG_FUNCTION_ARGS)
 	bool		success = false;
 	Datum		reason = (Datum) 0;
 	Datum		details = (Datum) 0;
-	double		validation_ms = 0;
-	Datum		examined = (Datum) 0;
-	bool		examined_null = true;
+	Numeric		validation_ms = NULL;
+	Numeric		examined = NULL;	/* the appointment the validation examined */
+	Numeric		recorded = NULL;	/* the appointment, for the event (none when refused) */
+	Numeric		duration_ms;
 	bool		created = false;
 	Datum		refusal = (Datum) 0;
+	Datum		facts[NFACTS];	/* the appointment's, as validation_verdict() takes them */
+	bool		facts_null[NFACTS];
 	MemoryContext caller = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
 
@@ -2626,10 +2747,8 @@ record_booking(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &result_desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "booking_guard.record_booking() must return booking_guard.booking_result");
 	booking_id = PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1);
-	if (PG_ARGISNULL(0) || booking_id == NULL
-		|| !text_matches(booking_id, "\\S", DEFAULT_COLLATION_OID)
-		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255
-		|| text_matches(booking_id, "[[:cntrl:]]", DEFAULT_COLLATION_OID))
+	if (PG_ARGISNULL(0) || booking_id == NULL || !booking_id_printable(booking_id)
+		|| DatumGetInt32(DirectFunctionCall1(textlen, PointerGetDatum(booking_id))) > 255)
 		bad_booking_input("record_booking() needs a call id and a Cal.com booking id",
 						  psprintf("call_id: %s, calcom_booking_id: %s",
 								   PG_ARGISNULL(0) ? "null" : psprintf(INT64_FORMAT, PG_GETARG_INT64(0)),
@@ -2668,7 +2787,8 @@ record_booking(PG_FUNCTION_ARGS)
 	args[0] = PointerGetDatum(booking_id);
 	run_book_query(Q_RECORDED, args, NULL, SPI_OK_SELECT);
 	existing_call_null = true;
-	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call);
+	existing_null = !recorded_appointment(call_id, &existing_id, &existing_call_null, &existing_call, facts,
+										  facts_null);
 
 	if (!existing_call_null && existing_call == call_id)
 	{
@@ -2687,16 +2807,20 @@ record_booking(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		/* 3. write, read back and judge, in a subtransaction */
+		/* 3. write and judge, in a subtransaction */
 		BeginInternalSubTransaction(NULL);
 		MemoryContextSwitchTo(caller);
 		PG_TRY();
 		{
 			Datum		verdict;
 			HeapTupleHeader row;
+			bool		call_found;
 
 			if (existing_null)
-				the_id_null = !insert_appointment(attachment.appointments, payload, &the_id);
+			{
+				the_id_null = !insert_appointment(attachment.appointments, payload, facts, facts_null);
+				the_id = the_id_null ? 0 : DatumGetInt64(facts[0]);
+			}
 			else
 			{
 				the_id = existing_id;
@@ -2705,19 +2829,35 @@ record_booking(PG_FUNCTION_ARGS)
 				{
 					args[0] = Int64GetDatum(call_id);
 					args[1] = Int64GetDatum(existing_id);
-					run_book_query(Q_LINK_ORPHAN, args, NULL, SPI_OK_UPDATE);
+					run_book_query(Q_LINK_ORPHAN, args, NULL, SPI_OK_UPDATE_RETURNING);
+					row_values(0, 1, NFACTS, facts, facts_null);
 				}
-				/* else the booking belongs to another call: the validation says so */
+				/* else the booking belongs to another call (facts as the lookup found them): the
+				 * validation says so */
 			}
 			args[0] = Int64GetDatum(call_id);
 			args[1] = PointerGetDatum(booking_id);
-			run_book_query(Q_FLAG_CALL, args, NULL, SPI_OK_UPDATE);
+			run_book_query(Q_FLAG_CALL, args, NULL, SPI_OK_UPDATE_RETURNING);
 
-			args[0] = Int64GetDatum(call_id);
-			args[1] = Int64GetDatum(the_id);
-			spi_nulls[0] = ' ';
-			spi_nulls[1] = the_id_null ? 'n' : ' ';
-			run_book_query(Q_FACTS, args, spi_nulls, SPI_OK_SELECT);
+			/* what validation_verdict() judges: the call as the update left it (the retell id,
+			 * its booking id), the appointment (facts), the window */
+			call_found = SPI_processed > 0;
+			if (call_found)
+			{
+				args[5] = result_value(1, &arg_nulls[5]);
+				args[6] = result_value(2, &arg_nulls[6]);
+				args[12] = result_value(3, &arg_nulls[12]);
+			}
+			else
+			{
+				/* an appointment is only looked at for a call that exists */
+				args[5] = args[6] = (Datum) 0;
+				arg_nulls[5] = arg_nulls[6] = true;
+				for (int i = 0; i < NFACTS; i++)
+					facts_null[i] = true;
+				run_book_query(Q_WINDOW, NULL, NULL, SPI_OK_SELECT);
+				args[12] = result_value(1, &arg_nulls[12]);
+			}
 			args[0] = Int64GetDatum(call_id);
 			arg_nulls[0] = false;
 			args[1] = Int64GetDatum(the_id);
@@ -2726,11 +2866,12 @@ record_booking(PG_FUNCTION_ARGS)
 			arg_nulls[2] = false;
 			args[3] = Float8GetDatum(unix_seconds(GetCurrentTimestamp()));
 			arg_nulls[3] = false;
-			for (int i = 1; i <= 9; i++)
+			args[4] = BoolGetDatum(call_found);
+			arg_nulls[4] = false;
+			for (int i = 0; i < NFACTS; i++)
 			{
-				args[3 + i] = result_value(i, &arg_nulls[3 + i]);
-				if (i >= 8 && !arg_nulls[3 + i])	/* date_part() gives float8 */
-					args[3 + i] = Float8GetDatum(DatumGetFloat8(args[3 + i]));
+				args[7 + i] = facts[i];
+				arg_nulls[7 + i] = facts_null[i];
 			}
 			verdict = call_kept(FN_VALIDATION_VERDICT, args, arg_nulls, &isnull);
 			if (isnull)
@@ -2804,7 +2945,7 @@ record_booking(PG_FUNCTION_ARGS)
 		created = success && existing_null;
 	}
 
-	/* 4. the events: the validation's, when one ran, and record_booking's */
+	/* 4. the event: record_booking's, with the validation's part when one ran */
 	if (validated)
 	{
 		Jsonb	   *facts = DatumGetJsonbP(details);
@@ -2812,28 +2953,23 @@ record_booking(PG_FUNCTION_ARGS)
 		JsonbValue *seen = getKeyJsonValueFromContainer(&facts->root, "appointment_id", strlen("appointment_id"), NULL);
 
 		validation_ms = ms != NULL && ms->type == jbvNumeric
-			? DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(ms->val.numeric))) : 0.0;
+			? ms->val.numeric : DatumGetNumeric(DirectFunctionCall1(int4_numeric, Int32GetDatum(0)));
+		/* as an id: a fraction is an error, as the cast to bigint would make it */
 		if (seen != NULL && seen->type == jbvNumeric)
-		{
-			examined = DirectFunctionCall1(numeric_int8, NumericGetDatum(seen->val.numeric));
-			examined_null = false;
-		}
+			examined = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
+														   DirectFunctionCall1(numeric_int8,
+																			   NumericGetDatum(seen->val.numeric))));
 	}
+	if (success && !the_id_null)
+		recorded = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(the_id)));
+	duration_ms = DatumGetNumeric(DirectFunctionCall2(numeric_round,
+													  DirectFunctionCall1(float8_numeric,
+																		  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
+													  Int32GetDatum(3)));
 	args[0] = Int64GetDatum(call_id);
-	args[1] = BoolGetDatum(success);
-	args[2] = reason;
-	args[3] = Int64GetDatum(the_id);
-	args[4] = BoolGetDatum(created);
-	args[5] = DirectFunctionCall2(numeric_round,
-								  DirectFunctionCall1(float8_numeric,
-													  Float8GetDatum((GetCurrentTimestamp() - started) / 1000.0)),
-								  Int32GetDatum(3));
-	args[6] = Float8GetDatum(validation_ms);
-	args[7] = examined;
-	memset(spi_nulls, ' ', sizeof(spi_nulls));
-	spi_nulls[3] = !success || the_id_null ? 'n' : ' ';
-	spi_nulls[7] = examined_null ? 'n' : ' ';
-	run_owner_query(validated ? Q_EVENTS : Q_EVENT, args, spi_nulls, SPI_OK_INSERT);
+	args[1] = JsonbPGetDatum(booking_event_details(success, DatumGetTextPP(reason), recorded, created, duration_ms,
+												   validated, validation_ms, examined));
+	run_owner_query(Q_EVENT, args, NULL, SPI_OK_INSERT);
 	SPI_finish();
 
 	/* the result: success, reason, details, the appointment (none when refused), created */

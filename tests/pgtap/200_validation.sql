@@ -1,7 +1,7 @@
 -- validate_appointment_creation(): every reason, its details and events; record_booking():
 -- success, idempotency, the failure path inside the transaction, every bad input writing nothing.
 begin;
-select plan(71);
+select plan(75);
 set local client_min_messages = warning;
 select booking_guard.attach('public.calls', 'public.appointments');
 
@@ -107,6 +107,15 @@ select throws_ok($$select booking_guard.record_booking(2, null, '{}')$$, 'BG005'
                  'record_booking() needs a call id and a Cal.com booking id', 'null booking id: BG005');
 select throws_ok($$select booking_guard.record_booking(2, '  ', '{}')$$, 'BG005',
                  'record_booking() needs a call id and a Cal.com booking id', 'blank booking id: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'\t \n', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', 'a booking id of tabs and newlines: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'cal-\x01X', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', 'a control character in the booking id: BG005');
+select throws_ok($$select booking_guard.record_booking(2, e'cal-\u00e9\x7f', '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id',
+                 'a control character beside a non-ASCII one (judged by the regular expressions): BG005');
+select throws_ok($$select booking_guard.record_booking(2, repeat(e'\u00e9', 256), '{}')$$, 'BG005',
+                 'record_booking() needs a call id and a Cal.com booking id', '256 characters of non-ASCII text: BG005');
 select throws_ok($$select booking_guard.record_booking(2, 'cal-X', '[1, 2]')$$, 'BG005',
                  'record_booking(): the appointment must be a jsonb object, not array', 'a jsonb array: BG005');
 select throws_ok($$select booking_guard.record_booking(2, 'cal-X', '"x"')$$, 'BG005',
@@ -174,8 +183,8 @@ select results_eq($$select reason, priority, context ->> 'calcom_booking_id', co
                       from booking_guard.review_queue where call_id = 6$$,
                   $$values ('appointment_validation_failed', 1, 'cal-F', 'confirmed')$$,
                   'one review item with what is needed to redo the booking');
-select results_eq($$select details ->> 'reason', (details ->> 'success')::boolean from booking_guard.events
-                     where kind = 'validation' and entity_id = '6'$$,
+select results_eq($$select details ->> 'reason', (details ->> 'success')::boolean from booking_guard.validation_events
+                     where entity_id = '6'$$,
                   $$values ('booking_id_mismatch', false)$$,
                   'the failed validation''s event survives the undo, once');
 select ok((select (details ? 'review_id') and (details ? 'alert_id') from r3), 'the result names the alert and review item');

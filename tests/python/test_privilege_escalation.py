@@ -87,17 +87,20 @@ def test_record_booking_runs_nothing_found_on_the_callers_search_path(core, logi
 
 
 def test_the_app_role_writes_record_booking_events_only_through_record_booking(core, login_role):
-    """record_booking() writes its events as booking_guard_owner, with a statement of its own: the
-    application role that calls it can neither write booking_guard.events itself nor call a
-    function that writes record_booking events for it."""
+    """record_booking() writes its event (one row, the validation's part inside) as
+    booking_guard_owner, with a statement of its own: the application role that calls it can
+    neither write booking_guard.events itself nor call a function that writes record_booking
+    events for it."""
     app, conn = login_role("booking_guard_app", grants=APP_TABLE_GRANTS)
     call_id = new_call(conn)
     before = core.execute("select count(*) from booking_guard.events").fetchone()[0]
     assert conn.execute("select success from booking_guard.record_booking(%s, 'cal-own', '{}')",
                         (call_id,)).fetchone()[0] is True
     assert core.execute("select array_agg(kind order by kind) from booking_guard.events where entity_id = %s",
-                        (str(call_id),)).fetchone()[0] == ["record_booking", "validation"]
-    assert core.execute("select count(*) from booking_guard.events").fetchone()[0] == before + 2
+                        (str(call_id),)).fetchone()[0] == ["record_booking"]
+    assert core.execute("select count(*) from booking_guard.events").fetchone()[0] == before + 1
+    assert core.execute("select details ->> 'success' from booking_guard.validation_events where entity_id = %s",
+                        (str(call_id),)).fetchone()[0] == "true"
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("insert into booking_guard.events (kind, entity_type, entity_id) values ('record_booking', 'call', '1')")
     # (validate_appointment_creation() logs its validation events through log_validation())
