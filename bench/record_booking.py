@@ -39,7 +39,7 @@ Also where one record_booking() call spends its time (pg_stat_user_functions, tr
 all, this connection only). Writes its output and figures to bench/results/record_booking.txt and
 .json as well as to scripts/run-bench's report.
 
-usage: bench/record_booking.py [--seconds 5] [--rounds 3] [--clients 1,8] [--calls 600000] [--cpu-bookings 3000]
+usage: bench/record_booking.py [--seconds 5] [--rounds 3] [--clients 1,8] [--calls 1500000] [--cpu-bookings 3000]
 """
 
 import argparse
@@ -305,7 +305,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,8")
-    parser.add_argument("--calls", type=int, default=600_000)
+    parser.add_argument("--calls", type=int, default=1_500_000,
+                        help="calls created beforehand, one per booking: more than all the ways book in the run")
     parser.add_argument("--cpu-bookings", type=int, default=3000)
     args = parser.parse_args()
     printed = io.StringIO()
