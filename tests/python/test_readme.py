@@ -6,6 +6,7 @@ import subprocess
 
 import psycopg
 from conftest import APP_SCHEMA, ROOT, pg_tool, tool_args
+from support.markdown import broken_links
 
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
@@ -37,16 +38,7 @@ def test_the_tour_prints_what_its_comments_say(empty_db: psycopg.Connection):
 
 
 def test_every_relative_link_resolves():
-    broken = []
-    for page in PAGES:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            path = target.split("#")[0]
-            if re.match(r"[a-z]+:", target) or not path:
-                continue
-            if not (page.parent / path).exists():
-                broken.append(f"{page.relative_to(ROOT)}: {target}")
-    assert broken == []
+    assert broken_links(PAGES, ROOT) == []
 
 
 def test_the_readme_is_a_front_page():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+from support.markdown import broken_links, markdown_links
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sql-reference"
@@ -130,11 +131,6 @@ def test_the_documented_metric_labels_are_those_metrics_exports(core):
     assert {f: exported[f] for f in families} == {f: documented.get(f) for f in families}
 
 
-def markdown_links(path: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
-    return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
-
-
 def test_the_docs_index_lists_every_page():
     index = DOCS / "README.md"
     linked = {(DOCS / target.split("#")[0]).resolve() for target in markdown_links(index)}
@@ -145,13 +141,8 @@ def test_the_docs_index_lists_every_page():
 
 
 def test_the_links_of_the_index_architecture_and_reference_resolve():
-    broken = []
-    for page in [DOCS / "README.md", DOCS / "architecture.md", *sorted(REFERENCE.glob("*.md"))]:
-        for target in markdown_links(page):
-            path = target.split("#")[0]
-            if path and not (page.parent / path).exists():
-                broken.append(f"{page.relative_to(ROOT)}: {target}")
-    assert broken == []
+    pages = [DOCS / "README.md", DOCS / "architecture.md", *sorted(REFERENCE.glob("*.md"))]
+    assert broken_links(pages, ROOT) == []
 
 
 def test_the_rules_page_lists_every_built_in_rule_as_the_catalog_has_it(db):
